@@ -1,0 +1,26 @@
+"""Architecture hyper-parameters of a Mistral model."""
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+
+@dataclass
+class ModelArgs:
+    """Shape of a Mistral transformer, named as in Mistral's params.json."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    head_dim: int = 128
+    hidden_dim: int = 14336
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # A query sees itself and the previous sliding_window - 1 tokens of its document; None: full causal.
+    sliding_window: Optional[int] = None
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "ModelArgs":
+        """Pick the ModelArgs fields out of a larger mapping (a Hydra model config, say)."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
