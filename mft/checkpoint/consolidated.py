@@ -1,0 +1,107 @@
+"""Mistral's native layout: params.json + consolidated.safetensors, tensors named as in our model."""
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from mft.checkpoint.atomic import atomic_dir
+from mft.errors import MftError
+from mft.model.args import ModelArgs
+
+PARAMS_FILE = "params.json"
+WEIGHTS_FILE = "consolidated.safetensors"
+
+
+def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a consolidated checkpoint for `args`, with its shape."""
+    q_rows, kv_rows = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
+    for i in range(args.n_layers):
+        prefix = f"layers.{i}."
+        shapes[prefix + "attention.wq.weight"] = (q_rows, args.dim)
+        shapes[prefix + "attention.wk.weight"] = (kv_rows, args.dim)
+        shapes[prefix + "attention.wv.weight"] = (kv_rows, args.dim)
+        shapes[prefix + "attention.wo.weight"] = (args.dim, q_rows)
+        shapes[prefix + "feed_forward.w1.weight"] = (args.hidden_dim, args.dim)
+        shapes[prefix + "feed_forward.w2.weight"] = (args.dim, args.hidden_dim)
+        shapes[prefix + "feed_forward.w3.weight"] = (args.hidden_dim, args.dim)
+        shapes[prefix + "attention_norm.weight"] = (args.dim,)
+        shapes[prefix + "ffn_norm.weight"] = (args.dim,)
+    shapes["norm.weight"] = (args.dim,)
+    shapes["output.weight"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    try:
+        params = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MftError(f"Could not read Mistral params {path}: {e}") from e
+    if not isinstance(params, dict):
+        raise MftError(f"{path}: expected a JSON object, got {type(params).__name__}")
+    return params
+
+
+def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
+    """ModelArgs from params.json; older files lack head_dim, n_kv_heads, rope_theta, sliding_window."""
+    if params.get("moe"):
+        raise MftError(f"{path}: mixture-of-experts checkpoints ('moe' key) are not supported yet")
+    required = ["dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"]
+    missing = [key for key in required if params.get(key) is None]
+    if missing:
+        raise MftError(f"{path}: missing required keys {missing}")
+    window = params.get("sliding_window")
+    if window is not None and not isinstance(window, int):
+        raise MftError(f"{path}: sliding_window must be an integer or null, got {window!r}")
+    return ModelArgs(
+        dim=params["dim"],
+        n_layers=params["n_layers"],
+        head_dim=params.get("head_dim") or params["dim"] // params["n_heads"],
+        hidden_dim=params["hidden_dim"],
+        n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+        vocab_size=params["vocab_size"],
+        norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=float(params.get("rope_theta") or 10000.0),
+        sliding_window=window,
+    )
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """consolidated.safetensors, else consolidated.NN.safetensors shards (one is loadable)."""
+    if (folder / WEIGHTS_FILE).is_file():
+        return [folder / WEIGHTS_FILE]
+    return sorted(folder.glob("consolidated.*.safetensors"))
+
+
+def find_weights_file(folder: Path) -> Path:
+    files = weight_files(folder)
+    if not files:
+        raise MftError(f"{folder}: no {WEIGHTS_FILE} found next to {PARAMS_FILE}")
+    if len(files) > 1:
+        raise MftError(
+            f"{folder}: {len(files)} tensor-parallel shards ({files[0].name}, ...) are not supported; "
+            f"expected a single {WEIGHTS_FILE}"
+        )
+    return files[0]
+
+
+def save_consolidated(model: torch.nn.Module, folder: str | os.PathLike) -> Path:
+    """Write params.json + consolidated.safetensors for `model` (a Transformer), atomically.
+
+    The files appear together or not at all (see atomic_dir; an existing folder is replaced).
+    Only the base tensors are written, under their consolidated names: extra parameters such as
+    LoRA factors are not part of this format.
+    """
+    args: ModelArgs = model.args
+    state = model.state_dict()
+    tensors = {name: state[name].detach().to("cpu").contiguous() for name in expected_shapes(args)}
+    with atomic_dir(folder) as tmp:
+        (tmp / PARAMS_FILE).write_text(json.dumps(asdict(args), indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    return Path(folder)
