@@ -1,0 +1,39 @@
+"""Samples -> token ids with a per-token supervision mask.
+
+mask[i] says whether ids[i] is trained on when predicted from ids[:i]; the packer turns a
+document of L ids into L-1 (input, target, mask) positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mft.data.samples import ChatSample, Sample, TextSample
+from mft.data.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    mask: list[bool]
+    source: str = ""  # "path:line" of the sample, for error messages and debugging
+    is_text: bool = False  # text documents are split when too long; chats are truncated/dropped
+
+    def __post_init__(self):
+        assert len(self.ids) == len(self.mask), (len(self.ids), len(self.mask))
+
+    @property
+    def num_supervised(self) -> int:
+        """Supervised targets: the first id is never a target."""
+        return sum(self.mask[1:])
+
+
+def encode_sample(sample: Sample, tokenizer: Tokenizer) -> Encoded:
+    """Text: BOS + text + EOS, all but BOS supervised. Chat: Tokenizer.encode_chat."""
+    if isinstance(sample, TextSample):
+        ids = tokenizer.encode_text(sample.text, bos=True, eos=True)
+        return Encoded(ids, [False] + [True] * (len(ids) - 1), sample.source, is_text=True)
+    if isinstance(sample, ChatSample):
+        ids, mask = tokenizer.encode_chat(sample.messages)
+        return Encoded(ids, mask, sample.source, is_text=False)
+    raise TypeError(f"not a sample: {type(sample).__name__}")
