@@ -1,0 +1,133 @@
+"""LoRA: a frozen linear layer plus a trainable low-rank update, y = W x + (alpha/r) B A dropout(x).
+
+`LoRALinear` keeps the base weight under the name `weight`, so a model's state dict keeps
+the Mistral parameter names whether or not adapters are applied; the adapter adds
+`<module>.lora_a` (r, in) and `<module>.lora_b` (out, r).
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mft.errors import MftError
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass
+class LoRASettings:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    """A bias-free linear layer whose frozen `weight` is adapted by `lora_b @ lora_a`.
+
+    A starts kaiming-uniform and B at zero, so the layer equals its base at init. The LoRA
+    parameters keep their own dtype (fp32 by default) and are cast to the input's dtype in
+    forward, so a bf16 base still gets fp32 adapter weights and optimizer states.
+    """
+
+    def __init__(self, weight: nn.Parameter, settings: LoRASettings, lora_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        self.r = settings.r
+        self.scale = settings.scale
+        self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
+        device = weight.device
+        self.lora_a = nn.Parameter(torch.empty(self.r, self.in_features, device=device, dtype=lora_dtype))
+        self.lora_b = nn.Parameter(torch.empty(self.out_features, self.r, device=device, dtype=lora_dtype))
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # The init nn.Linear uses for its weight, as in the LoRA paper's reference code.
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        if self.merged:
+            return out
+        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
+        return out + F.linear(F.linear(self.dropout(x), a), b) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A in fp32."""
+        return (self.lora_b.float() @ self.lora_a.float()) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, merged={self.merged}"
+
+
+def apply_lora(model: nn.Module, settings: LoRASettings) -> List[str]:
+    """Freeze `model` and replace each targeted nn.Linear by a LoRALinear; returns their names."""
+    unknown = sorted(set(settings.target_modules) - set(LORA_TARGETS))
+    if unknown or not settings.target_modules:
+        raise MftError(
+            f"peft.target_modules: {unknown or 'empty list'} not allowed; "
+            f"expected a non-empty subset of {list(LORA_TARGETS)}."
+        )
+    if settings.r <= 0:
+        raise MftError(f"peft.r must be a positive rank, got {settings.r}.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in settings.target_modules and isinstance(module, nn.Linear):
+            if module.bias is not None:
+                raise MftError(f"LoRA target {name} has a bias; Mistral linear layers have none.")
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, leaf, LoRALinear(module.weight, settings))
+            replaced.append(name)
+    if not replaced:
+        raise MftError(f"peft.target_modules {settings.target_modules} matched no linear layer of the model.")
+    return replaced
+
+
+def lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for m in lora_modules(model).values():
+        m.unmerge()
+
+
+def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The adapter tensors only: `<module>.lora_a` and `<module>.lora_b`."""
+    state = {}
+    for name, m in lora_modules(model).items():
+        state[f"{name}.lora_a"] = m.lora_a.detach()
+        state[f"{name}.lora_b"] = m.lora_b.detach()
+    return state
