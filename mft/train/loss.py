@@ -1,0 +1,32 @@
+"""Next-token cross-entropy on supervised positions only.
+
+The output head runs only on the hidden states whose target is supervised: for chat data
+(loss on assistant tokens) that skips most of the largest matmul and of the fp32 logits.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mft.data.batch import Batch
+
+
+@dataclass
+class LossSums:
+    """Sums over a batch, so that micro-batches and ranks can be added before dividing."""
+
+    loss: torch.Tensor  # summed cross-entropy (fp32, keeps the graph in training)
+    tokens: int  # supervised targets
+    correct: Optional[torch.Tensor]  # targets predicted exactly by argmax (when asked for)
+
+
+def supervised_loss(model, batch: Batch, count_correct: bool = False) -> LossSums:
+    hidden = model.hidden_states(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen)
+    mask = batch.loss_mask
+    logits = model.output(hidden[mask]).float()
+    targets = batch.targets[mask]
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.detach().argmax(dim=-1) == targets).sum() if count_correct else None
+    return LossSums(loss=loss, tokens=int(targets.numel()), correct=correct)

@@ -1,0 +1,56 @@
+"""Where metrics go: metrics.jsonl in the run dir always, W&B when logger=wandb."""
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from mft.errors import MftError
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to <run_dir>/metrics.jsonl and mirrors it to W&B."""
+
+    def __init__(self, run_dir: Path, cfg, resolved_config: Dict[str, Any]):
+        if cfg.name not in ("console", "wandb"):
+            raise MftError(f"logger.name={cfg.name!r}; expected 'console' or 'wandb'.")
+        self._wandb = _start_wandb(run_dir, cfg, resolved_config) if cfg.name == "wandb" else None
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a", buffering=1)
+
+    def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+
+    def summary(self, values: Dict[str, Any]) -> None:
+        self.log(values.get("step", 0), {"summary": True, **values})
+        if self._wandb is not None:
+            self._wandb.summary.update(values)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if has_key else "offline"
+
+
+def _start_wandb(run_dir: Path, cfg, resolved_config: Dict[str, Any]) -> Optional[Any]:
+    try:
+        import wandb
+    except ImportError:
+        raise MftError('logger=wandb needs the wandb package: pip install -e ".[wandb]"') from None
+    mode = _wandb_mode(cfg.mode)
+    if mode not in ("online", "offline", "disabled"):
+        raise MftError(f"logger.mode={cfg.mode!r}; expected auto, online, offline or disabled.")
+    return wandb.init(
+        project=cfg.project, entity=cfg.entity, dir=str(run_dir), config=resolved_config, mode=mode,
+        name=Path(run_dir).name,
+    )

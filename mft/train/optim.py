@@ -1,0 +1,64 @@
+"""AdamW and the learning-rate schedule: linear warmup, then cosine, linear or constant."""
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from mft.errors import MftError
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on 1-D tensors (norm scales)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise MftError("No trainable parameters: check peft.method and peft.target_modules.")
+    decay = [p for _, p in trainable if p.ndim >= 2]
+    no_decay = [p for _, p in trainable if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if len(cfg.betas) != 2:
+        raise MftError(f"optim.betas must hold two numbers, got {list(cfg.betas)}.")
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True
+    )
+
+
+def warmup_steps(cfg, total_steps: int) -> int:
+    if cfg.warmup_steps and cfg.warmup_ratio:
+        raise MftError(
+            f"optim.warmup_steps={cfg.warmup_steps} and optim.warmup_ratio={cfg.warmup_ratio} are both set; set one."
+        )
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise MftError(f"optim.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}.")
+    return cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+
+
+def lr_multiplier(cfg, total_steps: int) -> Callable[[int], float]:
+    """The factor applied to optim.lr at each step (step counts from 0)."""
+    if cfg.schedule not in SCHEDULES:
+        raise MftError(f"optim.schedule={cfg.schedule!r}; expected one of {list(SCHEDULES)}.")
+    warmup = warmup_steps(cfg, total_steps)
+    floor = cfg.min_lr_ratio
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if cfg.schedule == "linear":
+            return floor + (1.0 - floor) * (1.0 - progress)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
+
+
+def trainable_parameters(model: nn.Module) -> Iterable[nn.Parameter]:
+    return (p for p in model.parameters() if p.requires_grad)

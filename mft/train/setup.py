@@ -1,0 +1,81 @@
+"""Turn a composed config into the objects a run needs: device, dtype, model, datasets."""
+
+from dataclasses import asdict, fields
+
+import torch
+from torch import nn
+
+from mft.checkpoint.load import load_weights, read_model_args
+from mft.errors import MftError
+from mft.model.args import ModelArgs
+from mft.model.build import build_model
+from mft.peft.lora import LoRASettings, apply_lora
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MftError(f"device={name!r} is not a device; expected auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MftError(f"device={name!r} but CUDA is not available on this machine; use device=cpu.")
+    return device
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if precision not in PRECISIONS:
+        raise MftError(f"precision={precision!r}; expected auto, {', '.join(PRECISIONS)}.")
+    return PRECISIONS[precision]
+
+
+def model_args(mcfg) -> ModelArgs:
+    """The preset's args; with a checkpoint, its own args, which must agree with the preset."""
+    preset = ModelArgs.from_mapping(mcfg)
+    if not mcfg.checkpoint:
+        return preset
+    found = read_model_args(mcfg.checkpoint)
+    diff = [f"{f.name}: config {getattr(preset, f.name)!r} vs checkpoint {getattr(found, f.name)!r}"
+            for f in fields(ModelArgs) if getattr(preset, f.name) != getattr(found, f.name)]
+    if diff:
+        raise MftError(
+            f"model={mcfg.name} does not match the checkpoint {mcfg.checkpoint} ({'; '.join(diff)}). "
+            "Pick the matching preset or override these model.* keys."
+        )
+    return found
+
+
+def build_base_model(mcfg, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, ModelArgs]:
+    """Build on the meta device, materialise once on `device`, then load or seed-initialise."""
+    args = model_args(mcfg)
+    model = build_model(args, device=device, dtype=dtype, attn_backend=mcfg.attn_backend, init=not mcfg.checkpoint)
+    if mcfg.checkpoint:
+        load_weights(model, mcfg.checkpoint)
+    return model, args
+
+
+def check_vocab(args: ModelArgs, tokenizer, model_name: str, tokenizer_spec: str) -> None:
+    if tokenizer.vocab_size > args.vocab_size:
+        raise MftError(
+            f"tokenizer {tokenizer_spec!r} has {tokenizer.vocab_size} tokens but model={model_name} has "
+            f"vocab_size={args.vocab_size}; use the model's own tokenizer or set model.vocab_size."
+        )
+
+
+def apply_peft(model: nn.Module, pcfg) -> LoRASettings | None:
+    if pcfg.method == "none":
+        return None
+    if pcfg.method != "lora":
+        raise MftError(f"peft.method={pcfg.method!r}; expected 'lora' or 'none'.")
+    settings = LoRASettings(r=pcfg.r, alpha=pcfg.alpha, dropout=pcfg.dropout, target_modules=list(pcfg.target_modules))
+    apply_lora(model, settings)
+    return settings
+
+
+def describe_base(mcfg, args: ModelArgs, checkpoint: str) -> dict:
+    return {"name": mcfg.name, "checkpoint": checkpoint, "tokenizer": mcfg.tokenizer, "args": asdict(args)}
