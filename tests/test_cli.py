@@ -67,3 +67,29 @@ def test_bad_input_is_one_clear_message(tmp_path, override, expected):
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 15, result.stderr
+
+
+def test_full_fine_tuning_from_a_hugging_face_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MistralConfig(
+        vocab_size=32768, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=128,
+        tie_word_embeddings=False,
+    )
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path / "hf")
+    result = mft_train(f"model.checkpoint={tmp_path}/hf", "peft=none", *SHORT, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert (saved / "consolidated.safetensors").is_file() and (saved / "params.json").is_file()
+    assert not (tmp_path / "run" / "base_model").exists()
+
+    mismatch = mft_train(f"model.checkpoint={tmp_path}/hf", "model.n_layers=2", *SHORT, cwd=tmp_path)
+    assert mismatch.returncode == 1 and "n_layers: config 2 vs checkpoint 4" in mismatch.stderr
+    assert "Traceback" not in mismatch.stderr
+
+
+def test_wandb_logger_runs_offline(tmp_path):
+    pytest.importorskip("wandb")
+    env_run = mft_train("logger=wandb", "logger.mode=offline", *SHORT, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert env_run.returncode == 0, env_run.stderr[-3000:]
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mft.checkpoint.atomic import atomic_dir
+from mft.checkpoint.jsonfile import read_json_object
 from mft.errors import MftError
 from mft.model.args import ModelArgs
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules, lora_state_dict
@@ -34,10 +35,7 @@ def read_adapter_config(folder: str | Path) -> Dict[str, Any]:
     path = Path(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise MftError(f"{folder}: not an mft adapter folder (expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}).")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MftError(f"{path}: invalid JSON ({e}).") from None
+    config = read_json_object(path, "adapter config")
     if config.get("format") != "mft-lora":
         raise MftError(f"{path}: 'format' is {config.get('format')!r}, expected 'mft-lora'.")
     return config

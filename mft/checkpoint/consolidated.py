@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from mft.checkpoint.atomic import atomic_dir
+from mft.checkpoint.jsonfile import read_json_object
 from mft.errors import MftError
 from mft.model.args import ModelArgs
 
@@ -38,13 +39,7 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def read_params(path: Path) -> dict[str, Any]:
-    try:
-        params = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MftError(f"Could not read Mistral params {path}: {e}") from e
-    if not isinstance(params, dict):
-        raise MftError(f"{path}: expected a JSON object, got {type(params).__name__}")
-    return params
+    return read_json_object(path, "Mistral params")
 
 
 def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:

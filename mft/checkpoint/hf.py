@@ -1,12 +1,12 @@
 """The Hugging Face layout of a Mistral checkpoint: config.json, tensor names, rotary permutation."""
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from mft.checkpoint.jsonfile import read_json_object
 from mft.errors import MftError
 from mft.model.args import ModelArgs
 
@@ -75,13 +75,7 @@ def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def read_hf_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MftError(f"Could not read Hugging Face config {path}: {e}") from e
-    if not isinstance(config, dict):
-        raise MftError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path, "Hugging Face config")
 
 
 def hf_config_to_args(config: dict[str, Any], path: Path) -> ModelArgs:

@@ -34,8 +34,12 @@ def _run(cfg: DictConfig) -> None:
         print(f"valid_loss: {result.first_valid_loss:.4f} at step 0 -> {result.metrics['valid_loss']:.4f} "
               f"at step {result.metrics['step']} (mean token accuracy "
               f"{result.metrics['valid_mean_token_accuracy']:.3f})")
-    kind = "Adapter" if result.is_adapter else "Model"
-    print(f"{kind}: {result.checkpoint}")
+    if result.is_adapter:
+        print(f"Adapter: {result.checkpoint}")
+        print(f"Use it: mft.checkpoint.adapter.load_adapter(model, '{result.checkpoint}') onto the base "
+              "it names in adapter_config.json (a chat command, mft-generate, is not part of mft yet).")
+    else:
+        print(f"Model: {result.checkpoint} (Mistral consolidated format: model.checkpoint=<this folder>)")
 
 
 def main() -> None:

@@ -46,6 +46,21 @@ def micro_batches(dataset, batch_size: int) -> Iterator[Batch]:
         epoch += 1
 
 
+def accumulate_gradients(model, group: list[Batch], device: torch.device) -> tuple[float, int]:
+    """Backward over micro-batches so the gradient is the mean over all their supervised tokens.
+
+    Each micro-batch's summed loss is divided by the whole group's supervised-token count, so
+    grad_accum=k over k batches equals one batch holding all of them. Returns (loss sum, tokens).
+    """
+    supervised = max(1, sum(int(b.loss_mask.sum()) for b in group))
+    loss_sum = 0.0
+    for batch in group:
+        sums = supervised_loss(model, batch.to(device))
+        (sums.loss / supervised).backward()
+        loss_sum += float(sums.loss.detach())
+    return loss_sum, supervised
+
+
 def total_steps(cfg, num_sequences: int) -> int:
     if cfg.max_steps is not None:
         if cfg.max_steps <= 0:
@@ -114,13 +129,8 @@ def train(cfg, run_dir: Path) -> RunResult:
     with logging_redirect_tqdm(), tqdm(total=steps, disable=not cfg.progress, dynamic_ncols=True, desc="train") as bar:
         for step in range(1, steps + 1):
             group = [next(batches) for _ in range(cfg.grad_accum)]
-            supervised = max(1, sum(int(b.loss_mask.sum()) for b in group))
-            step_loss = 0.0
-            for batch in group:
-                sums = supervised_loss(model, batch.to(device))
-                (sums.loss / supervised).backward()
-                step_loss += float(sums.loss.detach())
-                window_inputs += batch.num_tokens
+            step_loss, supervised = accumulate_gradients(model, group, device)
+            window_inputs += sum(b.num_tokens for b in group)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 list(trainable_parameters(model)), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             )
