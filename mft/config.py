@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from mft.data.bundled import bundled_path
+from hydra_plugins.mft_torchrun_launcher import register_torchrun_launcher
 from mft.model.args import ModelArgs
 
 
@@ -94,5 +95,6 @@ class TrainConfig:
 def register_configs() -> None:
     """Register the schema and the `mft_data` resolver (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    register_torchrun_launcher()
     if not OmegaConf.has_resolver("mft_data"):
         OmegaConf.register_new_resolver("mft_data", bundled_path)

@@ -4,6 +4,7 @@ Thin on purpose: compose the config (conf/train.yaml, typed by mft.config), hand
 mft.train.loop.train, and turn user errors (MftError) into one paragraph and exit code 1.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -43,5 +44,7 @@ def _run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.exit("mft-train: error: several processes (WORLD_SIZE > 1) need FSDP training, which is not part of mft yet; run one process.")
     register_configs()
     _run()
