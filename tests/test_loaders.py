@@ -113,7 +113,7 @@ def test_folder_without_config_or_params(tmp_path):
 
 
 def test_unknown_attention_backend():
-    with pytest.raises(MftError, match="'flash9'.*auto, sdpa"):
+    with pytest.raises(MftError, match="'flash9'.*auto, flex, sdpa, triton, xformers"):
         Transformer(ARGS, attn_backend="flash9")
 
 
