@@ -2,7 +2,6 @@
 
 import json
 import random
-from collections import Counter
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ from mft.data.bundled import bundled_path
 from mft.data.dataset import build_datasets
 from mft.data.encode import Encoded, encode_sample
 from mft.data.packing import collate, pack
-from mft.data.samples import ChatSample, TextSample, parse_row, read_samples
+from mft.data.readers import read_samples
+from mft.data.samples import ChatSample, TextSample, parse_row
 from mft.data.tokenizer import load_tokenizer
 from mft.errors import MftError
 
@@ -41,17 +41,17 @@ def _write(path, rows):
 
 BAD_ROWS = [  # (row, words the error must contain)
     ("{not json", "invalid JSON"),
-    ({"foo": 1}, "neither"),
-    ({"text": "a", "messages": []}, "both"),
+    ({"foo": 1}, "expected 'messages'"),
+    ({"text": "a", "messages": []}, "got both"),
     ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role"),
-    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}, "non-empty string"),
-    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "non-empty string"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}, "is empty"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}, "must be a string"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant message"),
     ({"messages": _chat(("q", "a"))["messages"] + [{"role": "user", "content": "more"}]},
      "last message must be from the assistant"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
                    {"role": "assistant", "content": "a"}]}, "system message may only be the first"),
-    ({"text": ""}, "non-empty string"),
+    ({"text": ""}, "is empty"),
     ([1, 2], "expected a JSON object"),
     ({"messages": [{"role": "assistant", "content": "a"}]}, "must be from the user"),
     ({"messages": [{"role": "user", "content": "q", "weight": 0}, {"role": "assistant", "content": "a"}]},
@@ -111,78 +111,7 @@ def test_encode_text_and_chat(data_tok):
     assert (chat.ids, chat.mask) == data_tok.encode_chat(_chat(("q", "a"))["messages"])
 
 
-# ---------------------------------------------------------------- packing
-
-
-def _random_docs(rng, n, max_len):
-    """Documents whose ids say (doc, position), so every target can be traced back."""
-    docs = []
-    for d in range(n):
-        length = rng.randint(1, max_len)
-        ids = [(d + 1) * 10_000 + p for p in range(length)]
-        is_text = rng.random() < 0.3
-        mask = [False] + [True] * (length - 1) if is_text else [rng.random() < 0.4 for _ in range(length)]
-        docs.append(Encoded(ids, mask, f"doc{d}", is_text=is_text))
-    return docs
-
-
-def _expected_targets(docs, seq_len, too_long):
-    """The supervised targets that must appear exactly once, per the packing rules."""
-    out = Counter()
-    for doc in docs:
-        ids, mask = doc.ids, doc.mask
-        if len(ids) > seq_len + 1 and not doc.is_text:
-            if too_long == "drop":
-                continue
-            ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
-        out.update(i for i, m in zip(ids[1:], mask[1:]) if m)
-    return out
-
-
-def _check_sequences(seqs, seq_len):
-    for s in seqs:
-        assert len(s) == seq_len and sum(s.doc_lens) == seq_len
-        assert any(s.loss_mask), "a sequence without supervised tokens"
-        start = 0
-        for n in s.doc_lens:
-            assert s.positions[start : start + n] == list(range(n))
-            assert s.tokens[start + 1 : start + n] == s.targets[start : start + n - 1]  # same document
-            start += n
-        for tok, tgt, m in zip(s.tokens, s.targets, s.loss_mask):
-            if tok == PAD:
-                assert tgt == PAD and not m  # padding is never supervised
-
-
-@pytest.mark.parametrize("trial", range(20))
-def test_every_supervised_target_once(trial):
-    rng = random.Random(trial)
-    seq_len = rng.randint(4, 40)
-    too_long = rng.choice(["truncate", "drop"])
-    docs = _random_docs(rng, rng.randint(1, 60), max_len=3 * seq_len)
-    seqs, stats = pack(docs, seq_len, PAD, too_long)
-    _check_sequences(seqs, seq_len)
-    got = Counter(t for s in seqs for t, m in zip(s.targets, s.loss_mask) if m)
-    assert got == _expected_targets(docs, seq_len, too_long)
-    assert stats.supervised == sum(got.values())
-    assert stats.sequences == len(seqs)
-    assert stats.tokens + stats.padding == seq_len * len(seqs)
-    long_chats = sum(len(d.ids) > seq_len + 1 and not d.is_text for d in docs)
-    assert (stats.truncated if too_long == "truncate" else stats.dropped) == long_chats
-    assert stats.split == sum(len(d.ids) > seq_len + 1 and d.is_text for d in docs)
-
-
-def test_truncate_drop_and_unsupervised_are_counted():
-    seq_len = 8
-    long_chat = Encoded(list(range(1, 21)), [False] * 12 + [True] * 8)  # answer after position 9
-    short_chat = Encoded([1, 2, 3, 4], [False, False, True, True])
-    long_text = Encoded(list(range(1, 21)), [False] + [True] * 19, is_text=True)
-    seqs, stats = pack([long_chat, short_chat, long_text], seq_len, PAD, "truncate")
-    assert (stats.truncated, stats.unsupervised, stats.split, stats.dropped) == (1, 1, 1, 0)
-    assert stats.supervised == 2 + 19
-    _, stats = pack([long_chat, short_chat], seq_len, PAD, "drop")
-    assert (stats.truncated, stats.dropped, stats.unsupervised, stats.sequences) == (0, 1, 0, 1)
-    with pytest.raises(MftError, match="too_long"):
-        pack([short_chat], seq_len, PAD, "wrap")
+# ---------------------------------------------------------------- packing (more in test_packing.py)
 
 
 def test_collate_flat_batch():
@@ -202,9 +131,9 @@ def test_collate_flat_batch():
 # ---------------------------------------------------------------- datasets
 
 
-def _cfg(train, valid=(), fraction=0.0, seq_len=64, seed=0):
+def _cfg(train, valid=(), fraction=0.0, seq_len=64, seed=0, **more):
     return {"train_files": list(train), "valid_files": list(valid), "valid_fraction": fraction,
-            "seq_len": seq_len, "too_long": "truncate", "seed": seed}
+            "seq_len": seq_len, "too_long": "truncate", "seed": seed, **more}
 
 
 @pytest.fixture
@@ -217,17 +146,17 @@ def data_files(tmp_path):
 
 
 def _sources(ds):
-    return [d.source for d in ds.docs]
+    return ds.sources()
 
 
 def test_holdout_split_is_deterministic_and_disjoint(data_tok, data_files):
     train, valid = build_datasets(_cfg([data_files], fraction=0.1, seed=1), data_tok)
     train2, valid2 = build_datasets(_cfg([data_files], fraction=0.1, seed=7), data_tok)
     assert _sources(valid) == _sources(valid2)  # independent of the training seed
-    assert len(valid.docs) == 14 and len(train.docs) == 126
+    assert valid.num_samples == 14 and train.num_samples == 126
     assert not set(_sources(train)) & set(_sources(valid))
     _, tiny = build_datasets(_cfg([data_files], fraction=0.001), data_tok)
-    assert len(tiny.docs) == 1  # at least one sample
+    assert tiny.num_samples == 1  # at least one sample
     assert build_datasets(_cfg([data_files]), data_tok)[1] is None
     with pytest.raises(MftError, match="valid_fraction"):
         build_datasets(_cfg([data_files], fraction=1.0), data_tok)

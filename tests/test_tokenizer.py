@@ -1,11 +1,19 @@
 """mft's chat encoding against mistral-common's own encode_chat_completion (the reference)."""
 
 import functools
+import json
 import shutil
 
 import pytest
 import sentencepiece
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage,
+    FinetuningAssistantMessage,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+)
+from mistral_common.protocol.instruct.tool_calls import FunctionCall, Tool, ToolCall
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -145,5 +153,124 @@ def test_bad_specs(tmp_path):
         load_tokenizer("v42")
     with pytest.raises(MftError, match="no Mistral tokenizer file"):
         load_tokenizer(tmp_path)
-    with pytest.raises(MftError, match="message role 'tool'"):
-        load_tokenizer("v3").encode_chat([{"role": "tool", "content": "x"}])
+    with pytest.raises(MftError, match="message role 'robot'"):
+        load_tokenizer("v3").encode_chat([{"role": "robot", "content": "x"}])
+
+
+# ---------------------------------------------------------------- tools, tool results, weights
+
+TOOLS = [{"type": "function", "function": {
+    "name": "generate_anagram", "description": "Generate an anagram of a given word",
+    "parameters": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}}]
+
+
+def _call(call_id, word):
+    return {"id": call_id, "type": "function",
+            "function": {"name": "generate_anagram", "arguments": json.dumps({"word": word})}}
+
+
+TOOL_CONVERSATIONS = {  # (messages, tools)
+    "tool_round_trip": ([
+        {"role": "system", "content": "You can call functions."},
+        {"role": "user", "content": "Anagram of listen?"},
+        {"role": "assistant", "tool_calls": [_call("TX92Jm8Zi", "listen")]},
+        {"role": "tool", "content": json.dumps({"anagram": "silent"}), "tool_call_id": "TX92Jm8Zi"},
+        {"role": "assistant", "content": "It is silent."},
+        {"role": "user", "content": "And race?"},
+        {"role": "assistant", "tool_calls": [_call("3XhQnxLsT", "race")]},
+    ], TOOLS),
+    "two_calls_two_results": ([
+        {"role": "user", "content": "Anagrams of evil and night?"},
+        {"role": "assistant", "tool_calls": [_call("aaaaaaaa1", "evil"), _call("bbbbbbbb2", "night")]},
+        {"role": "tool", "content": '{"anagram": "vile"}', "tool_call_id": "aaaaaaaa1"},
+        {"role": "tool", "content": "result: thing", "tool_call_id": "bbbbbbbb2"},
+        {"role": "assistant", "content": "vile and thing"},
+    ], TOOLS),
+    "weights": ([
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Greetings"},
+        {"role": "assistant", "content": "Hello there, a bad old answer.", "weight": 0},
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": "Hello.", "weight": 1},
+        {"role": "user", "content": "Once more"},
+        {"role": "assistant", "content": "Yo.", "weight": 1},
+        {"role": "assistant", "content": "Merged into the answer above.", "weight": 1},
+    ], ()),
+    "weights_with_tools": ([
+        {"role": "user", "content": "Anagram of heart?"},
+        {"role": "assistant", "tool_calls": [_call("ccccccccc", "heart")], "weight": 0},
+        {"role": "tool", "content": '{"anagram": "earth"}', "tool_call_id": "ccccccccc"},
+        {"role": "assistant", "content": "earth"},
+    ], TOOLS),
+}
+
+
+def _reference_tool_ids(tok, messages, tools):
+    def mc(m):
+        if m["role"] == "assistant":
+            calls = [ToolCall(id=c["id"], function=FunctionCall(**c["function"])) for c in m.get("tool_calls", [])]
+            return FinetuningAssistantMessage(content=m.get("content"), tool_calls=calls or None, weight=m.get("weight"))
+        if m["role"] == "tool":
+            return ToolMessage(content=m["content"], tool_call_id=m["tool_call_id"])
+        return MC_CLASSES[m["role"]](content=m["content"])
+
+    request = ChatCompletionRequest(messages=[mc(m) for m in messages], tools=[Tool(**t) for t in tools] or None)
+    return _reference(tok.path).encode_chat_completion(request).tokens
+
+
+@pytest.mark.parametrize("version", ["v3", "v7", "v3-tekken"])
+@pytest.mark.parametrize("name", TOOL_CONVERSATIONS)
+def test_tool_and_weight_ids_equal_mistral_common(data_tokenizers, version, name):
+    tok = data_tokenizers[version]
+    messages, tools = TOOL_CONVERSATIONS[name]
+    ids, mask = tok.encode_chat(messages, tools)
+    assert ids == _reference_tool_ids(tok, messages, tools)
+    supervised = tok.decode([i for i, m in zip(ids, mask) if m], keep_special=True).replace("\u2581", " ")
+    context = tok.decode([i for i, m in zip(ids, mask) if not m], keep_special=True).replace("\u2581", " ")
+    assert tok.eos_id not in [i for i, m in zip(ids, mask) if not m] or name.startswith("weights")
+    for m in messages:
+        trained = m["role"] == "assistant" and m.get("weight", 1) == 1
+        texts = [m["content"]] if m.get("content") else []
+        texts += [c["function"]["arguments"].split(": ")[1].strip("}") for c in m.get("tool_calls", [])]
+        for text in texts:
+            assert (text in supervised) == trained, (m, supervised)
+            if not trained:
+                assert text in context or m["role"] == "system" and version == "v1"
+    n_trained = sum(m["role"] == "assistant" and m.get("weight", 1) == 1 for m in messages)
+    assert supervised.count("</s>") == n_trained - (name == "weights")  # the two last answers merge into one
+    if tools:
+        assert supervised.count("[TOOL_CALLS]") == sum(bool(m.get("tool_calls")) and m.get("weight", 1) == 1
+                                                         for m in messages)
+        assert "[AVAILABLE_TOOLS]" in context and "[TOOL_RESULTS]" in context
+
+
+@pytest.mark.parametrize("name", ["weights"])
+def test_weights_on_v1(data_tokenizers, name):
+    tok = data_tokenizers["v1"]
+    messages, _ = TOOL_CONVERSATIONS[name]
+    ids, mask = tok.encode_chat(messages)
+    assert ids == _reference_tool_ids(tok, messages, ())
+    supervised = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert "bad old answer" not in supervised and "Hello." in supervised and "Merged" in supervised
+
+
+def test_tool_calls_need_v3(tmp_path):
+    from mft.data.samples import RowError, RowOptions, parse_row
+
+    messages, tools = TOOL_CONVERSATIONS["tool_round_trip"]
+    with pytest.raises(RowError, match="need a v3 or newer tokenizer") as err:
+        parse_row({"messages": messages, "tools": tools}, "f:1", RowOptions(tokenizer_version="v1"))
+    assert err.value.code == "tools_unsupported"
+    with pytest.raises(RowError, match="need a v7 tokenizer"):
+        parse_row({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "calling",
+                                 "tool_calls": [_call("ccccccccc", "x")]}]}, "f:1", RowOptions(tokenizer_version="v3"))
+
+
+def test_control_strings_map_to_control_tokens(data_tokenizers):
+    tok = data_tokenizers["v3"]
+    text = "<s>[INST] What is 2 + 2? [/INST] 4</s>"
+    reference = _reference_ids(tok, [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}])
+    assert tok.encode_text(text, control="map") == reference
+    assert tok.encode_text(text) != reference  # default: plain text, as characters
+    assert tok.find_control_strings(text) == ["<s>", "[INST]", "[/INST]", "</s>"]
+    assert data_tokenizers["v1"].find_control_strings(text) == ["<s>", "</s>"]  # v1 writes [INST] as text

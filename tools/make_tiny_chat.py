@@ -1,10 +1,14 @@
-"""Write the bundled tiny_chat dataset: short templated conversations a ~1M-parameter model can learn.
+"""Write the bundled tiny datasets: short templated conversations a ~1M-parameter model can learn.
 
 Deterministic (seeded, stdlib only). Train and valid hold disjoint conversations drawn from the
 same tasks: capital of a country, addition, reversing words, uppercasing, counting, colours and
 opposites; some with a system prompt (the terse one changes the expected answer), some two-turn.
 
-    python tools/make_tiny_chat.py            # rewrites mft/data/bundled/tiny_chat_{train,valid}.jsonl
+Also writes tiny_alpaca.jsonl (the same tasks as Alpaca instruction/input/output rows, for the
+alpaca_autotrain recipe) and tiny_tools.jsonl (the tasks answered through function calls, for the
+function_calling recipe), each from its own seeded generator.
+
+    python tools/make_tiny_chat.py            # rewrites mft/data/bundled/tiny_{chat_train,chat_valid,alpaca,tools}.jsonl
 """
 
 import argparse
@@ -104,11 +108,73 @@ def conversation(rng):
     return {"messages": messages}
 
 
+def alpaca_row(rng):
+    """An Alpaca row: some tasks put their argument in `input`, as the Alpaca data does."""
+    question, answer, _ = rng.choice(TASKS)(rng)
+    if rng.random() < 0.4 and ":" in question:
+        instruction, given = question.split(":", 1)
+        return {"instruction": instruction.strip() + ".", "input": given.strip(), "output": answer}
+    return {"instruction": question, "input": "", "output": answer}
+
+
+TOOL_SPECS = {
+    "add": ("Add two integers", {"a": {"type": "integer"}, "b": {"type": "integer"}}),
+    "capital": ("The capital city of a country", {"country": {"type": "string"}}),
+    "reverse_words": ("Reverse the order of the words in a text", {"text": {"type": "string"}}),
+}
+
+
+def tool_spec(name):
+    description, properties = TOOL_SPECS[name]
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": sorted(properties)}}}
+
+
+def tool_conversation(rng, n):
+    """Ask, call a function, read its result, answer; sometimes a second question the same way."""
+    tools = [tool_spec(name) for name in sorted(TOOL_SPECS)]
+    messages = [{"role": "system", "content": "Use the functions when they help."}]
+    for turn in range(rng.choices([1, 2], weights=[3, 1])[0]):
+        kind = rng.choice(sorted(TOOL_SPECS))
+        if kind == "add":
+            a, b = rng.randint(0, 50), rng.randint(0, 50)
+            question, args, result, answer = f"What is {a} + {b}?", {"a": a, "b": b}, {"sum": a + b}, f"{a} + {b} = {a + b}."
+        elif kind == "capital":
+            country = rng.choice(sorted(CAPITALS))
+            question, args = f"What is the capital of {country}?", {"country": country}
+            result, answer = {"capital": CAPITALS[country]}, f"The capital of {country} is {CAPITALS[country]}."
+        else:
+            words = rng.sample(WORDS, 3)
+            question, args = f"Reverse the words: {' '.join(words)}", {"text": " ".join(words)}
+            result = {"text": " ".join(reversed(words))}
+            answer = result["text"]
+        call_id = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") for _ in range(9))
+        messages += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "tool_calls": [{"id": call_id, "type": "function",
+                                                  "function": {"name": kind, "arguments": json.dumps(args)}}]},
+            {"role": "tool", "content": json.dumps(result), "tool_call_id": call_id},
+            {"role": "assistant", "content": answer},
+        ]
+    return {"messages": messages, "tools": tools}
+
+
+def write_extra(out_dir, n_alpaca, n_tools, seed):
+    for name, make, n, offset in (("tiny_alpaca", alpaca_row, n_alpaca, 1), ("tiny_tools", tool_conversation, n_tools, 2)):
+        rng = random.Random(seed * 1000 + offset)
+        rows = [make(rng) if make is alpaca_row else make(rng, i) for i in range(n)]
+        path = out_dir / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        print(f"wrote {len(rows)} rows to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--valid", type=int, default=200)
+    parser.add_argument("--alpaca", type=int, default=400)
+    parser.add_argument("--tools", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -122,6 +188,7 @@ def main() -> None:
         path = args.out_dir / f"tiny_chat_{name}.jsonl"
         path.write_text("".join(line + "\n" for line in chunk), encoding="utf-8")
         print(f"wrote {len(chunk)} conversations to {path}")
+    write_extra(args.out_dir, args.alpaca, args.tools, args.seed)
 
 
 if __name__ == "__main__":

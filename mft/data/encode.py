@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mft.data.samples import ChatSample, Sample, TextSample
-from mft.data.tokenizer import Tokenizer
+from mft.data.tokenizer import CONTROL_POLICIES, Tokenizer
+from mft.errors import MftError
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class Encoded:
     ids: list[int]
     mask: list[bool]
     source: str = ""  # "path:line" of the sample, for error messages and debugging
-    is_text: bool = False  # text documents are split when too long; chats are truncated/dropped
+    is_text: bool = False  # text documents continue into the next sequence; chats follow data.too_long
 
     def __post_init__(self):
         assert len(self.ids) == len(self.mask), (len(self.ids), len(self.mask))
@@ -28,12 +29,33 @@ class Encoded:
         return sum(self.mask[1:])
 
 
-def encode_sample(sample: Sample, tokenizer: Tokenizer) -> Encoded:
-    """Text: BOS + text + EOS, all but BOS supervised. Chat: Tokenizer.encode_chat."""
+def encode_sample(sample: Sample, tokenizer: Tokenizer, control: str = "warn") -> Encoded:
+    """Text: BOS + text + EOS, all but BOS supervised. Chat: Tokenizer.encode_chat.
+
+    control="map" turns literal control strings in text samples into control tokens; chat
+    content is always plain text, as mistral-common encodes it.
+    """
     if isinstance(sample, TextSample):
-        ids = tokenizer.encode_text(sample.text, bos=True, eos=True)
+        ids = tokenizer.encode_text(sample.text, bos=True, eos=True, control=control)
         return Encoded(ids, [False] + [True] * (len(ids) - 1), sample.source, is_text=True)
     if isinstance(sample, ChatSample):
-        ids, mask = tokenizer.encode_chat(sample.messages)
+        ids, mask = tokenizer.encode_chat(sample.messages, sample.tools)
         return Encoded(ids, mask, sample.source, is_text=False)
     raise TypeError(f"not a sample: {type(sample).__name__}")
+
+
+def control_strings(sample: Sample, tokenizer: Tokenizer) -> list[str]:
+    """Literal control strings ("<s>", "[INST]", ...) in a sample's text, which would otherwise be
+    tokenized as characters."""
+    if isinstance(sample, TextSample):
+        return tokenizer.find_control_strings(sample.text)
+    found = []
+    for m in sample.messages:
+        if m.content:
+            found += tokenizer.find_control_strings(m.content)
+    return found
+
+
+def check_control_policy(control: str) -> None:
+    if control not in CONTROL_POLICIES:
+        raise MftError(f"data.control_tokens={control!r}; expected one of {', '.join(CONTROL_POLICIES)}")

@@ -1,47 +1,190 @@
-"""Pack encoded documents into fixed-length sequences, and collate sequences into a Batch.
+"""Pack documents into sequences of seq_len positions, and collate sequences into a Batch.
 
 A document of L ids gives L-1 positions: inputs ids[:-1], targets ids[1:], mask[1:]. Documents
-are placed greedily in the order given; one that does not fit in what is left of a sequence
-starts the next one, and the left-over tail becomes a padding document of its own (pad id,
-never supervised), so every sequence has exactly seq_len positions and no real document ever
-attends to padding.
+are placed greedily in the order given; each placed piece is a document of its own in
+cu_seqlens (positions restart at 0, attention never crosses it):
+
+- A chat that fits in what is left of the sequence goes there; one that does not starts the next
+  sequence, and the left-over tail becomes a padding document (pad id, never supervised).
+- A text document fills what is left and continues into the next sequence(s): no padding, and
+  the chunks overlap by one id (the last target of a chunk is the first input of the next), so
+  every target is trained on exactly once.
+- A chat longer than seq_len follows too_long: "truncate" keeps its first seq_len positions,
+  "drop" skips it, "split" continues it like a text. Each case is counted.
+- A piece with no supervised target is never placed (counted as unsupervised), so no emitted
+  sequence is without a supervised token.
+
+Planning looks only at lengths and supervised counts (cheap, so an epoch is planned up front and
+a resumed run can jump to any batch); the ids are read when a batch is collated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from mft.data.batch import Batch
 from mft.data.encode import Encoded
 from mft.errors import MftError
 
-TOO_LONG = ("truncate", "drop")
+TOO_LONG = ("truncate", "drop", "split")
 
 
 @dataclass
 class PackStats:
-    """What the packer did; every sample it was given is accounted for."""
+    """What the packer did; every document it was given is accounted for."""
 
     samples: int = 0  # documents given to the packer
     sequences: int = 0  # packed sequences emitted
     tokens: int = 0  # real (non-padding) input positions
     supervised: int = 0  # supervised targets
     padding: int = 0  # padding positions
-    truncated: int = 0  # chats cut to seq_len + 1 ids
-    dropped: int = 0  # chats longer than seq_len + 1 ids, dropped (too_long="drop")
-    split: int = 0  # texts longer than seq_len + 1 ids, split into chunks
-    unsupervised: int = 0  # documents skipped: no supervised target (e.g. truncated before the answer)
+    truncated: int = 0  # chats cut to seq_len positions (too_long="truncate")
+    dropped: int = 0  # chats longer than seq_len positions, dropped (too_long="drop")
+    split: int = 0  # documents continued across sequences (texts; chats with too_long="split")
+    unsupervised: int = 0  # documents (or pieces of split ones) skipped: no supervised target
 
     def __add__(self, other: PackStats) -> PackStats:
         return PackStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
 
 @dataclass
+class PackPlan:
+    """Where every piece goes. Piece j is ids[start[j]:end[j]] of document doc[j] (doc -1 is
+    padding of end[j] - start[j] - 1 positions); sequence i holds pieces seq[i]:seq[i + 1]."""
+
+    doc: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    seq: np.ndarray
+    stats: PackStats
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq) - 1
+
+
+def check_too_long(too_long: str) -> None:
+    if too_long not in TOO_LONG:
+        raise MftError(f"too_long={too_long!r}: expected one of {', '.join(TOO_LONG)}")
+
+
+def plan_packing(
+    lengths: Sequence[int],
+    supervised: Sequence[int],
+    is_text: Sequence[bool],
+    seq_len: int,
+    too_long: str,
+    mask_of: Callable[[int], np.ndarray],
+) -> PackPlan:
+    """Greedy placement of documents 0..n-1 in order; mask_of(k) is read only for split/truncated chats."""
+    check_too_long(too_long)
+    if seq_len < 1:
+        raise MftError(f"seq_len={seq_len}: expected a positive number of tokens")
+    stats = PackStats(samples=len(lengths))
+    doc, start, end, seq = [], [], [], [0]
+    room = seq_len
+
+    def close() -> None:
+        nonlocal room
+        if room < seq_len:
+            if room:
+                doc.append(-1), start.append(0), end.append(room + 1)
+                stats.padding += room
+            seq.append(len(doc))
+        room = seq_len
+
+    def place(k: int, a: int, b: int, n_sup: int) -> None:
+        nonlocal room
+        doc.append(k), start.append(a), end.append(b)
+        room -= b - a - 1
+        stats.tokens += b - a - 1
+        stats.supervised += n_sup
+
+    lengths = lengths.tolist() if isinstance(lengths, np.ndarray) else lengths
+    supervised = supervised.tolist() if isinstance(supervised, np.ndarray) else supervised
+    is_text = is_text.tolist() if isinstance(is_text, np.ndarray) else is_text
+    for k in range(len(lengths)):
+        n, text = lengths[k] - 1, is_text[k]
+        if n < 1 or supervised[k] == 0:
+            stats.unsupervised += 1
+            continue
+        if n <= room or (n <= seq_len and not text):  # fits here, or a chat that fits a fresh sequence
+            if n > room:
+                close()
+            place(k, 0, n + 1, supervised[k])
+            continue
+        if text or too_long == "split":
+            mask = None if text else np.asarray(mask_of(k))
+            pos, pieces = 0, 0
+            while pos < n:
+                if room == 0:
+                    close()
+                take = min(room, n - pos)
+                n_sup = take if text else int(mask[pos + 1 : pos + take + 1].sum())
+                if n_sup:
+                    place(k, pos, pos + take + 1, n_sup)
+                    pieces += 1
+                else:
+                    stats.unsupervised += 1
+                pos += take
+            stats.split += pieces > 1
+        elif too_long == "truncate":
+            n_sup = int(np.asarray(mask_of(k))[1 : seq_len + 1].sum())
+            stats.truncated += 1
+            if n_sup == 0:
+                stats.unsupervised += 1
+                continue
+            close()
+            place(k, 0, seq_len + 1, n_sup)
+        else:
+            stats.dropped += 1
+    close()
+    stats.sequences = len(seq) - 1
+    as_array = lambda x: np.array(x, dtype=np.int64)  # noqa: E731
+    return PackPlan(as_array(doc), as_array(start), as_array(end), as_array(seq), stats)
+
+
+def collate_plan(
+    plan: PackPlan, first: int, last: int, fetch: Callable[[int], tuple[np.ndarray, np.ndarray]], pad_id: int
+) -> Batch:
+    """Sequences first..last-1 of a plan as one flat Batch; fetch(k) gives document k's (ids, mask)."""
+    a, b = int(plan.seq[first]), int(plan.seq[last])
+    tokens, targets, masks = [], [], []
+    doc_lens = (plan.end[a:b] - plan.start[a:b] - 1).astype(np.int64)
+    for k, s, e in zip(plan.doc[a:b].tolist(), plan.start[a:b].tolist(), plan.end[a:b].tolist()):
+        if k < 0:
+            tokens.append(np.full(e - s - 1, pad_id, dtype=np.int64))
+            targets.append(tokens[-1])
+            masks.append(np.zeros(e - s - 1, dtype=np.bool_))
+            continue
+        ids, mask = fetch(k)
+        tokens.append(ids[s : e - 1])
+        targets.append(ids[s + 1 : e])
+        masks.append(mask[s + 1 : e])
+    total = int(doc_lens.sum())
+    cu = np.zeros(len(doc_lens) + 1, dtype=np.int64)
+    np.cumsum(doc_lens, out=cu[1:])
+    positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], doc_lens)
+    return Batch(
+        tokens=torch.from_numpy(np.concatenate(tokens).astype(np.int64)),
+        targets=torch.from_numpy(np.concatenate(targets).astype(np.int64)),
+        loss_mask=torch.from_numpy(np.concatenate(masks).astype(np.bool_)),
+        positions=torch.from_numpy(positions),
+        cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
+        max_seqlen=int(doc_lens.max()),
+    )
+
+
+# ---------------------------------------------------------------- list API (tests, tools)
+
+
+@dataclass
 class PackedSequence:
-    """seq_len positions: real documents then (maybe) one padding document."""
+    """seq_len positions as Python lists: real documents then (maybe) one padding document."""
 
     tokens: list[int] = field(default_factory=list)
     targets: list[int] = field(default_factory=list)
@@ -52,67 +195,24 @@ class PackedSequence:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add(self, ids: Sequence[int], mask: Sequence[bool]) -> None:
-        n = len(ids) - 1
-        self.tokens += ids[:-1]
-        self.targets += ids[1:]
-        self.loss_mask += mask[1:]
-        self.positions += range(n)
-        self.doc_lens.append(n)
-
-
-def _fit(doc: Encoded, seq_len: int, too_long: str, stats: PackStats) -> Iterator[tuple[list, list]]:
-    """Yield the (ids, mask) pieces of a document that fit in one sequence."""
-    ids, mask = doc.ids, doc.mask
-    if len(ids) <= seq_len + 1:
-        yield ids, mask
-    elif doc.is_text:
-        # Chunks overlap by one id: the last target of a chunk is the first input of the next,
-        # so every target of the text is trained on exactly once.
-        stats.split += 1
-        for start in range(0, len(ids) - 1, seq_len):
-            yield ids[start : start + seq_len + 1], mask[start : start + seq_len + 1]
-    elif too_long == "truncate":
-        stats.truncated += 1
-        yield ids[: seq_len + 1], mask[: seq_len + 1]
-    else:
-        stats.dropped += 1
-
 
 def pack(
     docs: Iterable[Encoded], seq_len: int, pad_id: int, too_long: str = "truncate"
 ) -> tuple[list[PackedSequence], PackStats]:
-    """Greedy packing in the given order; see the module docstring."""
-    if too_long not in TOO_LONG:
-        raise MftError(f"too_long={too_long!r}: expected one of {', '.join(TOO_LONG)}")
-    if seq_len < 1:
-        raise MftError(f"seq_len={seq_len}: expected a positive number of tokens")
-    stats, out, current = PackStats(), [], PackedSequence()
-
-    def close() -> None:
-        pad = seq_len - len(current)
-        if pad:
-            current.add([pad_id] * (pad + 1), [False] * (pad + 1))
-            stats.padding += pad
-        out.append(current)
-
-    for doc in docs:
-        stats.samples += 1
-        for ids, mask in _fit(doc, seq_len, too_long, stats):
-            n_supervised = sum(mask[1:])
-            if n_supervised == 0:  # nothing to learn from; never emit it
-                stats.unsupervised += 1
-                continue
-            if len(ids) - 1 > seq_len - len(current):
-                close()
-                current = PackedSequence()
-            current.add(ids, mask)
-            stats.tokens += len(ids) - 1
-            stats.supervised += n_supervised
-    if len(current):
-        close()
-    stats.sequences = len(out)
-    return out, stats
+    """Pack in-memory documents; the same plan as the datasets use, returned as lists."""
+    docs = list(docs)
+    check_too_long(too_long)
+    plan = plan_packing(
+        [len(d.ids) for d in docs], [d.num_supervised for d in docs], [d.is_text for d in docs],
+        seq_len, too_long, lambda k: np.asarray(docs[k].mask),
+    )
+    fetch = lambda k: (np.asarray(docs[k].ids, dtype=np.int64), np.asarray(docs[k].mask, dtype=np.bool_))  # noqa: E731
+    out = []
+    for i in range(plan.num_sequences):
+        b = collate_plan(plan, i, i + 1, fetch, pad_id)
+        lens = (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()
+        out.append(PackedSequence(b.tokens.tolist(), b.targets.tolist(), b.loss_mask.tolist(), b.positions.tolist(), lens))
+    return out, plan.stats
 
 
 def collate(sequences: Sequence[PackedSequence]) -> Batch:

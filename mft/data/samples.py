@@ -1,30 +1,70 @@
-"""JSONL rows -> validated samples that remember their source `file:line`.
+"""Rows -> validated samples that remember their source `file:line`.
 
-Two kinds of row: `{"text": str}` (pretraining) and `{"messages": [{"role", "content"}, ...]}`
-(instruct). Every bad row is reported at its own line, all in one MftError, so a user fixes a
-file in one pass instead of one error per run.
+A row is one decoded record of a data file (a JSONL line, a CSV row, a Parquet row). It becomes
+one of two samples:
+
+- `TextSample`: raw text (pretraining, or an AutoTrain-style `text` column, or an Alpaca row
+  rendered with the classic prompt template): BOS + text + EOS, every token trained on.
+- `ChatSample`: a conversation in the Mistral fine-tuning format: roles system, user,
+  assistant, tool; top-level `tools` (function specs); assistant `tool_calls`; tool results
+  with `tool_call_id`; per-assistant-message `weight` 0 or 1. Alpaca rows can map here too.
+
+Every defect raises `RowError(code, message)`; callers add the `file:line`. The codes name the
+kind of defect (for counts in reports); the messages say what is wrong and what was expected.
+The rules are at least as strict as mistral-common's finetuning validator, so a row that passes
+here encodes there.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from mft.errors import MftError
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("auto", "text", "chat", "alpaca")
+ALPACA_STYLES = ("chat", "prompt")
+# Keys a chat row may carry besides its data; anything else is a mistake we report (a misspelt
+# "tool" for "tools" would otherwise drop the function specs without a word).
+_CHAT_META_KEYS = {"id", "metadata", "source"}
+_MESSAGE_KEYS = {
+    "system": {"role", "content"},
+    "user": {"role", "content"},
+    "assistant": {"role", "content", "tool_calls", "weight"},
+    "tool": {"role", "content", "tool_call_id", "name"},
+}
+_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # function names (mistral-common's rule)
+TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")  # tool call ids from tokenizer v3 on
+NULL_ID = "null"  # allowed only on the final assistant message (mistral-common's finetuning rule)
 
-ROLES = ("system", "user", "assistant")
-MAX_REPORTED = 10
-_MESSAGE_KEYS = {"role", "content"}
-_NOT_YET = {"tools": "tool definitions are not supported yet"}
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n{output}"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    "{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
+)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as the Mistral format carries it
 
 
 @dataclass(frozen=True)
 class Message:
-    role: str  # "system" | "user" | "assistant"
-    content: str
+    role: str  # "system" | "user" | "assistant" | "tool"
+    content: str | None = None  # None only for an assistant message that only calls tools
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None  # tool results
+    name: str | None = None  # tool results (optional function name)
+    weight: int | None = None  # assistant messages: 0 = context only, 1 or None = trained on
 
 
 @dataclass(frozen=True)
@@ -41,90 +81,312 @@ class ChatSample:
 
     messages: tuple[Message, ...]
     source: str  # "path:line"
+    tools: tuple[Any, ...] = field(default=(), compare=False)  # function specs ({"type", "function"})
 
 
 Sample = TextSample | ChatSample
 
 
-class _RowError(ValueError):
-    """Why one row is invalid; read_samples adds the file:line."""
+class RowError(ValueError):
+    """Why one row is invalid: a short code (the kind of defect) and a message for the user."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
 
 
-def parse_row(row: Any, source: str) -> Sample:
-    """One decoded JSON value -> a Sample, or _RowError saying what is wrong with it."""
-    if not isinstance(row, dict):
-        raise _RowError(f"expected a JSON object, got {type(row).__name__}")
-    for key, why in _NOT_YET.items():
-        if key in row:
-            raise _RowError(f"key {key!r}: {why}")
-    has_text, has_messages = "text" in row, "messages" in row
-    if has_text == has_messages:
-        raise _RowError(
-            "expected exactly one of 'text' or 'messages', got "
-            + ("both" if has_text else f"neither (keys: {sorted(row)})")
-        )
-    if has_text:
-        text = row["text"]
-        if not isinstance(text, str) or not text:
-            raise _RowError("'text' must be a non-empty string")
+@dataclass(frozen=True)
+class RowOptions:
+    """How rows of one source become samples (per file, from the data config)."""
+
+    format: str = "auto"  # auto | text | chat | alpaca
+    text_column: str = "text"
+    alpaca: str = "chat"  # chat: user = instruction (+ input), assistant = output | prompt: classic template
+    tokenizer_version: str = "v3"  # decides which tool features are allowed
+
+
+def row_kind(row: Mapping[str, Any], opts: RowOptions) -> str:
+    """The kind of a row: "chat", "alpaca" or "text" (format=auto looks at its keys)."""
+    if opts.format != "auto":
+        return opts.format
+    if "messages" in row:
+        if opts.text_column in row:
+            raise RowError("ambiguous", f"expected one of 'messages' or '{opts.text_column}', got both")
+        return "chat"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if opts.text_column in row:
+        return "text"
+    raise RowError(
+        "unknown_format",
+        f"expected 'messages' (chat), '{opts.text_column}' (text) or 'instruction' + 'output' (Alpaca), "
+        f"got keys {sorted(row)}",
+    )
+
+
+def parse_row(row: Any, source: str, opts: RowOptions = RowOptions()) -> Sample:
+    """One decoded row -> a Sample, or RowError saying what is wrong with it."""
+    if not isinstance(row, Mapping):
+        raise RowError("not_object", f"expected a JSON object, got {type(row).__name__}")
+    kind = row_kind(row, opts)
+    if kind == "text":
+        text = row.get(opts.text_column)
+        if opts.text_column not in row:
+            raise RowError("missing_key", f"missing '{opts.text_column}'")
+        if not isinstance(text, str):
+            raise RowError("wrong_type", f"'{opts.text_column}' must be a string, got {_type(text)}")
+        if not text.strip():
+            raise RowError("empty_content", f"'{opts.text_column}' is empty")
         return TextSample(text=text, source=source)
-    return ChatSample(messages=_parse_messages(row["messages"]), source=source)
+    if kind == "alpaca":
+        return _parse_alpaca(row, source, opts)
+    if kind == "chat":
+        return _parse_chat(row, source, opts.tokenizer_version)
+    raise RowError("bad_format", f"format {kind!r}: expected one of {', '.join(FORMATS)}")
 
 
-def _parse_messages(raw: Any) -> tuple[Message, ...]:
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+# ---------------------------------------------------------------- Alpaca
+
+
+def _parse_alpaca(row: Mapping[str, Any], source: str, opts: RowOptions) -> Sample:
+    fields_ = {}
+    for key, required in (("instruction", True), ("input", False), ("output", True)):
+        value = row.get(key)
+        if value is None and not required:
+            value = ""
+        if value is None:
+            raise RowError("missing_key", f"Alpaca row: missing '{key}'")
+        if not isinstance(value, str):
+            raise RowError("wrong_type", f"Alpaca row: '{key}' must be a string, got {_type(value)}")
+        if required and not value.strip():
+            raise RowError("empty_content", f"Alpaca row: '{key}' is empty")
+        fields_[key] = value
+    if opts.alpaca == "prompt":
+        template = ALPACA_PROMPT_WITH_INPUT if fields_["input"].strip() else ALPACA_PROMPT
+        return TextSample(template.format(**fields_), source)
+    if opts.alpaca != "chat":
+        raise RowError("bad_format", f"alpaca={opts.alpaca!r}: expected one of {', '.join(ALPACA_STYLES)}")
+    user = fields_["instruction"] + (f"\n\n{fields_['input']}" if fields_["input"].strip() else "")
+    return ChatSample((Message("user", user), Message("assistant", fields_["output"])), source)
+
+
+# ---------------------------------------------------------------- chat
+
+
+def _parse_chat(row: Mapping[str, Any], source: str, version: str) -> ChatSample:
+    if extra := sorted(set(row) - {"messages", "tools"} - _CHAT_META_KEYS):
+        raise RowError("unknown_key", f"unsupported key(s) {extra} (expected 'messages' and optional 'tools')")
+    raw_tools = row.get("tools")
+    tools: tuple[Any, ...] = ()
+    if raw_tools is not None:
+        tools = _parse_tools(raw_tools, version)
+    messages = _parse_messages(row.get("messages"), version)
+    _check_structure(messages, {t["function"]["name"] for t in tools} if tools else None)
+    return ChatSample(messages, source, tools)
+
+
+def _needs_tools_support(version: str, what: str) -> None:
+    if version == "v1":
+        raise RowError(
+            "tools_unsupported",
+            f"{what} need a v3 or newer tokenizer; model.tokenizer is v1 (use v3 or v7, e.g. Mistral-7B-v0.3)",
+        )
+
+
+def _parse_tools(raw: Any, version: str) -> tuple[Any, ...]:
+    if not isinstance(raw, list):
+        raise RowError("bad_tool_schema", f"'tools' must be a list of function specs, got {_type(raw)}")
+    if not raw:
+        return ()
+    _needs_tools_support(version, "tool definitions")
+    names = set()
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict):
+            raise RowError("bad_tool_schema", f"{where}: expected {{\"type\": \"function\", \"function\": {{...}}}}")
+        if tool.get("type", "function") != "function" or set(tool) - {"type", "function"}:
+            raise RowError("bad_tool_schema", f"{where}: only keys 'type' (= \"function\") and 'function' are allowed")
+        fn = tool["function"]
+        if extra := sorted(set(fn) - {"name", "description", "parameters", "strict"}):
+            raise RowError("bad_tool_schema", f"{where}.function: unsupported key(s) {extra}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise RowError("bad_tool_schema", f"{where}.function.name {name!r}: expected 1-64 of a-z A-Z 0-9 _ -")
+        if name in names:
+            raise RowError("bad_tool_schema", f"{where}: function {name!r} is defined twice")
+        names.add(name)
+        if not isinstance(fn.get("description", ""), str):
+            raise RowError("bad_tool_schema", f"{where}.function.description must be a string")
+        params = fn.get("parameters")
+        if not isinstance(params, dict):
+            raise RowError("bad_tool_schema", f"{where}.function.parameters must be a JSON schema object, got {_type(params)}")
+        problem = _schema_problem(params)
+        if problem:
+            raise RowError("bad_tool_schema", f"{where}.function.parameters is not a valid JSON schema: {problem}")
+    return tuple(raw)
+
+
+def _schema_problem(schema: dict) -> str | None:
+    import jsonschema  # a dependency of mistral-common; imported here to keep plain rows fast
+
+    try:
+        jsonschema.Draft7Validator.check_schema(schema)
+    except jsonschema.exceptions.SchemaError as e:
+        return e.message
+    return None
+
+
+def _parse_messages(raw: Any, version: str) -> tuple[Message, ...]:
     if not isinstance(raw, list) or not raw:
-        raise _RowError("'messages' must be a non-empty list")
+        raise RowError("wrong_type", f"'messages' must be a non-empty list, got {_type(raw) if not isinstance(raw, list) else 'an empty list'}")
     messages = []
     for i, m in enumerate(raw):
         where = f"message {i}"
         if not isinstance(m, dict):
-            raise _RowError(f"{where}: expected an object with 'role' and 'content'")
-        if extra := sorted(set(m) - _MESSAGE_KEYS):
-            raise _RowError(f"{where}: unsupported key(s) {extra} (expected 'role' and 'content')")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise _RowError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str) or not content.strip():
-            raise _RowError(f"{where} ({role}): 'content' must be a non-empty string")
-        if role == "system" and i != 0:
-            raise _RowError(f"{where}: a system message may only be the first message")
-        messages.append(Message(role, content))
-    roles = [m.role for m in messages]
-    if "assistant" not in roles:
-        raise _RowError("no assistant message: nothing to train on")
-    if roles[-1] != "assistant":
-        raise _RowError(f"the last message must be from the assistant, got {roles[-1]!r}")
-    if roles[1 if roles[0] == "system" else 0] != "user":
-        raise _RowError("the first message (after an optional system message) must be from the user")
+            raise RowError("wrong_type", f"{where}: expected an object with 'role' and 'content', got {_type(m)}")
+        role = m.get("role")
+        if role not in _MESSAGE_KEYS:
+            raise RowError("unknown_role", f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if extra := sorted(set(m) - _MESSAGE_KEYS[role]):
+            raise RowError("unknown_key", f"{where} ({role}): unsupported key(s) {extra}")
+        where = f"{where} ({role})"
+        content = m.get("content")
+        if role == "assistant":
+            messages.append(_parse_assistant(m, where, version, is_last=i == len(raw) - 1))
+            continue
+        _check_content(content, where)
+        if role == "tool":
+            _needs_tools_support(version, "tool results")
+            call_id, name = m.get("tool_call_id"), m.get("name")
+            if not isinstance(call_id, str) or not call_id:
+                raise RowError("bad_tool_call_id", f"{where}: 'tool_call_id' must name the tool call it answers")
+            if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+                raise RowError("wrong_type", f"{where}: 'name' {name!r}: expected 1-64 of a-z A-Z 0-9 _ -")
+            messages.append(Message("tool", content, tool_call_id=call_id, name=name))
+        else:
+            messages.append(Message(role, content))
     return tuple(messages)
 
 
-def read_jsonl(path: str | Path, errors: list[str]) -> list[Sample]:
-    """Read one JSONL file; append `file:line: reason` to `errors` for each bad row."""
-    path = Path(path)
-    if not path.is_file():
-        raise MftError(f"data file not found: {path}")
-    samples: list[Sample] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            source = f"{path}:{lineno}"
+def _check_content(content: Any, where: str) -> None:
+    if not isinstance(content, str):
+        if content is None:
+            raise RowError("empty_content", f"{where}: 'content' is missing")
+        raise RowError("wrong_type", f"{where}: 'content' must be a string, got {_type(content)}")
+    if not content.strip():
+        raise RowError("empty_content", f"{where}: 'content' is empty")
+
+
+def _parse_assistant(m: dict, where: str, version: str, is_last: bool) -> Message:
+    content, raw_calls, weight = m.get("content"), m.get("tool_calls"), m.get("weight")
+    if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
+        raise RowError("bad_weight", f"{where}: 'weight' must be 0 or 1, got {weight!r}")
+    calls: tuple[ToolCall, ...] = ()
+    if raw_calls is not None:
+        calls = _parse_tool_calls(raw_calls, where, version, is_last)
+    if not calls:
+        _check_content(content, where)
+    elif content is not None and content != "":
+        _check_content(content, where)
+        if version in ("v1", "v2", "v3"):
+            raise RowError(
+                "content_and_tool_calls",
+                f"{where}: 'content' and 'tool_calls' in one message need a v7 tokenizer; split them in two messages",
+            )
+    else:
+        content = None
+    return Message("assistant", content, tool_calls=calls, weight=None if weight is None else int(weight))
+
+
+def _parse_tool_calls(raw: Any, where: str, version: str, is_last: bool) -> tuple[ToolCall, ...]:
+    if not isinstance(raw, list):
+        raise RowError("wrong_type", f"{where}: 'tool_calls' must be a list, got {_type(raw)}")
+    if not raw:
+        return ()
+    _needs_tools_support(version, "tool calls")
+    calls = []
+    for j, call in enumerate(raw):
+        here = f"{where} tool_calls[{j}]"
+        if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+            raise RowError("wrong_type", f"{here}: expected {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+        if extra := sorted(set(call) - {"id", "type", "function"}):
+            raise RowError("unknown_key", f"{here}: unsupported key(s) {extra}")
+        if call.get("type", "function") != "function":
+            raise RowError("wrong_type", f"{here}: 'type' must be \"function\", got {call.get('type')!r}")
+        fn = call["function"]
+        if extra := sorted(set(fn) - {"name", "arguments"}):
+            raise RowError("unknown_key", f"{here}.function: unsupported key(s) {extra}")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise RowError("bad_tool_call", f"{here}: function name {name!r}: expected 1-64 of a-z A-Z 0-9 _ -")
+        args = fn.get("arguments")
+        if isinstance(args, dict):
+            args = json.dumps(args)  # what mistral-common's FunctionCall does with an object
+        elif isinstance(args, str):
             try:
-                samples.append(parse_row(json.loads(line), source))
+                parsed = json.loads(args)
             except json.JSONDecodeError as e:
-                errors.append(f"{source}: invalid JSON ({e.msg} at column {e.colno})")
-            except _RowError as e:
-                errors.append(f"{source}: {e}")
-    return samples
+                raise RowError("bad_tool_call", f"{here}: 'arguments' is not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(parsed, dict):
+                raise RowError("bad_tool_call", f"{here}: 'arguments' must be a JSON object, got {_type(parsed)}")
+        else:
+            raise RowError("wrong_type", f"{here}: 'arguments' must be a JSON object or a JSON string, got {_type(args)}")
+        call_id = call.get("id", NULL_ID)
+        if not isinstance(call_id, str):
+            raise RowError("bad_tool_call_id", f"{here}: 'id' must be a string, got {_type(call_id)}")
+        if call_id == NULL_ID and not is_last:
+            raise RowError("bad_tool_call_id", f"{here}: missing 'id' (only the final assistant message may omit it)")
+        if call_id != NULL_ID and not TOOL_CALL_ID.match(call_id):
+            raise RowError("bad_tool_call_id", f"{here}: id {call_id!r} must be 9 characters of a-z, A-Z, 0-9")
+        calls.append(ToolCall(call_id, name, args))
+    return tuple(calls)
 
 
-def read_samples(paths: Iterable[str | Path]) -> list[Sample]:
-    """Read and validate every file; raise one MftError listing the first bad rows of all."""
-    errors: list[str] = []
-    samples = [s for p in paths for s in read_jsonl(p, errors)]
-    if errors:
-        shown = "; ".join(errors[:MAX_REPORTED])
-        more = f" (first {MAX_REPORTED} shown)" if len(errors) > MAX_REPORTED else ""
-        raise MftError(f"{len(errors)} invalid data row(s){more}: {shown}")
-    return samples
+def _check_structure(messages: tuple[Message, ...], tool_names: set[str] | None) -> None:
+    """Order rules: system first, then a user turn; tool results answer the calls just made; the
+    conversation ends with an assistant message and trains on at least one of them."""
+    roles = [m.role for m in messages]
+    for i, m in enumerate(messages):
+        if m.role == "system" and i != 0:
+            raise RowError("bad_order", f"message {i}: a system message may only be the first message")
+    first = 1 if roles[0] == "system" else 0
+    if first == len(roles):
+        raise RowError("no_assistant", "no assistant message: nothing to train on")
+    if roles[first] != "user":
+        raise RowError("bad_order", f"message {first}: the first message (after an optional system message) must be from the user, got {roles[first]!r}")
+    if "assistant" not in roles:
+        raise RowError("no_assistant", "no assistant message: nothing to train on")
+    if roles[-1] != "assistant":
+        raise RowError("last_not_assistant", f"the last message must be from the assistant, got {roles[-1]!r}")
+    if all(m.weight == 0 for m in messages if m.role == "assistant"):
+        raise RowError("no_assistant", "every assistant message has weight 0: nothing to train on")
+
+    pending: dict[str, str] = {}  # call id -> function name, awaiting a result
+    pending_at = -1
+    for i, m in enumerate(messages):
+        if m.role == "tool":
+            if m.tool_call_id not in pending:
+                if roles[i - 1] not in ("assistant", "tool") or pending_at < 0:
+                    raise RowError("orphan_tool_result", f"message {i} (tool): a tool result must follow an assistant message with tool_calls")
+                raise RowError("bad_tool_call_id", f"message {i} (tool): tool_call_id {m.tool_call_id!r} answers no open tool call of message {pending_at}")
+            del pending[m.tool_call_id]
+            continue
+        if pending:
+            raise RowError(
+                "tool_call_without_result",
+                f"message {pending_at}: tool call(s) {sorted(pending)} have no tool result before message {i}",
+            )
+        pending_at = -1
+        if m.role == "assistant" and m.tool_calls:
+            ids = [c.id for c in m.tool_calls]
+            if len(set(ids)) != len(ids):
+                raise RowError("bad_tool_call_id", f"message {i}: tool call ids repeat: {ids}")
+            for c in m.tool_calls:
+                if tool_names is not None and c.name not in tool_names:
+                    raise RowError("bad_tool_call", f"message {i}: calls {c.name!r}, which 'tools' does not define (defined: {sorted(tool_names)})")
+            pending, pending_at = {c.id: c.name for c in m.tool_calls}, i
+    # The final assistant message may end on tool calls without results (train on the call).

@@ -8,20 +8,25 @@ is what tells us which span each message produced, hence the supervision mask.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import mistral_common
 from mistral_common.protocol.instruct.messages import (
+    UATS,
     AssistantMessage,
+    FinetuningAssistantMessage,
     SystemMessage,
+    ToolMessage,
     UserMessage,
 )
 from mistral_common.protocol.instruct.normalize import get_normalizer
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
+from mistral_common.protocol.instruct.tool_calls import FunctionCall, Tool, ToolCall
 from mistral_common.protocol.instruct.validator import ValidationMode
-from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, SpecialTokens
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
 from mistral_common.tokens.tokenizers.tekken import is_tekken
@@ -38,7 +43,11 @@ BUILTIN = {
 }
 # In a model folder, the first name that exists wins; then any other Mistral tokenizer file.
 _FOLDER_PREFERENCE = ("tekken.json", "tokenizer.model.v7", "tokenizer.model.v3", "tokenizer.model.v2")
-_ROLES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+# Literal strings users paste into text that look like control tokens. Which of them really are
+# control tokens depends on the tokenizer (v1 writes "[INST]" as plain text in its own format).
+CONTROL_STRINGS = ("<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
+CONTROL_POLICIES = ("warn", "map")
 
 
 class Tokenizer:
@@ -49,7 +58,14 @@ class Tokenizer:
         self.path = path
         self._instruct = mistral.instruct_tokenizer
         self._raw = mistral.instruct_tokenizer.tokenizer
-        self._normalizer = get_normalizer(self._raw.version, self._raw.model_settings_builder)
+        # mistral-common's own normalizer for this version, built to keep FinetuningAssistantMessage
+        # (and so each assistant message's weight) through its merging of consecutive messages.
+        default = get_normalizer(self._raw.version, self._raw.model_settings_builder)
+        self._normalizer = type(default)(
+            UserMessage, FinetuningAssistantMessage, ToolMessage, SystemMessage, InstructRequest[UATS, Tool], None
+        )
+        self.control_ids = _control_ids(self._raw)
+        self._control_re = re.compile("|".join(re.escape(s) for s in sorted(self.control_ids, key=len, reverse=True)))
 
     @property
     def vocab_size(self) -> int:
@@ -70,27 +86,64 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.version}, vocab={self.vocab_size}, path={self.path!r})"
 
-    def encode_text(self, text: str, bos: bool = True, eos: bool = True) -> list[int]:
-        """Encode raw text; control strings such as "[INST]" in it stay plain text."""
+    def encode_text(self, text: str, bos: bool = True, eos: bool = True, control: str = "warn") -> list[int]:
+        """Encode raw text. control="warn" (default): strings such as "[INST]" stay plain text;
+        control="map": each literal control string becomes its control token (see encode_mapped)."""
+        if control == "map":
+            return self.encode_mapped(text, bos, eos)
         return self._raw.encode(text, bos=bos, eos=eos)
+
+    def find_control_strings(self, text: str) -> list[str]:
+        """The literal control strings in `text` that this tokenizer has real control tokens for."""
+        return self._control_re.findall(text) if self.control_ids else []
+
+    def encode_mapped(self, text: str, bos: bool = True, eos: bool = True) -> list[int]:
+        """Text with literal control strings mapped to the real control tokens.
+
+        The text between control strings is encoded piece by piece with the spaces that touch a
+        control string removed, which is how mistral-common lays out its own chat format
+        ("<s>[INST] hi [/INST] ok</s>" -> the ids of a user "hi" / assistant "ok" conversation).
+        A leading "<s>" replaces the BOS that would be added, a trailing "</s>" the EOS.
+        """
+        parts = self._control_re.split(text)
+        controls = self._control_re.findall(text)
+        has_bos = bool(controls) and controls[0] == "<s>" and not parts[0].strip(" ")
+        has_eos = bool(controls) and controls[-1] == "</s>" and not parts[-1].strip(" ")
+        ids: list[int] = [self.bos_id] if bos and not has_bos else []
+        for i, part in enumerate(parts):
+            part = part.strip(" ")
+            if part:
+                ids.extend(self._raw.encode(part, bos=False, eos=False))
+            if i < len(controls):
+                ids.append(self.control_ids[controls[i]])
+        if eos and not has_eos:
+            ids.append(self.eos_id)
+        return ids
 
     def decode(self, ids: Sequence[int], keep_special: bool = False) -> str:
         policy = SpecialTokenPolicy.KEEP if keep_special else SpecialTokenPolicy.IGNORE
         return self._raw.decode(list(ids), special_token_policy=policy)
 
-    def encode_chat(self, messages: Sequence[Any]) -> tuple[list[int], list[bool]]:
-        """Encode a conversation as mistral-common does; mask is True on assistant tokens + EOS.
+    def encode_chat(self, messages: Sequence[Any], tools: Sequence[Any] = ()) -> tuple[list[int], list[bool]]:
+        """Encode a conversation exactly as mistral-common does, with its supervision mask.
 
-        `messages` are mappings or objects with `role` and `content`. Roles: system, user,
-        assistant. Tool calls, tool results and per-message weights slot in here later: each
-        new message kind is one more branch below, choosing its mask value.
+        `messages`: mft.data.samples.Message objects or mappings in the Mistral fine-tuning format
+        (roles system, user, assistant, tool; assistant `tool_calls` and `weight`; tool
+        `tool_call_id`). `tools`: the function specs ({"type": "function", "function": {...}}).
+        The mask is True on the tokens of assistant messages (content, tool calls and EOS) whose
+        weight is not 0; prompts, system prompts, tool definitions and tool results are context.
+        Validate samples first (mft.data.samples): mistral-common asserts on malformed input.
         """
-        request = ChatCompletionRequest(messages=[_to_mistral(m) for m in messages])
+        request = ChatCompletionRequest(
+            messages=[_to_mistral(m) for m in messages],
+            tools=[Tool.model_validate(t) for t in tools] or None,
+        )
         instruct = self._normalizer.from_chat_completion_request(request)
         first_user, last_user = self._instruct.find_first_last_user(instruct)
         ids = list(self._instruct.start())
         mask = [False] * len(ids)
         for i, msg in enumerate(instruct.messages):
+            supervised = False
             if isinstance(msg, UserMessage):
                 toks, _, _ = self._instruct.encode_user_message(
                     msg,
@@ -101,13 +154,13 @@ class Tokenizer:
                     force_img_first=True,
                     settings=instruct.settings,
                 )
-                supervised = False
             elif isinstance(msg, AssistantMessage):
                 toks = self._instruct.encode_assistant_message(msg, i < last_user)
-                supervised = True
+                supervised = getattr(msg, "weight", None) != 0
+            elif isinstance(msg, ToolMessage):
+                toks, _, _ = self._instruct.encode_tool_message(msg, i < last_user)
             elif isinstance(msg, SystemMessage):  # v7+: [SYSTEM_PROMPT] ... [/SYSTEM_PROMPT]
                 toks, _ = self._instruct.encode_system_message(msg)
-                supervised = False
             else:
                 raise TypeError(f"unsupported message type {type(msg).__name__}")
             ids.extend(toks)
@@ -115,12 +168,44 @@ class Tokenizer:
         return ids, mask
 
 
+def _control_ids(raw) -> dict[str, int]:
+    """Control strings this tokenizer has a real token for (get_special_token answers unk otherwise)."""
+    known = {s.value for s in SpecialTokens}
+    out = {}
+    for s in CONTROL_STRINGS:
+        if s not in known:
+            continue
+        try:
+            token = raw.get_special_token(s)
+        except Exception:  # noqa: BLE001 - tekken raises for tokens it lacks
+            continue
+        if token not in (None, raw.unk_id):
+            out[s] = token
+    return out
+
+
 def _to_mistral(message: Any):
-    get = message.get if isinstance(message, Mapping) else lambda k: getattr(message, k, None)
+    """An mft Message (or a mapping in the same shape) -> the mistral-common message object."""
+    if isinstance(message, Mapping):
+        get = message.get
+    else:
+        get = lambda k: getattr(message, k, None)  # noqa: E731
     role, content = get("role"), get("content")
-    if role not in _ROLES:
-        raise MftError(f"message role {role!r} is not supported; expected one of {sorted(_ROLES)}")
-    return _ROLES[role](content=content)
+    if role == "system":
+        return SystemMessage(content=content)
+    if role == "user":
+        return UserMessage(content=content)
+    if role == "assistant":
+        calls = [
+            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            if not isinstance(c, Mapping)
+            else ToolCall(id=c.get("id", "null"), function=FunctionCall(**c["function"]))
+            for c in (get("tool_calls") or ())
+        ]
+        return FinetuningAssistantMessage(content=content, tool_calls=calls or None, weight=get("weight"))
+    if role == "tool":
+        return ToolMessage(content=content, tool_call_id=get("tool_call_id"), name=get("name"))
+    raise MftError(f"message role {role!r} is not supported; expected one of system, user, assistant, tool")
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:

@@ -1,0 +1,336 @@
+"""`mft-validate-data`: check data files before training, report statistics, write repaired copies.
+
+    mft-validate-data train.jsonl valid.jsonl --tokenizer v3 --seq-len 2048
+    mft-validate-data +experiment=chat_sft                  # the files of a config, as mft-train composes it
+    mft-validate-data data.train_files=[my.jsonl] batch_size=4
+    mft-validate-data bad.jsonl --fix                       # writes bad.fixed.jsonl next to it
+
+Lists every bad row as `file:line: reason` (exactly what training would refuse), then per file
+and in total: samples, tokens, supervised tokens, share of each source per epoch, sequences per
+epoch after packing, steps and epochs for the configured batch, and an ETA at a tokens/s figure.
+Exit status 1 when any row is bad. Arguments with "=" are Hydra overrides of conf/train.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mft.data.dataset import Part, PackedDataset, source_specs
+from mft.data.encode import encode_sample
+from mft.data.readers import _BadRow, iter_records
+from mft.data.samples import TOOL_CALL_ID, ChatSample, RowError, parse_row
+from mft.data.store import EncodeSettings, TokenStore, build_store
+from mft.data.tokenizer import Tokenizer, load_tokenizer
+from mft.errors import MftError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+DEFAULT_TOKENS_PER_S = 10_000.0  # one H100 fine-tuning a 7B model, about
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "function": "tool"}
+
+
+@dataclass
+class Settings:
+    """What validation needs from a training config."""
+
+    train: list[Any]
+    valid: list[Any] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = "v3"
+    seq_len: int = 2048
+    too_long: str = "truncate"
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: float | None = None
+
+
+@dataclass
+class FileReport:
+    path: str
+    store: TokenStore
+    defects: list[tuple[int, str, str]]  # (line, code, message), training's errors plus "too long"
+
+    @property
+    def ok(self) -> bool:
+        return not self.defects
+
+
+# ---------------------------------------------------------------- checking
+
+
+def check_file(path: str, tokenizer: Tokenizer, settings: EncodeSettings, seq_len: int, too_long: str) -> FileReport:
+    store = build_store(path, tokenizer, settings, cache_dir=None, workers=None)
+    defects = list(store.errors)
+    lengths = store.lengths
+    for i in np.flatnonzero((lengths - 1 > seq_len) & ~store.is_text).tolist():
+        defects.append((int(store.lines[i]), "too_long",
+                        f"sample of {int(lengths[i])} tokens is longer than seq_len={seq_len} "
+                        f"(+1); training would {too_long} it (data.too_long)"))
+    defects.sort(key=lambda d: d[0])
+    return FileReport(path, store, defects)
+
+
+def _fmt_duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    if minutes < 60:
+        return f"{minutes} min" if minutes else f"{seconds:.0f} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def print_report(reports: list[FileReport], valid: list[FileReport], s: Settings, weights: list[float | None],
+                 tokens_per_s: float, tokenizer: Tokenizer, out=None) -> None:
+    out = out or sys.stdout
+    for r in reports + valid:
+        for line, _, message in r.defects:
+            print(f"{r.path}:{line}: {message}", file=out)
+    print(file=out)
+    for r in reports + valid:
+        st = r.store
+        kinds = Counter(code for _, code, _ in r.defects)
+        lengths = st.lengths
+        print(f"{r.path}: {st.meta['rows']} rows, {len(st)} samples, {len(r.defects)} defects"
+              + (f" ({', '.join(f'{k} {n}' for k, n in kinds.most_common())})" if kinds else "")
+              + f"; {st.num_tokens} tokens, {int(st.supervised.sum())} supervised"
+              + (f", longest {int(lengths.max())}, mean {lengths.mean():.0f}" if len(lengths) else ""), file=out)
+        if st.meta.get("control_rows"):
+            counts = ", ".join(f"{k} x{n}" for k, n in sorted(st.meta["control_counts"].items()))
+            print(f"  {st.meta['control_rows']} samples hold literal control strings ({counts}); "
+                  f"data.control_tokens={st.meta['settings']['control']}", file=out)
+    usable = [r for r in reports if len(r.store)]
+    if not usable:
+        print("no usable training samples", file=out)
+        return
+    parts = [Part(r.store, np.arange(len(r.store)), w) for r, w in zip(reports, weights) if len(r.store)]
+    ds = PackedDataset(parts, s.seq_len, tokenizer.eos_id, s.too_long, int(s.data.get("seed") or 0), True, "train")
+    print(f"\ntokenizer {tokenizer.version} ({Path(tokenizer.path).name}); {ds.summary()}", file=out)
+    per_step = s.batch_size * s.grad_accum
+    steps_per_epoch = max(1, math.ceil(len(ds) / per_step))
+    if s.max_steps:
+        steps, epochs = s.max_steps, s.max_steps / steps_per_epoch
+    else:
+        epochs = s.epochs or 1.0
+        steps = max(1, math.ceil(epochs * steps_per_epoch))
+    tokens = steps * per_step * s.seq_len
+    print(f"training: batch_size {s.batch_size} x grad_accum {s.grad_accum} = {per_step} sequences "
+          f"({per_step * s.seq_len} tokens) per step; {steps_per_epoch} steps per epoch; {steps} steps = "
+          f"{epochs:.2f} epochs; ETA {_fmt_duration(tokens / tokens_per_s)} at {tokens_per_s:,.0f} tokens/s", file=out)
+
+
+# ---------------------------------------------------------------- fixing
+
+
+def _new_id(seed: str) -> str:
+    digest = hashlib.sha256(seed.encode()).hexdigest()
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    n = int(digest, 16)
+    return "".join(alphabet[(n >> (6 * i)) % len(alphabet)] for i in range(9))
+
+
+def repair_row(row: Any, where: str) -> tuple[Any, list[str]]:
+    """The safe repairs: role names, weight types, stray keys, number contents, bad tool call ids,
+    trailing messages after the last assistant answer. Returns (row, what changed)."""
+    changes: list[str] = []
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+        return row, changes
+    row = json.loads(json.dumps(row))  # a deep copy
+    allowed = {"system": {"role", "content"}, "user": {"role", "content"},
+               "assistant": {"role", "content", "tool_calls", "weight"}, "tool": {"role", "content", "tool_call_id", "name"}}
+    renamed: dict[str, str] = {}
+    for i, m in enumerate(row["messages"]):
+        if not isinstance(m, dict):
+            continue
+        role = m.get("role")
+        if isinstance(role, str) and role not in allowed:
+            fixed = ROLE_ALIASES.get(role.strip().lower(), role.strip().lower())
+            if fixed in allowed:
+                m["role"] = fixed
+                changes.append(f"message {i}: role {role!r} -> {fixed!r}")
+        role = m.get("role")
+        if role in allowed:
+            for key in sorted(set(m) - allowed[role]):
+                del m[key]
+                changes.append(f"message {i}: removed unsupported key {key!r}")
+        if isinstance(m.get("content"), (int, float)) and not isinstance(m.get("content"), bool):
+            changes.append(f"message {i}: content {m['content']!r} -> string")
+            m["content"] = str(m["content"])
+        if "weight" in m and m["weight"] not in (0, 1) or isinstance(m.get("weight"), bool):
+            w = m["weight"]
+            if str(w).strip().lower() in ("0", "0.0", "false"):
+                m["weight"] = 0
+            elif str(w).strip().lower() in ("1", "1.0", "true"):
+                m["weight"] = 1
+            else:
+                del m["weight"]
+            changes.append(f"message {i}: weight {w!r} -> {m.get('weight', 'removed (trained on)')}")
+        for j, call in enumerate(m.get("tool_calls") or []):
+            if isinstance(call, dict) and isinstance(call.get("id"), str) and call["id"] != "null" \
+                    and not TOOL_CALL_ID.match(call["id"]):
+                new = _new_id(f"{where}:{i}:{j}:{call['id']}")
+                renamed[call["id"]] = new
+                changes.append(f"message {i}: tool call id {call['id']!r} -> {new!r}")
+                call["id"] = new
+        if role == "tool" and m.get("tool_call_id") in renamed:
+            m["tool_call_id"] = renamed[m["tool_call_id"]]
+    roles = [m.get("role") if isinstance(m, dict) else None for m in row["messages"]]
+    if roles and roles[-1] != "assistant" and "assistant" in roles:
+        last = len(roles) - 1 - roles[::-1].index("assistant")
+        if not (isinstance(row["messages"][last], dict) and row["messages"][last].get("tool_calls")):
+            dropped = len(roles) - last - 1
+            row["messages"] = row["messages"][: last + 1]
+            changes.append(f"removed {dropped} message(s) after the last assistant message")
+    return row, changes
+
+
+def _check_row(row: Any, source: str, tokenizer: Tokenizer, settings: EncodeSettings, seq_len: int) -> str | None:
+    try:
+        sample = parse_row(row, source, settings.row)
+        enc = encode_sample(sample, tokenizer, settings.control)
+    except RowError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001
+        return f"mistral-common cannot encode this sample: {e}"
+    if isinstance(sample, ChatSample) and len(enc.ids) - 1 > seq_len:
+        return f"sample of {len(enc.ids)} tokens is longer than seq_len={seq_len} (+1)"
+    return None
+
+
+def fix_file(report: FileReport, tokenizer: Tokenizer, settings: EncodeSettings, seq_len: int, out=None) -> Path:
+    """Write <stem>.fixed.jsonl beside the input: good rows as they were, repairable rows repaired,
+    the rest removed; print each change."""
+    out = out or sys.stdout
+    src = Path(report.path)
+    target = src.with_name(f"{src.stem}.fixed.jsonl")
+    if target.resolve() == src.resolve():
+        raise MftError(f"{src}: refusing to write the repaired copy over the input")
+    bad = {line for line, _, _ in report.defects}
+    kept = removed = repaired = 0
+    with open(target, "w", encoding="utf-8") as f:
+        for rec in iter_records(src):
+            where = f"{src}:{rec.line}"
+            if rec.line not in bad:
+                f.write(rec.raw if rec.is_raw and rec.raw.endswith("\n") else _dump(rec) + "\n")
+                kept += 1
+                continue
+            try:
+                row = json.loads(rec.raw) if rec.is_raw else rec.row
+            except json.JSONDecodeError:
+                row = None
+            if row is None or isinstance(row, _BadRow):
+                print(f"{where}: removed (not a valid row)", file=out)
+                removed += 1
+                continue
+            row, changes = repair_row(row, where)
+            problem = _check_row(row, where, tokenizer, settings, seq_len)
+            if problem is None and changes:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                print(f"{where}: repaired: {'; '.join(changes)}", file=out)
+                repaired += 1
+            else:
+                print(f"{where}: removed ({problem or 'no repair'})", file=out)
+                removed += 1
+    print(f"wrote {target}: {kept} rows kept, {repaired} repaired, {removed} removed", file=out)
+    return target
+
+
+def _dump(rec) -> str:
+    return json.dumps(rec.row, ensure_ascii=False, default=str)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from mft.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    from omegaconf import OmegaConf
+
+    cfg = _compose(args.overrides) if (args.overrides or not args.files) else None
+    if cfg is not None:
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        s = Settings(train=data["train_files"], valid=data.get("valid_files") or [], data=data,
+                     tokenizer=cfg.model.tokenizer, seq_len=data["seq_len"], too_long=data["too_long"],
+                     batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps, epochs=cfg.epochs)
+    else:
+        s = Settings(train=[], data={})
+    if args.files:
+        s.train, s.valid = list(args.files), []
+    for key in ("format", "text_column", "alpaca", "control_tokens"):
+        if getattr(args, key) is not None:
+            s.data[key] = getattr(args, key)
+    for key in ("tokenizer", "seq_len", "too_long", "batch_size", "grad_accum", "max_steps", "epochs"):
+        if getattr(args, key) is not None:
+            setattr(s, key, getattr(args, key))
+    if args.max_steps is not None:
+        s.epochs = None
+    elif args.epochs is not None:
+        s.max_steps = None
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mft-validate-data", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("inputs", nargs="*", help="data files, and/or Hydra overrides key=value")
+    parser.add_argument("--tokenizer", help="v1 | v3 | v7 | a tokenizer file or model folder (default: the config's, v3)")
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--too-long", choices=["truncate", "drop", "split"])
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--grad-accum", type=int)
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--epochs", type=float)
+    parser.add_argument("--format", choices=["auto", "text", "chat", "alpaca"])
+    parser.add_argument("--text-column")
+    parser.add_argument("--alpaca", choices=["chat", "prompt"])
+    parser.add_argument("--control-tokens", choices=["warn", "map"])
+    parser.add_argument("--tokens-per-s", type=float, default=DEFAULT_TOKENS_PER_S,
+                        help=f"training throughput for the ETA (default {DEFAULT_TOKENS_PER_S:,.0f}: a 7B model on one H100)")
+    parser.add_argument("--fix", action="store_true", help="write <name>.fixed.jsonl beside each file with defects")
+    args = parser.parse_args(argv)
+    args.overrides = [a for a in args.inputs if "=" in a and not Path(a).exists()]
+    args.files = [a for a in args.inputs if a not in args.overrides]
+    try:
+        s = settings_from(args)
+        tokenizer = load_tokenizer(s.tokenizer)
+        train_specs = source_specs(s.train, "train_files", s.data, tokenizer.version)
+        valid_specs = source_specs(s.valid, "valid_files", s.data, tokenizer.version)
+        if not train_specs:
+            raise MftError("no data files: give files or a config whose data.train_files is set")
+        check = lambda spec: check_file(spec.file, tokenizer, spec.settings, s.seq_len, s.too_long)  # noqa: E731
+        reports, valid = [check(spec) for spec in train_specs], [check(spec) for spec in valid_specs]
+        weights = [spec.weight for spec in train_specs]
+        if any(w is not None for w in weights) and any(w is None for w in weights):
+            raise MftError(f"give every training file a weight or none (got {weights})")
+        print_report(reports, valid, s, weights, args.tokens_per_s, tokenizer)
+        bad = [(r, spec) for r, spec in zip(reports + valid, train_specs + valid_specs) if not r.ok]
+        if args.fix:
+            print()
+            for r, spec in bad:
+                fix_file(r, tokenizer, spec.settings, s.seq_len)
+    except MftError as e:
+        print(f"mft-validate-data: error: {e}", file=sys.stderr)
+        return 2
+    n = sum(len(r.defects) for r, _ in bad)
+    print(f"\n{n} defect(s) in {len(bad)} file(s)" if n else "\nall rows valid")
+    return 1 if n else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
