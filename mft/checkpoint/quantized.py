@@ -1,0 +1,186 @@
+"""mft's quantised checkpoint: params.json + quant_config.json + model.safetensors.
+
+Written by tools/quantize.py (or for a randomly initialised quantised base). The safetensors
+file holds, under the model's own state-dict names, the packed parts of every quantised
+linear layer (`layers.0.attention.wq.weight_q`, `..._absmax`, ...; see mft.quant.formats for
+the layout) and the remaining tensors (embeddings, norms, head unless quantised) dense.
+quant_config.json says how: {"format": "mft-quantized", "version": 1, "quant": {format,
+block_size, double_quant, dq_block_size}, "modules": [...quantised kinds...], "source": ...}.
+
+Loading is tensor by tensor and adapts to the model it fills:
+- a layer quantised in both: the packed parts are copied as they are (no dense pass);
+- a dense layer in the model: the parts are dequantised on the model's device (merging,
+  bf16 inference);
+- a quantised layer fed a dense tensor: quantised on the device.
+A layer quantised with a different spec than the model's is an error, never requantised.
+"""
+
+import json
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mft.checkpoint import consolidated
+from mft.checkpoint.atomic import atomic_dir
+from mft.checkpoint.jsonfile import read_json_object
+from mft.errors import MftError
+from mft.kernels.dequant import dequantize
+from mft.model.args import ModelArgs
+from mft.quant.formats import QuantizedTensor, QuantSpec
+from mft.quant.linear import PREFIX, load_dense_weight_
+from mft.quant.model import QUANTIZABLE, model_quant
+
+QUANT_CONFIG = "quant_config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_NAME = "mft-quantized"
+PACKING = ("4-bit codes, two per uint8 byte, the even column in the high nibble; tensors row-major "
+           "(out, in // 2) with one set of block constants per block_size elements of a row")
+
+
+def is_quantized_folder(folder: Path) -> bool:
+    return (Path(folder) / QUANT_CONFIG).is_file()
+
+
+def read_quant_config(folder: str | os.PathLike) -> Tuple[QuantSpec, list, Dict[str, Any]]:
+    """(spec, quantised module kinds, raw JSON) of a quantised checkpoint folder."""
+    path = Path(folder) / QUANT_CONFIG
+    config = read_json_object(path, "quantisation config")
+    if config.get("format") != FORMAT_NAME or config.get("version") != 1:
+        raise MftError(f"{path}: expected format {FORMAT_NAME!r} version 1, got {config.get('format')!r} "
+                       f"version {config.get('version')!r}.")
+    try:
+        spec = QuantSpec(**config["quant"])
+        modules = list(config["modules"])
+    except (KeyError, TypeError) as e:
+        raise MftError(f"{path}: malformed 'quant' or 'modules' entry ({e}).") from None
+    if set(modules) - set(QUANTIZABLE):
+        raise MftError(f"{path}: unknown quantised modules {sorted(set(modules) - set(QUANTIZABLE))}.")
+    return spec, modules, config
+
+
+def _layer_kind(name: str) -> str:
+    """"wq" for "layers.3.attention.wq.weight", "output" for "output.weight"."""
+    return name.rsplit(".", 2)[-2]
+
+
+def expected_tensors(args: ModelArgs, spec: QuantSpec, modules) -> Dict[str, Tuple[Tuple[int, ...], Optional[torch.dtype]]]:
+    """Every tensor of a quantised checkpoint: name -> (shape, dtype; None for dense tensors)."""
+    expected = {}
+    for name, shape in consolidated.expected_shapes(args).items():
+        if _layer_kind(name) in modules and name.endswith(".weight"):
+            stem = name[: -len("weight")]
+            for part, (part_shape, dtype) in spec.part_shapes(*shape).items():
+                expected[stem + PREFIX + part] = (part_shape, dtype)
+        else:
+            expected[name] = (shape, None)
+    return expected
+
+
+def weight_target(model: torch.nn.Module, name: str):
+    """Where a checkpoint tensor `name` goes: its parameter, or the layer when that layer is quantised."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf == "weight" and getattr(module, "quant_spec", None) is not None:
+        return module
+    return model.get_parameter(name)
+
+
+def save_quantized(model: torch.nn.Module, folder: str | os.PathLike, source: Optional[str] = None) -> Path:
+    """Write a quantised Transformer (LoRA factors, if any, are left out) atomically."""
+    quant = model_quant(model)
+    if quant is None:
+        raise ValueError("save_quantized needs a model with quantised layers")
+    modules = quant.pop("modules")
+    spec = QuantSpec(**quant)
+    args: ModelArgs = model.args
+    state = model.state_dict()
+    tensors = {name: state[name].detach().to("cpu").contiguous() for name in expected_tensors(args, spec, modules)}
+    config = {"format": FORMAT_NAME, "version": 1, "quant": asdict(spec), "modules": modules,
+              "packing": PACKING, "source": source}
+    with atomic_dir(folder) as tmp:
+        (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(asdict(args), indent=2) + "\n")
+        (tmp / QUANT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    return Path(folder)
+
+
+def _check_file(folder: Path, expected: dict, found: dict) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [
+        f"{name} {found[name][1]}{list(found[name][0])} (expected {dtype or 'float'}{list(shape)})"
+        for name, (shape, dtype) in expected.items()
+        if name in found and (found[name][0] != shape or (dtype is not None and found[name][1] != dtype))
+    ]
+    if missing or unexpected or wrong:
+        raise MftError(
+            f"Quantised checkpoint {folder} is incomplete or does not match its {QUANT_CONFIG}:"
+            + (f"\n  missing ({len(missing)}): {', '.join(missing[:8])}" if missing else "")
+            + (f"\n  unexpected ({len(unexpected)}): {', '.join(unexpected[:8])}" if unexpected else "")
+            + (f"\n  wrong shape or dtype ({len(wrong)}): {', '.join(wrong[:8])}" if wrong else "")
+        )
+
+
+@torch.no_grad()
+def load_quantized(model: torch.nn.Module, folder: str | os.PathLike, dtype: Optional[torch.dtype] = None) -> None:
+    """Fill a (materialised) Transformer, quantised or dense, from a quantised checkpoint folder."""
+    folder = Path(folder)
+    spec, modules, _ = read_quant_config(folder)
+    params_path = folder / consolidated.PARAMS_FILE
+    saved_args = consolidated.params_to_args(consolidated.read_params(params_path), params_path)
+    args: ModelArgs = model.args
+    if saved_args != args:
+        diff = [f"{f.name}: checkpoint {getattr(saved_args, f.name)!r} vs model {getattr(args, f.name)!r}"
+                for f in fields(ModelArgs) if getattr(saved_args, f.name) != getattr(args, f.name)]
+        raise MftError(f"Quantised checkpoint {folder} does not fit the model: {'; '.join(diff)}")
+    names = list(consolidated.expected_shapes(args))
+    targets = {name: weight_target(model, name) for name in names}
+    for name, target in targets.items():
+        is_layer = not isinstance(target, torch.Tensor)
+        if (target.weight_q if is_layer else target).is_meta:
+            raise ValueError("load_weights needs a materialised model: build it on a real device first")
+        if is_layer and _layer_kind(name) in modules and target.quant_spec != spec:
+            raise MftError(
+                f"{folder} holds {spec.describe()} weights but the model's {_layer_kind(name)} layers are set up for "
+                f"{target.quant_spec.describe()}; set the quant config to match the checkpoint "
+                "(or quant=none to load it dequantised)."
+            )
+        if not is_layer and dtype is not None and target.is_floating_point() and target.dtype != dtype:
+            raise ValueError(f"load_weights(dtype={dtype}): the model's parameters are {target.dtype}")
+
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise MftError(f"{folder}: no {WEIGHTS_FILE} next to {QUANT_CONFIG}")
+    expected = expected_tensors(args, spec, modules)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        found = {}
+        for key in f.keys():
+            sl = f.get_slice(key)
+            found[key] = (tuple(sl.get_shape()), getattr(torch, _SAFETENSORS_DTYPES.get(sl.get_dtype(), "float32")))
+        _check_file(folder, expected, found)
+        for name, target in targets.items():
+            stored_quantized = _layer_kind(name) in modules and name.endswith(".weight")
+            if isinstance(target, torch.Tensor):
+                if stored_quantized:
+                    stem = name[: -len("weight")]
+                    parts = {part: f.get_tensor(stem + PREFIX + part).to(target.device)
+                             for part in spec.part_shapes(*target.shape)}
+                    target.copy_(dequantize(QuantizedTensor(spec, tuple(target.shape), parts), target.dtype))
+                else:
+                    target.copy_(f.get_tensor(name).to(target.dtype))
+            elif stored_quantized:  # same spec (checked above): the packed parts as they are
+                stem = name[: -len("weight")]
+                for part in spec.part_shapes(target.out_features, target.in_features):
+                    getattr(target, PREFIX + part).copy_(f.get_tensor(stem + PREFIX + part))
+            else:
+                load_dense_weight_(target, f.get_tensor(name).to(target.weight_q.device))
+
+
+# safetensors' dtype names -> torch attribute names
+_SAFETENSORS_DTYPES = {"U8": "uint8", "I8": "int8", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
+                       "F64": "float64", "I16": "int16", "I32": "int32", "I64": "int64"}

@@ -1,0 +1,192 @@
+"""QLoRA (nf4, int4) vs bf16 LoRA on a 7B-shaped Mistral: peak GPU memory and tokens/s.
+
+    python tools/bench_qlora.py                              # the issue's settings, all three variants
+    python tools/bench_qlora.py --variants nf4 --layers 4    # a quick look
+
+Random weights built directly on the GPU (quantised layers drawn in bf16 one at a time and
+quantised: the path of a streaming load), LoRA r=16 alpha=32 on wq wk wv wo w1 w2 w3, one
+packed sequence of --seq tokens (batch 1, every position supervised), activation
+checkpointing per block, chunked cross-entropy through the head, AdamW on the LoRA factors.
+Peak memory is torch.cuda.max_memory_allocated over the training steps (weights, LoRA,
+optimizer states, activations); "build peak" is the peak while building the model.
+Imports torch, triton and mft's model/peft/quant/kernels only (no Hydra).
+"""
+
+import argparse
+import gc
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+from mft.kernels.cross_entropy import chunked_cross_entropy
+from mft.kernels.dequant import dequantize, dequantize_torch
+from mft.model.args import ModelArgs
+from mft.model.build import build_model
+from mft.model.transformer import TransformerBlock
+from mft.peft.lora import LoRASettings, apply_lora
+from mft.quant.formats import QuantSpec, quantize
+from mft.quant.model import build_quantized_model
+from mft.train.optim import build_optimizer
+
+GIB = 2**30
+PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on the lent H100/H200 (DESIGN.md)
+SHAPES = {
+    "mistral-7b-v0.3": ModelArgs(vocab_size=32768, rope_theta=1e6, sliding_window=None),
+    "mistral-7b-v0.1": ModelArgs(vocab_size=32000, rope_theta=1e4, sliding_window=4096),
+}
+SPECS = {
+    "nf4": QuantSpec("nf4", 64, double_quant=True),
+    "nf4-fp32-absmax": QuantSpec("nf4", 64, double_quant=False),
+    "int4": QuantSpec("int4", 128),
+}
+
+
+def build(variant: str, args: ModelArgs, device: torch.device, attn: str):
+    torch.manual_seed(0)
+    if variant == "bf16":
+        return build_model(args, device=device, dtype=torch.bfloat16, attn_backend=attn)
+    return build_quantized_model(args, SPECS[variant], device=device, dtype=torch.bfloat16, attn_backend=attn)
+
+
+def flops_per_token(args: ModelArgs, seq: int) -> float:
+    """Matmul FLOPs of one token: forward (2N) + backward to the activations (2N), no weight grads
+    for the frozen base, plus causal attention (forward 2 * seq * n_heads * head_dim per layer,
+    backward twice that). Activation-checkpointing recompute is not counted (MFU convention)."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    linear = args.n_layers * (2 * args.dim * q + 2 * args.dim * kv + 3 * args.dim * args.hidden_dim)
+    head = args.dim * args.vocab_size
+    attention = args.n_layers * 3 * 2 * seq * q
+    return 4 * (linear + head) + attention
+
+
+def run_variant(variant: str, args: ModelArgs, opts, device: torch.device) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model = build(variant, args, device, opts.attn)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - start
+    build_peak = torch.cuda.max_memory_allocated()
+    weights = torch.cuda.memory_allocated()
+    apply_lora(model, LoRASettings(r=opts.rank, alpha=2 * opts.rank))
+    if not opts.no_ac:
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
+    optimizer = build_optimizer(model, SimpleNamespace(lr=1e-5, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0))
+    g = torch.Generator(device=device).manual_seed(1)
+    tokens = torch.randint(0, args.vocab_size, (opts.seq + 1,), device=device, generator=g)
+    inputs, targets = tokens[:-1], tokens[1:]
+    positions = torch.arange(opts.seq, device=device)
+    cu_seqlens = torch.tensor([0, opts.seq], dtype=torch.int32, device=device)
+    torch.cuda.reset_peak_memory_stats()
+
+    def step(model, optimizer) -> torch.Tensor:
+        hidden = model.hidden_states(inputs, positions, cu_seqlens, opts.seq)
+        loss = chunked_cross_entropy(hidden, model.output, targets, opts.ce_chunk) / opts.seq
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(opts.warmup):
+        step(model, optimizer)
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(opts.steps):
+        loss = step(model, optimizer)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - begin
+    result = {
+        "variant": variant, "weights_gib": weights / GIB, "build_peak_gib": build_peak / GIB, "build_s": build_s,
+        "peak_gib": torch.cuda.max_memory_allocated() / GIB, "tokens_per_s": opts.steps * opts.seq / elapsed,
+        "step_s": elapsed / opts.steps, "loss": float(loss),
+    }
+    del model, optimizer
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def dequant_bandwidth(args: ModelArgs, device: torch.device) -> list:
+    """Triton vs torch dequantisation of the largest linear weight: GB/s of bytes moved."""
+    w = torch.randn(args.hidden_dim, args.dim, device=device, dtype=torch.bfloat16) * 0.02
+    rows = []
+    for name, spec in SPECS.items():
+        qt = quantize(w, spec)
+        moved = sum(t.numel() * t.element_size() for t in qt.parts.values()) + w.numel() * 2
+        for impl, fn in (("triton", dequantize), ("torch", dequantize_torch)):
+            fn(qt, torch.bfloat16)
+            torch.cuda.synchronize()
+            begin, reps = time.perf_counter(), 20
+            for _ in range(reps):
+                fn(qt, torch.bfloat16)
+            torch.cuda.synchronize()
+            seconds = (time.perf_counter() - begin) / reps
+            rows.append((name, impl, seconds * 1e6, moved / seconds / 1e9))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="mistral-7b-v0.3")
+    parser.add_argument("--variants", default="bf16,nf4,int4", help=f"comma list of bf16, {', '.join(SPECS)}")
+    parser.add_argument("--layers", type=int, help="override n_layers (quick runs)")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--ce-chunk", type=int, default=1024, help="tokens per chunk of the head + cross-entropy")
+    parser.add_argument("--attn", default="auto", help="attention backend name")
+    parser.add_argument("--no-ac", action="store_true", help="no activation checkpointing")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--max-peak-gib", type=float, default=7.0, help="flag quantised variants above this")
+    opts = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_qlora needs a CUDA GPU", file=sys.stderr)
+        return 1
+    device = torch.device(opts.device)
+    args = SHAPES[opts.shape]
+    if opts.layers:
+        args = ModelArgs(**{**args.__dict__, "n_layers": opts.layers})
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
+          f"triton {triton.__version__} | commit {commit}")
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"shape {opts.shape} ({args.n_layers} layers), seq {opts.seq}, batch 1, LoRA r={opts.rank} on all linear "
+          f"layers, activation checkpointing {'off' if opts.no_ac else 'on'}, CE chunk {opts.ce_chunk}\n")
+
+    results = [run_variant(v, args, opts, device) for v in opts.variants.split(",") if v]
+    base = next((r["tokens_per_s"] for r in results if r["variant"] == "bf16"), None)
+    flops = flops_per_token(args, opts.seq)
+    header = f"{'variant':<16}{'weights GiB':>12}{'build peak':>12}{'train peak':>12}{'tokens/s':>10}{'vs bf16':>9}{'MFU':>7}{'loss':>9}"
+    print(header)
+    print("-" * len(header))
+    failed = False
+    for r in results:
+        ratio = f"{r['tokens_per_s'] / base:.3f}" if base else "-"
+        mfu = r["tokens_per_s"] * flops / (PEAK_TFLOPS * 1e12)
+        flag = ""
+        if r["variant"] != "bf16" and r["peak_gib"] > opts.max_peak_gib:
+            flag, failed = f"  > {opts.max_peak_gib} GiB", True
+        print(f"{r['variant']:<16}{r['weights_gib']:>12.2f}{r['build_peak_gib']:>12.2f}{r['peak_gib']:>12.2f}"
+              f"{r['tokens_per_s']:>10.0f}{ratio:>9}{mfu:>7.1%}{r['loss']:>9.3f}{flag}")
+    print("\ndequantise the largest weight "
+          f"({args.hidden_dim} x {args.dim}) to bf16:")
+    for name, impl, us, gbs in dequant_bandwidth(args, device):
+        print(f"  {name:<16}{impl:<8}{us:>9.1f} us {gbs:>8.0f} GB/s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

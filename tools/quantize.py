@@ -1,0 +1,59 @@
+"""Write mft's quantised checkpoint (nf4 or int4) from a Hugging Face or consolidated folder.
+
+    python tools/quantize.py /models/Mistral-7B-v0.3 /models/Mistral-7B-v0.3-nf4 --format nf4
+    mft-train model=mistral-7b-v0.3 model.checkpoint=/models/Mistral-7B-v0.3-nf4 quant=nf4
+
+Tensors stream one at a time from the source and are quantised on --device (cuda when there
+is one); only the quantised model is ever held (~3.9 GiB for a 7B). Training from the output
+copies the packed tensors as they are: no bf16 copy of the base is ever made.
+"""
+
+import argparse
+import sys
+import time
+
+import torch
+
+from mft.checkpoint.load import load_weights, read_model_args
+from mft.checkpoint.quantized import save_quantized
+from mft.errors import MftError
+from mft.quant.formats import QuantSpec
+from mft.quant.model import LINEAR_TARGETS, build_quantized_model
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="Hugging Face or Mistral consolidated folder")
+    parser.add_argument("output", help="folder to write (replaced atomically if it exists)")
+    parser.add_argument("--format", choices=["nf4", "int4"], default="nf4")
+    parser.add_argument("--block-size", type=int, help="nf4: weights per absmax (64); int4: group size (128)")
+    parser.add_argument("--no-double-quant", action="store_true", help="nf4: keep the absmax in fp32")
+    parser.add_argument("--modules", default=",".join(LINEAR_TARGETS),
+                        help="comma-separated layers to quantise (add 'output' for the head)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the layers left dense")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    opts = parser.parse_args(argv)
+    try:
+        spec = QuantSpec(
+            format=opts.format,
+            block_size=opts.block_size or (64 if opts.format == "nf4" else 128),
+            double_quant=opts.format == "nf4" and not opts.no_double_quant,
+        )
+        args = read_model_args(opts.source)
+        start = time.perf_counter()
+        model = build_quantized_model(args, spec, device=opts.device, dtype=DTYPES[opts.dtype],
+                                      modules=[m for m in opts.modules.split(",") if m], init=False)
+        load_weights(model, opts.source)
+        folder = save_quantized(model, opts.output, source=str(opts.source))
+    except MftError as e:
+        print(f"quantize: error: {e}", file=sys.stderr)
+        return 1
+    size = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
+    print(f"{folder}: {spec.describe()}, {size:.2f} GiB, {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
