@@ -1,0 +1,298 @@
+"""Exports for other tools: a PEFT adapter, a merged Hugging Face model, Mistral consolidated + LoRA.
+
+- `export_peft`: adapter_model.safetensors + adapter_config.json that peft loads onto
+  transformers' MistralForCausalLM (module names of transformers; wq/wk rows in HF's rotary
+  layout).
+- `export_hf`: config.json, sharded model-*.safetensors + index, generation_config.json and
+  tokenizer files, loadable by transformers' from_pretrained; LoRA layers are merged on the fly.
+- `export_consolidated`: params.json + consolidated.safetensors (+ the tokenizer file), the
+  layout of mistral-inference and of mft's own loader.
+- `export_mistral_lora`: lora.safetensors with mistral-inference's names, for its load_lora.
+
+Every folder is written atomically (a temporary folder, then one rename).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from mft.checkpoint import consolidated, hf
+from mft.checkpoint.adapter import ADAPTER_WEIGHTS, read_adapter_config
+from mft.checkpoint.atomic import atomic_dir
+from mft.errors import MftError
+from mft.model.args import ModelArgs
+from mft.peft.lora import LoRALinear, lora_modules
+
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+MISTRAL_LORA = "lora.safetensors"
+# mistral-inference's load_lora merges with `scaling` (2.0 unless the caller says otherwise).
+MISTRAL_LORA_SCALING = 2.0
+_LORA_KEY = re.compile(r"^(?P<module>layers\.\d+\.(?:attention|feed_forward)\.(?P<leaf>w[qkvo123]))\.lora_(?P<ab>[ab])$")
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes from 5GB / 500MB / 20KB / an int (decimal units, as transformers' max_shard_size)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", str(size).upper())
+    if not match:
+        raise MftError(f"max_shard_size {size!r}: expected e.g. 5GB, 500MB or a number of bytes.")
+    unit = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1, None: 1}[match.group(2)]
+    return int(float(match.group(1)) * unit)
+
+
+# -- adapters ---------------------------------------------------------------------------------
+def _adapter(folder: str | Path) -> tuple[dict, ModelArgs, dict[str, torch.Tensor]]:
+    """(config, the base's ModelArgs, {module: (lora_a, lora_b)}) of an mft adapter folder."""
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    saved_args = (config.get("base_model") or {}).get("args")
+    if not saved_args:
+        raise MftError(f"{folder}: adapter_config.json has no base_model.args; cannot name its tensors for export.")
+    args = ModelArgs(**saved_args)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            match = _LORA_KEY.match(key)
+            if not match:
+                raise MftError(f"{folder}/{ADAPTER_WEIGHTS}: unexpected tensor {key!r}")
+            pairs.setdefault(match.group("module"), {})[match.group("ab")] = f.get_tensor(key).float()
+    incomplete = [m for m, ab in pairs.items() if set(ab) != {"a", "b"}]
+    if incomplete or not pairs:
+        raise MftError(f"{folder}/{ADAPTER_WEIGHTS}: needs lora_a and lora_b for every module (incomplete: {incomplete[:5]})")
+    return config, args, {m: (ab["a"], ab["b"]) for m, ab in pairs.items()}
+
+
+def _rotary_heads(module: str, args: ModelArgs) -> Optional[int]:
+    leaf = module.rsplit(".", 1)[-1]
+    return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(leaf)
+
+
+def export_peft(adapter_folder: str | Path, out: str | Path, *, scale: float = 1.0,
+                base_name_or_path: Optional[str] = None) -> Path:
+    """Write an mft adapter as a PEFT LoRA adapter for transformers' MistralForCausalLM.
+
+    peft computes W x + (lora_alpha / r) B A x, as mft does; `scale` is folded into B. B of
+    q_proj/k_proj gets HF's rotary row permutation, as HF's q_proj/k_proj weights have it.
+    """
+    config, args, pairs = _adapter(adapter_folder)
+    tensors, targets = {}, set()
+    for module, (a, b) in sorted(pairs.items()):
+        heads = _rotary_heads(module, args)
+        if heads is not None:
+            b = hf.permute_rotary(b, heads)
+        hf_module = hf.mft_to_hf_name(f"{module}.weight").removesuffix(".weight")
+        targets.add(hf_module.rsplit(".", 1)[-1])
+        tensors[f"base_model.model.{hf_module}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{hf_module}.lora_B.weight"] = (b * scale).contiguous()
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name_or_path,
+        "r": config["r"],
+        "lora_alpha": config["alpha"],
+        "lora_dropout": config.get("dropout", 0.0),
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+    return Path(out)
+
+
+def mistral_lora_tensors(adapter_folder: str | Path, *, scale: float = 1.0, dtype: torch.dtype = torch.bfloat16,
+                         scaling: float = MISTRAL_LORA_SCALING) -> dict[str, torch.Tensor]:
+    """mistral-inference's LoRA state dict: layers.{i}.<attention|feed_forward>.<w>.lora_{A,B}.weight.
+
+    Its load_lora merges W + scaling * B @ A for every linear layer of every block (all seven
+    must be present: untargeted ones get zeros) and wants one dtype, the model's. mft's
+    alpha / r * scale is folded into B, divided by the `scaling` it will be loaded with.
+    """
+    config, args, pairs = _adapter(adapter_folder)
+    factor = config["alpha"] / config["r"] * scale / scaling
+    shapes = consolidated.expected_shapes(args)
+    r = config["r"]
+    tensors = {}
+    for i in range(args.n_layers):
+        for part, leaves in (("attention", "wq wk wv wo"), ("feed_forward", "w1 w2 w3")):
+            for leaf in leaves.split():
+                module = f"layers.{i}.{part}.{leaf}"
+                out_features, in_features = shapes[f"{module}.weight"]
+                a, b = pairs.get(module, (torch.zeros(r, in_features), torch.zeros(out_features, r)))
+                tensors[f"{module}.lora_A.weight"] = a.to(dtype).contiguous()
+                tensors[f"{module}.lora_B.weight"] = (b * factor).to(dtype).contiguous()
+    return tensors
+
+
+def export_mistral_lora(adapter_folder: str | Path, out_file: str | Path, **kwargs) -> Path:
+    """Write mistral_lora_tensors(...) to `out_file` (lora.safetensors)."""
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(mistral_lora_tensors(adapter_folder, **kwargs), str(out_file), metadata={"format": "pt"})
+    return out_file
+
+
+# -- whole models -----------------------------------------------------------------------------
+@torch.no_grad()
+def merged_tensors(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(consolidated name, CPU tensor) for every base tensor; unmerged LoRA layers are merged in fp32."""
+    lora = {f"{name}.weight": m for name, m in lora_modules(model).items()}
+    for name in consolidated.expected_shapes(model.args):
+        param = model.get_parameter(name)
+        module: Optional[LoRALinear] = lora.get(name)
+        if module is not None and not module.merged:
+            tensor = param.float() + module.delta_weight()
+        else:
+            tensor = param
+        yield name, tensor.to(dtype or param.dtype).detach().cpu().contiguous()
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
+    """transformers' MistralConfig for `args` (rope written in both the v4 and the v5 layout)."""
+    return {
+        "architectures": ["MistralForCausalLM"],
+        "model_type": "mistral",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "sliding_window": args.sliding_window,
+        "max_position_embeddings": 32768,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _copy_tokenizer(folder: Path, tokenizer_file: Optional[str | Path], hf_files: bool) -> None:
+    """The Mistral tokenizer file under its Mistral name; with hf_files also what AutoTokenizer reads.
+
+    tekken.json is read by transformers itself (through mistral-common). For a SentencePiece
+    file transformers needs tokenizer.model + tokenizer_config.json, and, for a Mistral
+    config.json, a tokenizer.json: converted here by transformers when it is installed.
+    """
+    if tokenizer_file is None:
+        return
+    src = Path(tokenizer_file)
+    version = re.search(r"\.model(\.v\d+)?$", src.name)
+    suffix = (version.group(1) or "") if version else ""
+    # Mistral's own names: tekken.json, tokenizer.model.vN (mistral-common reads the version from it).
+    name = "tekken.json" if src.suffix == ".json" else f"tokenizer.model{suffix}"
+    shutil.copyfile(src, folder / name)
+    if not hf_files or src.suffix == ".json":
+        return
+    if name != "tokenizer.model":
+        shutil.copyfile(src, folder / "tokenizer.model")
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "add_bos_token": True, "add_eos_token": False, "legacy": False, "clean_up_tokenization_spaces": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    try:
+        from transformers import LlamaTokenizer
+    except ImportError:
+        return
+    LlamaTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+
+
+def export_hf(model: nn.Module, out: str | Path, *, tokenizer_file: Optional[str | Path] = None,
+              dtype: Optional[torch.dtype] = None, max_shard_size: str | int = "5GB",
+              bos_id: int = 1, eos_id: int = 2) -> Path:
+    """Write `model` (adapters merged) as a Hugging Face MistralForCausalLM folder.
+
+    Shards hold whole tensors, in order, up to max_shard_size each; a single shard is named
+    model.safetensors (no index), as transformers does. One shard is in host memory at a time.
+    """
+    args: ModelArgs = model.args
+    limit = parse_size(max_shard_size)
+    dtype = dtype or model.tok_embeddings.weight.dtype
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shapes = consolidated.expected_shapes(args)
+    plan: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = itemsize * int(torch.Size(shape).numel())
+        if plan[-1] and size + nbytes > limit:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
+        size += nbytes
+    names = ["model.safetensors"] if len(plan) == 1 else [
+        f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))
+    ]
+    shard_of = {name: i for i, shard in enumerate(plan) for name in shard}
+    heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
+    with atomic_dir(out) as tmp:
+        shard: dict[str, torch.Tensor] = {}
+        current = 0
+        weight_map = {}
+        for name, tensor in merged_tensors(model, dtype):
+            if shard_of[name] != current:
+                save_file(shard, str(tmp / names[current]), metadata={"format": "pt"})
+                shard, current = {}, shard_of[name]
+            rotary = heads.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
+            if rotary is not None:
+                tensor = hf.permute_rotary(tensor, rotary).contiguous()
+            hf_name = hf.mft_to_hf_name(name)
+            shard[hf_name] = tensor
+            weight_map[hf_name] = names[current]
+        save_file(shard, str(tmp / names[current]), metadata={"format": "pt"})
+        if len(plan) > 1:
+            total = sum(itemsize * int(torch.Size(s).numel()) for s in shapes.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config(args, dtype, bos_id, eos_id), indent=2) + "\n")
+        generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        _copy_tokenizer(tmp, tokenizer_file, hf_files=True)
+    return Path(out)
+
+
+def export_consolidated(model: nn.Module, out: str | Path, *, tokenizer_file: Optional[str | Path] = None,
+                        dtype: Optional[torch.dtype] = None, lora_from: Optional[str | Path] = None,
+                        lora_scale: float = 1.0) -> Path:
+    """params.json + consolidated.safetensors of `model` (LoRA layers merged) + the tokenizer file.
+
+    With `lora_from` (an mft adapter folder), also lora.safetensors for mistral-inference's
+    load_lora (its default scaling, 2.0, reproduces the adapter at `lora_scale`); `model` is then
+    expected to be the adapter's base.
+    """
+    dtype = dtype or model.tok_embeddings.weight.dtype
+    with atomic_dir(out) as tmp:
+        (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(asdict(model.args), indent=2) + "\n")
+        save_file(dict(merged_tensors(model, dtype)), str(tmp / consolidated.WEIGHTS_FILE), metadata={"format": "pt"})
+        _copy_tokenizer(tmp, tokenizer_file, hf_files=False)
+        if lora_from is not None:
+            export_mistral_lora(lora_from, tmp / MISTRAL_LORA, scale=lora_scale, dtype=dtype)
+    return Path(out)

@@ -1,0 +1,231 @@
+"""`mft-generate` and `python -m mft.generate`: chat with, prompt or batch-run a model and its adapters.
+
+Thin like mft-train: compose conf/generate.yaml (typed by mft.generate.config), load the model
+(mft.generate.load), then one of three modes over mft.generate.decode.Generator. User errors
+(MftError) print one paragraph and exit 1. Logs go to stderr, answers to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import hydra
+from omegaconf import DictConfig
+
+from mft.errors import MftError
+from mft.generate.config import register_generate_configs
+from mft.generate.decode import GenerationSettings, Generator
+from mft.generate.load import guess_tokenizer, load_model, resolve_source
+from mft.generate.sampling import SamplingSettings
+
+log = logging.getLogger("mft.generate")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+MODES = ("prompt", "chat", "batch")
+
+
+def pick_mode(cfg) -> str:
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "prompt" if cfg.prompt is not None else "batch" if cfg.input is not None else "chat"
+    if mode not in MODES:
+        raise MftError(f"mode={cfg.mode!r}; expected auto, {', '.join(MODES)}.")
+    if mode == "prompt" and cfg.prompt is None:
+        raise MftError("mode=prompt needs prompt=\"...\".")
+    if mode == "batch" and cfg.input is None:
+        raise MftError("mode=batch needs input=<requests.jsonl>.")
+    if mode == "batch" and not Path(cfg.input).is_file():
+        raise MftError(f"input={cfg.input}: no such file.")
+    return mode
+
+
+def read_tools(path: Optional[str]) -> Optional[list[dict]]:
+    if not path:
+        return None
+    try:
+        tools = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MftError(f"tools={path}: could not read a JSON list of tool definitions ({e}).") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise MftError(f"tools={path}: expected a JSON list of tool definitions, got {type(tools).__name__}.")
+    return tools
+
+
+class App:
+    """The loaded model, tokenizer and decoding settings, shared by the three modes."""
+
+    def __init__(self, cfg):
+        from mft.data.tokenizer import load_tokenizer
+        from mft.generate.chat import ChatFormat
+        from mft.train.setup import check_vocab, resolve_device, resolve_dtype
+
+        self.cfg = cfg
+        self.tools = read_tools(cfg.tools)  # user input first: fail before the slow loading
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.precision, device)
+        source = resolve_source(cfg.base, cfg.run_dir, [(a.path, a.scale) for a in cfg.adapters], cfg.step)
+        started = time.perf_counter()
+        self.model = load_model(source, device=device, dtype=dtype, merge=cfg.merge_adapters)
+        if device.type == "cuda":  # int4 bases: decode on torch's int4 matmul (no-op for other models)
+            from mft.generate.int4 import use_int4_kernels
+
+            use_int4_kernels(self.model)
+        tokenizer_spec = cfg.tokenizer or guess_tokenizer(source, self.model.args.vocab_size)
+        tokenizer = load_tokenizer(tokenizer_spec)
+        check_vocab(self.model.args, tokenizer, str(source.base), tokenizer_spec)
+        log.info("loaded %s on %s/%s in %.1fs (tokenizer %s)", source.describe(), device, dtype,
+                 time.perf_counter() - started, tokenizer_spec)
+        self.fmt = ChatFormat(tokenizer)
+        self.generator = Generator(self.model, prefill_chunk=cfg.prefill_chunk, compile=cfg.compile)
+        self.settings = GenerationSettings(
+            max_new_tokens=cfg.max_new_tokens,
+            sampling=SamplingSettings(cfg.temperature, cfg.top_p, cfg.top_k),
+            stop_token_ids=self.fmt.stop_token_ids,
+            stop_strings=list(cfg.stop),
+            seed=cfg.seed,
+        )
+
+    def messages(self, user: str) -> list[dict]:
+        system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
+        return system + [{"role": "user", "content": user}]
+
+    def generate_one(self, ids: list[int], streamer=None):
+        return self.generator.generate([ids], self.settings, detokenize=self.fmt.decode, on_token=streamer)[0]
+
+    # -- modes --------------------------------------------------------------------------------
+    def prompt(self, out: TextIO = sys.stdout) -> None:
+        from mft.generate.chat import TextStreamer
+
+        cfg = self.cfg
+        ids = self.fmt.encode_text(cfg.prompt) if cfg.raw else self.fmt.encode(self.messages(cfg.prompt), self.tools)
+        streamer = TextStreamer(self.fmt, out, stop_strings=cfg.stop) if cfg.stream else None
+        result = self.generate_one(ids, streamer)
+        reply = self.fmt.parse(result.tokens, cfg.stop)
+        if streamer is not None:
+            streamer.finish()
+            if streamer.printed:
+                out.write("\n")
+        elif reply.content:
+            out.write(reply.content + "\n")
+        for call in reply.tool_calls:
+            out.write(json.dumps({"tool_call": call.to_json()}, ensure_ascii=False) + "\n")
+        out.flush()
+        log.info("%d prompt tokens, %d generated (%s)", len(ids), len(result.tokens), result.finish_reason)
+
+    def chat(self) -> None:
+        from mft.generate.chat import ChatSession, TextStreamer, chat_loop
+
+        cfg = self.cfg
+        session = ChatSession(self.fmt, system=cfg.system, tools=self.tools, stop_strings=cfg.stop)
+
+        def generate(ids: list[int]) -> list[int]:
+            streamer = TextStreamer(self.fmt, sys.stdout, prefix="assistant> ", stop_strings=cfg.stop) if cfg.stream else None
+            tokens = self.generate_one(ids, streamer).tokens
+            if streamer is not None:
+                streamer.finish()
+                if streamer.printed:
+                    print(flush=True)
+            return tokens
+
+        print("Chat: type a message; /reset starts over, /exit (or Ctrl-D) quits."
+              + (f" Tools: {', '.join(t.get('function', {}).get('name', '?') for t in self.tools)}; "
+                 "type each tool call's result when asked." if self.tools else ""), file=sys.stderr)
+        chat_loop(session, generate, streaming=cfg.stream)
+
+    def batch(self) -> None:
+        from mft.generate.chat import cut_at_stop
+
+        cfg = self.cfg
+        requests = self.read_requests(Path(cfg.input))
+        out = open(cfg.output, "w") if cfg.output else sys.stdout
+        started, generated = time.perf_counter(), 0
+        try:
+            for first in range(0, len(requests), max(1, cfg.batch_size)):
+                group = requests[first:first + max(1, cfg.batch_size)]
+                results = self.generator.generate([r["ids"] for r in group], self.settings, detokenize=self.fmt.decode)
+                for request, result in zip(group, results):
+                    if request["raw"]:
+                        record: dict[str, Any] = {"output": cut_at_stop(self.fmt.decode(result.tokens), cfg.stop)}
+                    else:
+                        reply = self.fmt.parse(result.tokens, cfg.stop)
+                        record = {"output": reply.content}
+                        if reply.tool_calls:
+                            record["tool_calls"] = [c.to_json() for c in reply.tool_calls]
+                    record.update(finish_reason=result.finish_reason, prompt_tokens=len(request["ids"]),
+                                  completion_tokens=len(result.tokens))
+                    head = {"index": request["index"], **({"id": request["id"]} if request["id"] is not None else {})}
+                    out.write(json.dumps({**head, **record}, ensure_ascii=False) + "\n")
+                    generated += len(result.tokens)
+                out.flush()
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        elapsed = time.perf_counter() - started
+        log.info("%d requests, %d tokens generated in %.1fs (%.1f tokens/s)%s", len(requests), generated, elapsed,
+                 generated / max(elapsed, 1e-9), f" -> {cfg.output}" if cfg.output else "")
+
+    def read_requests(self, path: Path) -> list[dict]:
+        """Every request encoded up front, so a bad line stops the run before any generation."""
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as e:
+            raise MftError(f"input={path}: {e}") from None
+        requests, errors = [], []
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                requests.append(self.encode_request(json.loads(line), len(requests)))
+            except (json.JSONDecodeError, MftError, TypeError, ValueError) as e:
+                errors.append(f"{path}:{lineno}: {e}")
+        if errors:
+            raise MftError("bad requests:\n  " + "\n  ".join(errors[:20])
+                           + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""))
+        if not requests:
+            raise MftError(f"input={path} has no requests.")
+        return requests
+
+    def encode_request(self, row: Any, index: int) -> dict:
+        if not isinstance(row, dict):
+            raise MftError(f"expected a JSON object, got {type(row).__name__}")
+        tools = row.get("tools", self.tools)
+        raw = "text" in row or (self.cfg.raw and "prompt" in row)
+        if "messages" in row:
+            ids = self.fmt.encode(row["messages"], tools)
+        elif "prompt" in row and not raw:
+            ids = self.fmt.encode(self.messages(row["prompt"]), tools)
+        elif "prompt" in row or "text" in row:
+            text = row.get("text", row.get("prompt"))
+            if not isinstance(text, str):
+                raise MftError("'text'/'prompt' must be a string")
+            ids = self.fmt.encode_text(text)
+        else:
+            raise MftError("expected a 'prompt', 'messages' or 'text' key")
+        return {"ids": ids, "raw": raw, "index": index, "id": row.get("id")}
+
+
+def run(cfg) -> None:
+    mode = pick_mode(cfg)
+    app = App(cfg)
+    getattr(app, mode)()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
+def _run(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    try:
+        run(cfg)
+    except MftError as e:
+        print(f"mft-generate: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def main() -> None:
+    register_generate_configs()
+    _run()

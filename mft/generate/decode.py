@@ -1,0 +1,166 @@
+"""Batched generation: chunked prefill of prompts of any lengths, then one token per row per step.
+
+Works on token ids only (no tokenizer, no Hydra), so benchmarks and tests can drive it directly.
+Rows keep their own positions: prompts are padded on the right during prefill (padding is never
+stored in the cache) and decoding continues each row from its own length. Rows that finished
+keep stepping with the others (their tokens are dropped), which keeps every step's shapes static.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from mft.errors import MftError
+from mft.generate.cache import KVCache, plan_decode, plan_prefill
+from mft.generate.forward import forward_cached
+from mft.generate.sampling import SamplingSettings, sample
+from mft.model.transformer import Transformer
+
+TokenCallback = Callable[[int, int], None]  # (row, token id), called as each row's token is accepted
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated ids; a stop token that ended the row is not included
+    finish_reason: str  # "stop_token" | "stop_string" | "length"
+    prompt_tokens: int = 0
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    stop_token_ids: Sequence[int] = ()  # e.g. the tokenizer's EOS
+    stop_strings: Sequence[str] = ()  # checked on the decoded text; needs `detokenize`
+    seed: Optional[int] = 0  # seeds sampling; None: not seeded
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Generator:
+    """Generate with one model; keeps its KV cache (and compiled step) between calls.
+
+    compile=True compiles the one-token decode step with static shapes; on CUDA in
+    "reduce-overhead" mode, i.e. replayed as a CUDA graph (gpt-fast's recipe). The cache is
+    reused while batch size and length fit, so the graph is recorded once per shape.
+    """
+
+    def __init__(self, model: Transformer, *, prefill_chunk: int = 512, rolling: bool = True, compile: bool = False):
+        if prefill_chunk <= 0:
+            raise MftError(f"prefill_chunk must be positive, got {prefill_chunk}.")
+        self.model = model.eval()
+        self.args = model.args
+        self.prefill_chunk = prefill_chunk
+        self.rolling = rolling
+        param = model.tok_embeddings.weight
+        self.device, self.dtype = param.device, param.dtype
+        self.cache: Optional[KVCache] = None
+        self.compile = compile
+        self._step = self._decode_step
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            # fullgraph=False: a layer that breaks the graph (a custom kernel, say) costs speed, not an error.
+            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=False, dynamic=False)
+
+    # -- the two forwards ---------------------------------------------------------------------
+    def _decode_step(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) in fp32 for one token per row (B,) at positions (B,)."""
+        plan = plan_decode(cache, positions)
+        hidden = forward_cached(self.model, tokens[:, None], positions[:, None], cache, plan)
+        return self.model.output(hidden[:, 0]).float()
+
+    def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache) -> torch.Tensor:
+        """Run the prompts through the model in chunks; logits (B, V) after each prompt's last token."""
+        lengths = [len(p) for p in prompts]
+        B, L = len(prompts), max(lengths)
+        tokens = torch.zeros((B, L), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        tokens = tokens.to(self.device)
+        positions = torch.arange(L, device=self.device).expand(B, L)
+        valid = positions < torch.tensor(lengths, device=self.device)[:, None]
+        last_hidden = torch.empty((B, self.args.dim), device=self.device, dtype=self.dtype)
+        for start in range(0, L, self.prefill_chunk):
+            chunk = slice(start, start + self.prefill_chunk)
+            plan = plan_prefill(cache, positions[:, chunk], valid[:, chunk])
+            hidden = forward_cached(self.model, tokens[:, chunk], positions[:, chunk], cache, plan)
+            for b, n in enumerate(lengths):
+                if start <= n - 1 < start + self.prefill_chunk:
+                    last_hidden[b] = hidden[b, n - 1 - start]
+        return self.model.output(last_hidden).float()
+
+    # -- the cache ----------------------------------------------------------------------------
+    def cache_for(self, batch: int, length: int) -> KVCache:
+        """A reset cache for `batch` rows of `length` tokens: the current one when it fits."""
+        cache = self.cache
+        if cache is None or cache.batch != batch or not cache.holds(length):
+            # Round up so that a chat's growing turns reuse one buffer (and one CUDA graph).
+            size = _round_up(length, 256)
+            window = self.args.sliding_window
+            if self.rolling and window is not None:
+                size = min(size, window)
+            cache = KVCache.allocate(self.args, batch, size, device=self.device, dtype=self.dtype, rolling=self.rolling)
+            if self.compile:
+                cache.mark_static()
+            self.cache = cache
+        cache.reset()
+        return cache
+
+    # -- the loop -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        settings: GenerationSettings,
+        *,
+        detokenize: Optional[Callable[[list[int]], str]] = None,
+        on_token: Optional[TokenCallback] = None,
+    ) -> list[Generation]:
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise MftError("every prompt needs at least one token (a BOS at least).")
+        if settings.max_new_tokens <= 0:
+            raise MftError(f"max_new_tokens must be positive, got {settings.max_new_tokens}.")
+        if settings.stop_strings and detokenize is None:
+            raise ValueError("stop_strings need a detokenize function")
+        real = len(prompts)
+        if self.compile and self.cache is not None and real < self.cache.batch:
+            # A smaller batch (the last of a file, say) rides in the recorded shape: copies of the
+            # first prompt fill it, finished from the start, instead of a new graph being recorded.
+            prompts = list(prompts) + [prompts[0]] * (self.cache.batch - real)
+        B = len(prompts)
+        lengths = [len(p) for p in prompts]
+        cache = self.cache_for(B, max(lengths) + settings.max_new_tokens)
+        generator = None
+        if not settings.sampling.greedy and settings.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        stop_ids = set(settings.stop_token_ids)
+        tail = max((len(s) for s in settings.stop_strings), default=0) + 8
+
+        outputs: list[list[int]] = [[] for _ in prompts]
+        reasons: list[Optional[str]] = [None] * real + ["padding"] * (B - real)
+        positions = torch.tensor(lengths, device=self.device)
+        logits = self.prefill(prompts, cache)
+        for i in range(settings.max_new_tokens):
+            next_tokens = sample(logits, settings.sampling, generator)
+            for b, token in enumerate(next_tokens.tolist()):
+                if reasons[b] is not None:
+                    continue
+                if token in stop_ids:
+                    reasons[b] = "stop_token"
+                    continue
+                outputs[b].append(token)
+                if on_token is not None:
+                    on_token(b, token)
+                if settings.stop_strings and any(s in detokenize(outputs[b][-tail:]) for s in settings.stop_strings):
+                    reasons[b] = "stop_string"
+            if all(r is not None for r in reasons) or i == settings.max_new_tokens - 1:
+                break
+            if self.compile and self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+            logits = self._step(cache, next_tokens, positions + i)
+        return [Generation(out, r or "length", n) for out, r, n in zip(outputs[:real], reasons[:real], lengths[:real])]

@@ -1,0 +1,157 @@
+"""Exports against their consumers: peft + transformers load the PEFT adapter, transformers loads
+the merged HF folder (and its tokenizer), mistral-inference's LoRA merge rule reproduces
+lora.safetensors, and tools/export.py drives them from a run dir."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mft.checkpoint.adapter import save_adapter
+from mft.checkpoint.consolidated import save_consolidated
+from mft.checkpoint.export import MISTRAL_LORA, export_consolidated, export_hf, export_peft, parse_size
+from mft.checkpoint.load import load_weights, read_model_args
+from mft.generate.load import AdapterRef, ModelSource, load_model
+from mft.model.build import build_model
+from mft.peft.lora import LoRASettings, apply_lora, lora_modules
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+VOCAB, SEQ = 160, 30
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def logits_of(model, ids):
+    n = len(ids)
+    with torch.no_grad():
+        return model(ids, torch.arange(n), torch.tensor([0, n], dtype=torch.int32), n)
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids[None]).logits[0]
+
+
+@pytest.fixture(scope="module")
+def gen_export_setup(tmp_path_factory):
+    """An HF base saved by transformers, and an mft adapter on it (random B, a subset of targets,
+    q and k included so the rotary permutation matters)."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=5000.0, sliding_window=16,
+        tie_word_embeddings=False, initializer_range=0.2,
+    )
+    transformers.MistralForCausalLM(config).save_pretrained(root / "base")
+    args = read_model_args(root / "base")
+    model = build_model(args, device="cpu", dtype=torch.float32, init=False)
+    load_weights(model, root / "base")
+    settings = LoRASettings(r=4, alpha=8, target_modules=["wq", "wk", "wv", "w2"])
+    torch.manual_seed(1)
+    apply_lora(model, settings)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_b.normal_(std=0.1)
+    save_adapter(model, root / "adapter", settings,
+                 {"name": "t", "checkpoint": str(root / "base"), "tokenizer": "v3", "args": vars(args)})
+    ids = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(2))
+    return root, model.eval(), ids
+
+
+def fresh_hf_base(root):
+    return transformers.MistralForCausalLM.from_pretrained(root / "base").eval()
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_peft_export_loads_onto_transformers(gen_export_setup, scale):
+    root, model, ids = gen_export_setup
+    out = export_peft(root / "adapter", root / f"peft_{scale}", scale=scale)
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["down_proj", "k_proj", "q_proj", "v_proj"]
+    adapted = peft.PeftModel.from_pretrained(fresh_hf_base(root), out).eval()
+    expected = logits_of(load_model(ModelSource(root / "base", [AdapterRef(root / "adapter", scale)]),
+                                    device="cpu", dtype=torch.float32, merge=False), ids)
+    diff = (hf_logits(adapted, ids) - expected).abs().max().item()
+    assert diff <= 1e-4, diff
+    if scale != 1.0:  # the scale really changed the adapter
+        assert (expected - logits_of(model, ids)).abs().max() > 1e-2
+
+
+def test_merged_hf_export_loads_in_transformers(gen_export_setup):
+    from mft.data.tokenizer import load_tokenizer
+
+    root, model, ids = gen_export_setup
+    tokenizer = load_tokenizer("v3")
+    out = export_hf(model, root / "hf", tokenizer_file=tokenizer.path, dtype=torch.float32, max_shard_size="40KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    merged = transformers.MistralForCausalLM.from_pretrained(out).eval()
+    diff = (hf_logits(merged, ids) - logits_of(model, ids)).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert lora_modules(model)  # exporting merged on the fly, the model keeps its adapter unmerged
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Anagrams of listen: silent, enlist."
+    assert hf_tokenizer(text).input_ids == tokenizer.encode_text(text, bos=True, eos=False)
+    assert read_model_args(out) == model.args and load_tokenizer(out).version == "v3"
+
+
+def test_consolidated_export_with_mistral_inference_lora(gen_export_setup):
+    root, model, ids = gen_export_setup
+    base = load_model(ModelSource(root / "base"), device="cpu", dtype=torch.float32)
+    out = export_consolidated(base, root / "consolidated", dtype=torch.float32, lora_from=root / "adapter")
+    lora = load_file(str(out / MISTRAL_LORA))
+    assert len(lora) == 2 * 7 * model.args.n_layers and {t.dtype for t in lora.values()} == {torch.float32}
+    # mistral-inference's load_lora: W + scaling * B @ A for every linear of every block, scaling 2.0.
+    reloaded = load_model(ModelSource(out), device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for name in [k.removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")]:
+            delta = lora[f"{name}.lora_B.weight"] @ lora[f"{name}.lora_A.weight"]
+            reloaded.get_parameter(f"{name}.weight").add_(2.0 * delta)
+    diff = (logits_of(reloaded, ids) - logits_of(model, ids)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_export_tool_from_a_run_dir(gen_export_setup, tmp_path, monkeypatch, capsys):
+    """tools/export.py over a run dir: its latest adapter onto the base the adapter names."""
+    root, model, ids = gen_export_setup
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for step in (1, 3):
+        (run / "checkpoints" / f"step_{step:06d}").symlink_to(root / "adapter")
+    (run / "resolved_config.yaml").write_text("model:\n  tokenizer: v3\n")
+    monkeypatch.syspath_prepend(str(TOOLS))
+    sys.modules.pop("export", None)
+    import export
+
+    export.main(["hf", str(run), str(tmp_path / "hf"), "--dtype", "fp32"])
+    export.main(["peft", str(run), str(tmp_path / "peft")])
+    export.main(["consolidated", str(run), str(tmp_path / "merged"), "--merge", "--dtype", "fp32"])
+    assert "Hugging Face model" in capsys.readouterr().out
+    merged = transformers.MistralForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (hf_logits(merged, ids) - logits_of(model, ids)).abs().max() <= 1e-4
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(root / "base")
+    consolidated = load_model(ModelSource(tmp_path / "merged"), device="cpu", dtype=torch.float32)
+    assert (logits_of(consolidated, ids) - logits_of(model, ids)).abs().max() <= 1e-4
+    assert not (tmp_path / "merged" / MISTRAL_LORA).exists()
+    with pytest.raises(SystemExit):
+        export.main(["peft", str(root / "base"), str(tmp_path / "nothing")])
+    assert "exactly one adapter" in capsys.readouterr().err
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("20KB") == 20_000 and parse_size(123) == 123
+    assert parse_size("1.5MB") == 1_500_000
+
+
+def test_save_consolidated_round_trip_keeps_generation(tmp_path, gen_export_setup):
+    """A random-init base saved by training (save_consolidated) loads back bit-identical."""
+    root, model, ids = gen_export_setup
+    base = load_model(ModelSource(root / "base"), device="cpu", dtype=torch.float32)
+    save_consolidated(base, tmp_path / "c")
+    again = load_model(ModelSource(tmp_path / "c"), device="cpu", dtype=torch.float32)
+    assert torch.equal(logits_of(again, ids), logits_of(base, ids))

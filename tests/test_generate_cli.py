@@ -1,0 +1,109 @@
+"""mft-generate end to end (subprocess): a tiny base saved with save_consolidated and a saved
+adapter in a run dir, in prompt, batch and chat mode; and the errors a user sees."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mft.checkpoint.adapter import save_adapter
+from mft.checkpoint.consolidated import save_consolidated
+from mft.data.tokenizer import load_tokenizer
+from mft.generate.chat import ChatFormat
+from mft.generate.decode import GenerationSettings, Generator
+from mft.generate.load import load_model, resolve_source
+from mft.model.args import ModelArgs
+from mft.model.build import build_model
+from mft.peft.lora import LoRASettings, apply_lora, lora_modules
+
+# vocab 32768: the real v3 tokenizer
+ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=32768,
+                 rope_theta=1e6, sliding_window=16)
+
+
+def mft_generate(*args, cwd, stdin=None, timeout=120):
+    exe = shutil.which("mft-generate")
+    cmd = [exe] if exe else [sys.executable, "-m", "mft.generate"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, input=stdin)
+
+
+@pytest.fixture(scope="module")
+def gen_run_dir(tmp_path_factory):
+    """A run dir as mft-train leaves it: base_model/, checkpoints/step_N/ (adapter), resolved_config.yaml."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    torch.manual_seed(0)
+    model = build_model(ARGS, device="cpu", dtype=torch.float32)
+    base = save_consolidated(model, run / "base_model")
+    settings = LoRASettings(r=4, alpha=8)
+    apply_lora(model, settings)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_b.normal_(std=0.05)
+    describe = {"name": "tiny", "checkpoint": str(base), "tokenizer": "v3", "args": vars(ARGS)}
+    save_adapter(model, run / "checkpoints" / "step_000002", settings, describe, step=2)
+    (run / "resolved_config.yaml").write_text("model:\n  name: tiny\n  tokenizer: v3\n")
+    return run
+
+
+def reference_answer(run, user, n):
+    """The same greedy answer through the library: what the CLI must print."""
+    model = load_model(resolve_source(run_dir=str(run)), device="cpu", dtype=torch.float32)
+    fmt = ChatFormat(load_tokenizer("v3"))
+    ids = fmt.encode([{"role": "user", "content": user}])
+    tokens = Generator(model).generate([ids], GenerationSettings(max_new_tokens=n, stop_token_ids=[fmt.tokenizer.eos_id]))
+    return fmt.decode(tokens[0].tokens)
+
+
+def test_prompt_mode_streams_the_answer(gen_run_dir, tmp_path):
+    result = mft_generate(f"run_dir={gen_run_dir}", "prompt=Hello there", "max_new_tokens=8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == reference_answer(gen_run_dir, "Hello there", 8) + "\n"
+    assert "step_000002" in result.stderr and "8 generated" in result.stderr
+    assert not list(tmp_path.iterdir())  # no run dir, no log file, no .hydra
+
+
+def test_batch_mode_jsonl_in_jsonl_out(gen_run_dir, tmp_path):
+    requests = [
+        {"prompt": "Hello there", "id": "a"},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]},
+        {"text": "Once upon a time"},
+        {"messages": [{"role": "user", "content": "An anagram of listen?"}], "tools": [{"type": "function", "function": {
+            "name": "generate_anagram", "description": "Generate an anagram of a given word",
+            "parameters": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}}]},
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in requests) + "\n")
+    result = mft_generate(f"base={gen_run_dir}", "input=in.jsonl", "output=out.jsonl", "max_new_tokens=8",
+                          "batch_size=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and rows[0]["id"] == "a"
+    assert rows[0]["output"] == reference_answer(gen_run_dir, "Hello there", 8)  # batched rows = single rows
+    assert all(r["completion_tokens"] <= 8 and r["finish_reason"] in ("length", "stop_token") for r in rows)
+    assert rows[2]["prompt_tokens"] == len(load_tokenizer("v3").encode_text("Once upon a time", eos=False))
+    assert rows[3]["prompt_tokens"] > 40  # the tool definitions are part of the prompt
+
+
+def test_chat_mode_reads_turns_from_stdin(gen_run_dir, tmp_path):
+    result = mft_generate(f"run_dir={gen_run_dir}", "max_new_tokens=4", "stream=false", "system=Be brief.",
+                          cwd=tmp_path, stdin="Hello\n/reset\nAgain\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("assistant> ") == 2 and "(conversation cleared)" in result.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run_dir={run}", "temprature=1"], "temprature"),
+    (["base=/no/such/model", "prompt=x"], "/no/such/model does not exist"),
+    (["run_dir={run}", "mode=speak"], "mode='speak'"),
+    (["run_dir={run}", "input=missing.jsonl"], "missing.jsonl"),
+    (["run_dir={run}", "prompt=x", "tools=missing.json"], "missing.json"),
+])
+def test_errors_are_one_clear_message(gen_run_dir, tmp_path, args, expected):
+    result = mft_generate(*(a.format(run=gen_run_dir) for a in args), cwd=tmp_path)
+    assert result.returncode != 0
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 12, result.stderr
