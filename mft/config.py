@@ -7,7 +7,7 @@ Hydra's one-line message. The comments in conf/ document each knob for users.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -15,6 +15,7 @@ from omegaconf import MISSING, OmegaConf
 from mft.data.bundled import bundled_path
 from hydra_plugins.mft_torchrun_launcher import register_torchrun_launcher
 from mft.model.args import ModelArgs
+from mft.train.distributed import run_stamp
 
 
 @dataclass
@@ -31,12 +32,20 @@ class ModelConfig(ModelArgs):
 
 @dataclass
 class DataConfig:
-    train_files: List[str] = MISSING
-    valid_files: List[str] = field(default_factory=list)
+    # Each entry: a path, or {file: path, weight: w, format: ..., text_column: ..., alpaca: ...}.
+    train_files: List[Any] = MISSING
+    valid_files: List[Any] = field(default_factory=list)
     valid_fraction: float = 0.0
     seq_len: int = 256
-    too_long: str = "truncate"
+    too_long: str = "truncate"  # truncate | drop | split (chats longer than seq_len)
     seed: int = 0
+    format: str = "auto"  # auto | text | chat | alpaca (per row: messages / text column / instruction+output)
+    text_column: str = "text"
+    alpaca: str = "chat"  # chat | prompt (the classic "Below is an instruction..." template, as text)
+    control_tokens: str = "warn"  # warn | map: literal "<s>", "[INST]", ... in text samples
+    on_error: str = "raise"  # raise | skip (bad rows logged and counted)
+    cache_dir: Optional[str] = "~/.cache/mft/data"  # tokenized files; null = tokenize in memory every run
+    num_workers: Optional[int] = None  # tokenizer processes; null = auto (several for files over 16 MiB)
 
 
 @dataclass
@@ -61,6 +70,17 @@ class PeftConfig:
 
 
 @dataclass
+class QuantConfig:
+    """The frozen base's storage (conf/quant/): none | nf4 | int4 (QLoRA; see mft/quant/formats.py)."""
+
+    format: str = "none"
+    block_size: int = 64  # nf4: weights per absmax (64); int4: group size (128)
+    double_quant: bool = False  # nf4: 8-bit absmax in blocks of double_quant_block_size
+    double_quant_block_size: int = 256
+    modules: List[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+
+
+@dataclass
 class LoggerConfig:
     name: str = "console"
     log_every: int = 10
@@ -77,6 +97,7 @@ class TrainConfig:
     optim: OptimConfig = MISSING
     peft: PeftConfig = MISSING
     logger: LoggerConfig = MISSING
+    quant: QuantConfig = field(default_factory=QuantConfig)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -90,11 +111,17 @@ class TrainConfig:
     eval_batches: Optional[int] = None
     save_every: Optional[int] = None
     progress: bool = True
+    resume: Optional[str] = None
 
 
 def register_configs() -> None:
-    """Register the schema and the `mft_data` resolver (idempotent)."""
+    """Register the schema and the `mft_data` / `mft_percent_of` resolvers (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     register_torchrun_launcher()
+    if not OmegaConf.has_resolver("mft_stamp"):
+        OmegaConf.register_new_resolver("mft_stamp", run_stamp)
     if not OmegaConf.has_resolver("mft_data"):
         OmegaConf.register_new_resolver("mft_data", bundled_path)
+    if not OmegaConf.has_resolver("mft_percent_of"):
+        # ${mft_percent_of:${max_steps},10}: every 10% of the steps (at least 1), e.g. for eval_every.
+        OmegaConf.register_new_resolver("mft_percent_of", lambda total, percent: max(1, int(total) * int(percent) // 100))

@@ -37,6 +37,7 @@ def test_default_run_halves_validation_loss(tmp_path):
     adapter = tmp_path / "run" / "checkpoints" / "step_000150"
     assert (adapter / "adapter.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     assert str(adapter) in result.stdout
+    assert f"Chat with it: mft-generate run_dir={tmp_path / 'run'}\n" in result.stdout
     assert (tmp_path / "run" / "resolved_config.yaml").is_file()
 
 

@@ -23,7 +23,14 @@ def save_adapter(
     model: nn.Module, folder: str | Path, settings: LoRASettings, base: Dict[str, Any], step: Optional[int] = None
 ) -> Path:
     """Write the model's LoRA tensors and a JSON of the settings and `base` (its args and source)."""
-    state = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    return write_adapter(lora_state_dict(model), folder, settings, base, step)
+
+
+def write_adapter(
+    state: Dict[str, Any], folder: str | Path, settings: LoRASettings, base: Dict[str, Any], step: Optional[int] = None
+) -> Path:
+    """Write adapter tensors (`lora_state_dict`'s output) and their settings, atomically."""
+    state = {k: v.contiguous().cpu() for k, v in state.items()}
     config = {"format": "mft-lora", "version": 1, **asdict(settings), "base_model": base, "step": step}
     with atomic_dir(folder) as tmp:
         save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -41,8 +48,14 @@ def read_adapter_config(folder: str | Path) -> Dict[str, Any]:
     return config
 
 
-def load_adapter(model: nn.Module, folder: str | Path, args: Optional[ModelArgs] = None) -> LoRASettings:
-    """Apply LoRA with the folder's settings to `model` and load its tensors (strict)."""
+def load_adapter(
+    model: nn.Module, folder: str | Path, args: Optional[ModelArgs] = None, *, scale: float = 1.0
+) -> LoRASettings:
+    """Apply LoRA with the folder's settings to `model` and load its tensors (strict).
+
+    `scale` multiplies the adapter's update (alpha / r * scale): 0 turns it off, 0.5 halves it.
+    It changes the loaded layers only, never the adapter files.
+    """
     config = read_adapter_config(folder)
     saved_args = config.get("base_model", {}).get("args")
     if args is not None and saved_args is not None:
@@ -69,4 +82,6 @@ def load_adapter(model: nn.Module, folder: str | Path, args: Optional[ModelArgs]
             if tensor.shape != param.shape:
                 raise MftError(f"{folder}/{ADAPTER_WEIGHTS}: {key} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
             param.data.copy_(tensor)
+    for module in lora_modules(model).values():
+        module.scale = settings.scale * scale
     return settings

@@ -11,7 +11,9 @@ from safetensors.torch import save_file
 
 from mft.checkpoint.atomic import atomic_dir
 from mft.checkpoint.jsonfile import read_json_object
+from mft.checkpoint.sharded import full_tensor
 from mft.errors import MftError
+from mft.model.names import canonical_name
 from mft.model.args import ModelArgs
 
 PARAMS_FILE = "params.json"
@@ -93,9 +95,17 @@ def save_consolidated(model: torch.nn.Module, folder: str | os.PathLike) -> Path
     Only the base tensors are written, under their consolidated names: extra parameters such as
     LoRA factors are not part of this format.
     """
-    args: ModelArgs = model.args
-    state = model.state_dict()
-    tensors = {name: state[name].detach().to("cpu").contiguous() for name in expected_shapes(args)}
+    return write_consolidated(consolidated_state(model), model.args, folder)
+
+
+def consolidated_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base tensors under their consolidated names, whole (a collective under FSDP)."""
+    params = {canonical_name(n): p for n, p in model.named_parameters()}
+    return {name: full_tensor(params[name].detach()) for name in expected_shapes(model.args)}
+
+
+def write_consolidated(state: dict[str, torch.Tensor], args: ModelArgs, folder: str | os.PathLike) -> Path:
+    tensors = {name: t.to("cpu").contiguous() for name, t in state.items()}
     with atomic_dir(folder) as tmp:
         (tmp / PARAMS_FILE).write_text(json.dumps(asdict(args), indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})

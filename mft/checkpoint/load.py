@@ -2,7 +2,9 @@
 
 Weights are read tensor by tensor from memory-mapped safetensors (never pickle), after the
 whole key set and every shape has been checked, so a wrong checkpoint fails in one message
-before any data is read.
+before any data is read. A layer whose weight is quantised (mft.quant) receives its tensor on
+its own device and quantises it there, one tensor at a time; mft's quantised checkpoints
+(mft/checkpoint/quantized.py) load without any dense pass.
 """
 
 import json
@@ -15,21 +17,27 @@ from typing import Literal, Optional
 import torch
 from safetensors import safe_open
 
-from mft.checkpoint import consolidated, hf
+from mft.checkpoint import consolidated, hf, quantized
 from mft.checkpoint.consolidated import save_consolidated
+from mft.checkpoint.quantized import load_quantized, weight_target
+from mft.checkpoint.sharded import copy_full_
 from mft.errors import MftError
 from mft.model.args import ModelArgs
+from mft.quant.linear import load_dense_weight_
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-Format = Literal["hf", "consolidated"]
+Format = Literal["hf", "consolidated", "quantized"]
 __all__ = ["detect_format", "read_model_args", "load_weights", "save_consolidated"]
 
 
 def detect_format(folder: str | os.PathLike) -> Format:
-    """"consolidated" when params.json (with its weights) is there, else "hf" when config.json is."""
+    """"quantized" (mft's quantised checkpoint) when quant_config.json is there, "consolidated" when
+    params.json (with its weights) is, else "hf" when config.json is."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MftError(f"Checkpoint folder {folder} does not exist or is not a folder")
+    if quantized.is_quantized_folder(folder):
+        return "quantized"
     has_params = (folder / consolidated.PARAMS_FILE).is_file()
     has_config = (folder / HF_CONFIG).is_file()
     # Mistral's HF repos ship both layouts; the native one needs no renaming or permutation.
@@ -45,7 +53,7 @@ def detect_format(folder: str | os.PathLike) -> Format:
 
 def read_model_args(folder: str | os.PathLike) -> ModelArgs:
     folder = Path(folder)
-    if detect_format(folder) == "consolidated":
+    if detect_format(folder) in ("consolidated", "quantized"):
         path = folder / consolidated.PARAMS_FILE
         return consolidated.params_to_args(consolidated.read_params(path), path)
     path = folder / HF_CONFIG
@@ -143,14 +151,20 @@ def load_weights(model: torch.nn.Module, folder: str | os.PathLike, *, dtype: Op
 
     Each tensor is read from the memory map, renamed/unpermuted as its format needs, cast to its
     parameter's dtype on the host (halving the transfer of an fp32 file into a bf16 model) and
-    copied into the parameter on its device. `dtype`, when given, is a guard: the floating
-    parameters must have it, so a model built in the wrong precision fails before any reading.
+    copied into the parameter on its device. A quantised layer instead receives the tensor on
+    its device, in the file's dtype, and quantises it there. `dtype`, when given, is a guard:
+    the floating parameters must have it, so a model built in the wrong precision fails before
+    any reading.
     """
     folder = Path(folder)
     fmt = detect_format(folder)
+    if fmt == "quantized":
+        return load_quantized(model, folder, dtype=dtype)
     args: ModelArgs = model.args
-    params = {name: model.get_parameter(name) for name in consolidated.expected_shapes(args)}
-    if any(p.is_meta for p in params.values()):
+    targets = {name: weight_target(model, name) for name in consolidated.expected_shapes(args)}
+    layers = {name: t for name, t in targets.items() if not isinstance(t, torch.Tensor)}  # quantised
+    params = {name: t for name, t in targets.items() if name not in layers}
+    if any(p.is_meta for p in params.values()) or any(m.weight_q.is_meta for m in layers.values()):
         raise ValueError("load_weights needs materialised parameters: build the model on a real device first")
     if dtype is not None:
         wrong = sorted({str(p.dtype) for p in params.values() if p.is_floating_point() and p.dtype != dtype})
@@ -165,8 +179,14 @@ def load_weights(model: torch.nn.Module, folder: str | os.PathLike, *, dtype: Op
     for path, items in by_file.items():
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name, src in items:
+                if name in layers:  # quantised on its device, one tensor at a time
+                    tensor = f.get_tensor(src.key).to(layers[name].weight_q.device)
+                    if src.rotary_heads is not None:
+                        tensor = hf.unpermute_rotary(tensor, src.rotary_heads)
+                    load_dense_weight_(layers[name], tensor)
+                    continue
                 param = params[name]
                 tensor = f.get_tensor(src.key).to(param.dtype)
                 if src.rotary_heads is not None:
                     tensor = hf.unpermute_rotary(tensor, src.rotary_heads)
-                param.copy_(tensor)
+                copy_full_(param, tensor)  # a rank of an FSDP job keeps only its own rows

@@ -5,6 +5,8 @@ FSDP, LoRA or activation checkpointing: they are applied from outside, and LoRA 
 plain nn.Linear attributes wq..wo and w1..w3 by modules that keep a `weight` parameter.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,7 +115,18 @@ class Transformer(nn.Module):
         return self.norm(h)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        head_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Logits (T, vocab) in the compute dtype for tokens (T,) packed as cu_seqlens says."""
-        return self.output(self.hidden_states(tokens, positions, cu_seqlens, max_seqlen))
+        """Logits (T, vocab) in the compute dtype for tokens (T,) packed as cu_seqlens says.
+
+        With `head_mask` (T,) bool, only the selected positions go through the output head: a
+        loss on a few supervised tokens skips most of the largest matmul. (One entry point, so
+        that wrappers that hook `forward`, FSDP's among them, see every call.)
+        """
+        hidden = self.hidden_states(tokens, positions, cu_seqlens, max_seqlen)
+        return self.output(hidden if head_mask is None else hidden[head_mask])

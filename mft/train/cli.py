@@ -1,10 +1,11 @@
 """`mft-train`, `python -m mft.train` and `torchrun -m mft.train`: the Hydra entry point.
 
-Thin on purpose: compose the config (conf/train.yaml, typed by mft.config), hand it to
-mft.train.loop.train, and turn user errors (MftError) into one paragraph and exit code 1.
+Thin on purpose: join the process group when launched by torchrun (before Hydra, so that all
+ranks agree on one run dir), compose the config (conf/train.yaml, typed by mft.config), hand
+it to mft.train.loop.train, and turn user errors (MftError) into one paragraph and exit 1.
 """
 
-import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mft.config import register_configs
 from mft.errors import MftError
-from mft.train.loop import train
+from mft.train.distributed import init_distributed, quiet_overrides, shutdown, world_from_env
+from mft.train.loop import RunResult, train
 
 # The repository's top-level conf/ (the package is installed editable: pip install -e .).
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -22,29 +24,45 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _run(cfg: DictConfig) -> None:
+    world = world_from_env()
+    init_distributed(world)  # a no-op unless several processes (SLURM tasks under submitit, say)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        result = train(cfg, run_dir)
+        if world.is_main:
+            (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        result = train(cfg, run_dir, world)
     except MftError as e:
         print(f"mft-train: error: {e}", file=sys.stderr)
         sys.exit(1)
+    if world.is_main:
+        _report(result)
+
+
+def _report(result: RunResult) -> None:
+    run_dir = result.run_dir
     print(f"\nRun dir: {run_dir}")
     print(f"Metrics: {run_dir / 'metrics.jsonl'}")
+    if result.preempted:
+        overrides = " ".join(shlex.quote(o) for o in HydraConfig.get().overrides.task
+                             if not o.startswith(("hydra.run.dir=", "resume=")))
+        print(f"Stopped by SIGTERM at step {result.metrics['step']}; checkpoint: {result.checkpoint}")
+        print(f"Resume with: mft-train {overrides} hydra.run.dir={shlex.quote(str(run_dir))} resume=auto")
+        return
     if result.first_valid_loss is not None and "valid_loss" in result.metrics:
         print(f"valid_loss: {result.first_valid_loss:.4f} at step 0 -> {result.metrics['valid_loss']:.4f} "
               f"at step {result.metrics['step']} (mean token accuracy "
               f"{result.metrics['valid_mean_token_accuracy']:.3f})")
-    if result.is_adapter:
-        print(f"Adapter: {result.checkpoint}")
-        print(f"Use it: mft.checkpoint.adapter.load_adapter(model, '{result.checkpoint}') onto the base "
-              "it names in adapter_config.json (a chat command, mft-generate, is not part of mft yet).")
-    else:
-        print(f"Model: {result.checkpoint} (Mistral consolidated format: model.checkpoint=<this folder>)")
+    kind = "Adapter" if result.is_adapter else "Model (Mistral consolidated format)"
+    print(f"{kind}: {result.checkpoint}")
+    print(f"Chat with it: mft-generate run_dir={shlex.quote(str(run_dir))}")
 
 
 def main() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.exit("mft-train: error: several processes (WORLD_SIZE > 1) need FSDP training, which is not part of mft yet; run one process.")
+    world = world_from_env()
+    init_distributed(world)
+    sys.argv += quiet_overrides(world)
     register_configs()
-    _run()
+    try:
+        _run()
+    finally:
+        shutdown()

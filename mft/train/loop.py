@@ -2,10 +2,11 @@
 
 import logging
 import math
+import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -13,18 +14,24 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mft.checkpoint.adapter import save_adapter
-from mft.checkpoint.consolidated import save_consolidated
+from mft.checkpoint.adapter import write_adapter
+from mft.checkpoint.consolidated import consolidated_state, write_consolidated
+from mft.checkpoint.sharded import full_tensor
+from mft.checkpoint.train_state import load_checkpoint, resolve_resume, save_checkpoint
 from mft.data.batch import Batch
 from mft.data.dataset import build_datasets
 from mft.data.tokenizer import load_tokenizer
 from mft.errors import MftError
 from mft.model.transformer import TransformerBlock
+from mft.peft.lora import lora_state_dict
 from mft.train.evaluate import evaluate
 from mft.train.loss import supervised_loss
+from mft.train.distributed import World, all_reduce_sum
 from mft.train.metrics import MetricsLogger
 from mft.train.optim import build_optimizer, build_scheduler, trainable_parameters
-from mft.train.setup import apply_peft, build_base_model, check_vocab, describe_base, resolve_device, resolve_dtype
+from mft.train.parallel import build_sharded_model
+from mft.train.setup import (apply_peft, build_base_model, check_vocab, describe_base, resolve_device, resolve_dtype,
+                             resolve_quant, save_base_model)
 
 log = logging.getLogger(__name__)
 
@@ -32,36 +39,34 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     run_dir: Path
-    checkpoint: Path
+    checkpoint: Optional[Path]
     is_adapter: bool
     first_valid_loss: Optional[float]
     metrics: Dict[str, Any]
+    preempted: bool = False  # stopped by SIGTERM after saving a checkpoint
 
 
-def micro_batches(dataset, batch_size: int) -> Iterator[Batch]:
-    """Batches forever, epoch after epoch (the dataset reshuffles per epoch)."""
-    epoch = 0
-    while True:
-        yield from dataset.batches(batch_size, epoch)
-        epoch += 1
-
-
-def accumulate_gradients(model, group: list[Batch], device: torch.device) -> tuple[float, int]:
+def accumulate_gradients(model, group: list[Batch], device: torch.device, world: World = World()) -> tuple[float, int]:
     """Backward over micro-batches so the gradient is the mean over all their supervised tokens.
 
     Each micro-batch's summed loss is divided by the whole group's supervised-token count, so
-    grad_accum=k over k batches equals one batch holding all of them. Returns (loss sum, tokens).
+    grad_accum=k over k batches equals one batch holding all of them. Under FSDP the count is
+    summed over ranks and the loss scaled by the world size (FSDP averages gradients over
+    ranks), so N ranks equal one process with N times the batch. Returns (loss sum, tokens)
+    over the whole step, every rank included.
     """
-    supervised = max(1, sum(int(b.loss_mask.sum()) for b in group))
+    local = sum(int(b.loss_mask.sum()) for b in group)
+    supervised = max(1, int(all_reduce_sum(local, device)))
     loss_sum = 0.0
     for batch in group:
         sums = supervised_loss(model, batch.to(device))
-        (sums.loss / supervised).backward()
+        (sums.loss * world.size / supervised).backward()
         loss_sum += float(sums.loss.detach())
-    return loss_sum, supervised
+    return all_reduce_sum(loss_sum, device), supervised
 
 
 def total_steps(cfg, num_sequences: int) -> int:
+    """max_steps, or epochs over `num_sequences` (one rank's share under torchrun)."""
     if cfg.max_steps is not None:
         if cfg.max_steps <= 0:
             raise MftError(f"max_steps must be positive, got {cfg.max_steps}.")
@@ -72,13 +77,32 @@ def total_steps(cfg, num_sequences: int) -> int:
     return max(1, math.ceil(cfg.epochs * per_epoch))
 
 
-def train(cfg, run_dir: Path) -> RunResult:
+class Preemption:
+    """SIGTERM (a scheduler's preemption or time limit) asks the loop to save and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank once any rank got the signal."""
+        return all_reduce_sum(float(self.requested), device) > 0
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(cfg, run_dir: Path, world: World = World()) -> RunResult:
     run_dir = Path(run_dir)
     if cfg.batch_size <= 0 or cfg.grad_accum <= 0:
         raise MftError(f"batch_size and grad_accum must be positive, got {cfg.batch_size} and {cfg.grad_accum}.")
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, world.local_rank)
     dtype = resolve_dtype(cfg.precision, device)
+    quant = resolve_quant(cfg.quant, cfg.peft)
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     train_set, valid_set = build_datasets(cfg.data, tokenizer)
@@ -86,26 +110,33 @@ def train(cfg, run_dir: Path) -> RunResult:
     if valid_set is not None:
         log.info("valid data: %s", valid_set.summary())
 
-    model, args = build_base_model(cfg.model, device, dtype)
+    if world.distributed:
+        model, args, base_checkpoint, lora = build_sharded_model(cfg, world, device, dtype, run_dir)
+    else:
+        model, args = build_base_model(cfg.model, device, dtype, quant, cfg.quant.modules)
+        base_checkpoint = cfg.model.checkpoint
+        if base_checkpoint is None:
+            # A randomly initialised base is part of the result: keep it so the adapter stays usable.
+            base_checkpoint = str(save_base_model(model, run_dir / "base_model"))
+        torch.manual_seed(cfg.seed + 1)  # LoRA init: the same stream whatever built the base
+        lora = apply_peft(model, cfg.peft)
     check_vocab(args, tokenizer, cfg.model.name, cfg.model.tokenizer)
-    base_checkpoint = cfg.model.checkpoint
-    if base_checkpoint is None:
-        # A randomly initialised base is part of the result: keep it so the adapter stays usable.
-        base_checkpoint = str(save_consolidated(model, run_dir / "base_model"))
-    lora = apply_peft(model, cfg.peft)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
-    n_train = sum(p.numel() for p in trainable_parameters(model))
+    n_train = sum(p.numel() for p in trainable_parameters(model))  # DTensor.numel() is the global size
     n_total = sum(p.numel() for p in model.parameters())
-    log.info("model %s on %s/%s: %.2fM parameters, %.3fM trainable", cfg.model.name, device, dtype, n_total / 1e6, n_train / 1e6)
+    log.info("model %s on %s/%s x %d process(es): %.2fM parameters, %.3fM trainable", cfg.model.name, device,
+             dtype, world.size, n_total / 1e6, n_train / 1e6)
 
-    steps = total_steps(cfg, len(train_set))
+    steps = total_steps(cfg, len(train_set) // world.size)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
-    metrics = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
-    base = describe_base(cfg.model, args, base_checkpoint)
+    metrics = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), enabled=world.is_main)
+    base = describe_base(cfg.model, args, base_checkpoint, quant)
+    batches = train_set.iterator(cfg.batch_size, world.rank, world.size)
 
     def run_eval(step: int) -> Dict[str, float]:
+        # Every rank evaluates the same batches (FSDP's collectives need all ranks in each forward).
         if valid_set is None:
             return {}
         result = evaluate(model, valid_set, cfg.batch_size, device, cfg.eval_batches)
@@ -114,52 +145,81 @@ def train(cfg, run_dir: Path) -> RunResult:
                  result["valid_loss"], result["valid_perplexity"], result["valid_mean_token_accuracy"])
         return result
 
-    def save(step: int) -> Path:
-        folder = run_dir / "checkpoints" / f"step_{step:06d}"
+    def export(folder: Path, step: int) -> None:
+        """The user-facing files: gathered on every rank, written by rank 0."""
         if lora is not None:
-            return save_adapter(model, folder, lora, base, step=step)
-        return save_consolidated(model, folder)
+            state = lora_state_dict(model)
+            if world.is_main:
+                write_adapter(state, folder, lora, base, step=step)
+        else:
+            state = consolidated_state(model)
+            if world.is_main:
+                write_consolidated(state, args, folder)
+
+    def save(step: int) -> Path:
+        trainer_state = {"scheduler": scheduler.state_dict(), "data": batches.state_dict()}
+        return save_checkpoint(run_dir, step, world, lambda folder: export(folder, step), model, optimizer,
+                               trainer_state)
+
+    start = 0
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    if resume_from is not None:
+        trainer = load_checkpoint(resume_from, world, model, optimizer)
+        scheduler.load_state_dict(trainer["scheduler"])
+        batches.load_state_dict(trainer["data"])
+        start = trainer["step"]
+        log.info("resumed from %s at step %d", resume_from, start)
 
     model.train()
-    batches = micro_batches(train_set, cfg.batch_size)
-    first_valid = run_eval(0).get("valid_loss")
+    first_valid = run_eval(0).get("valid_loss") if start == 0 else None
     last_eval: Dict[str, float] = {}
+    record: Dict[str, float] = {}
     window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
-    checkpoint = None
-    with logging_redirect_tqdm(), tqdm(total=steps, disable=not cfg.progress, dynamic_ncols=True, desc="train") as bar:
-        for step in range(1, steps + 1):
-            group = [next(batches) for _ in range(cfg.grad_accum)]
-            step_loss, supervised = accumulate_gradients(model, group, device)
-            window_inputs += sum(b.num_tokens for b in group)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                list(trainable_parameters(model)), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            window_loss += step_loss
-            window_tokens += supervised
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss / supervised:.3f}", refresh=False)
+    checkpoint, preempted, step = None, False, start
+    preemption = Preemption()
+    bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and world.is_main), dynamic_ncols=True, desc="train")
+    try:
+        with logging_redirect_tqdm():
+            for step in range(start + 1, steps + 1):
+                group = [next(batches) for _ in range(cfg.grad_accum)]
+                step_loss, supervised = accumulate_gradients(model, group, device, world)
+                window_inputs += sum(b.num_tokens for b in group) * world.size
+                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
+                    list(trainable_parameters(model)), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                ))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                window_loss += step_loss
+                window_tokens += supervised
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss / supervised:.3f}", refresh=False)
 
-            if step % cfg.logger.log_every == 0 or step == steps:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "train_loss": window_loss / window_tokens,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": window_inputs / elapsed,
-                }
-                metrics.log(step, record)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
-                last_eval = run_eval(step)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
-                checkpoint = save(step)
+                if step % cfg.logger.log_every == 0 or step == steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "train_loss": window_loss / window_tokens,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_s": window_inputs / elapsed,
+                    }
+                    metrics.log(step, record)
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
+                if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
+                    last_eval = run_eval(step)
+                preempted = preemption.agreed(device)
+                if (cfg.save_every and step % cfg.save_every == 0) or step == steps or preempted:
+                    checkpoint = save(step)
+                if preempted:
+                    log.warning("SIGTERM: saved %s at step %d and stopped", checkpoint, step)
+                    break
+    finally:
+        bar.close()
+        preemption.restore()
 
-    summary = {"step": steps, "train_loss": record["train_loss"], **last_eval,
-               "train_data": asdict(train_set.stats), "valid_data": asdict(valid_set.stats) if valid_set else None}
+    summary = {"step": step, "train_loss": record.get("train_loss"), **last_eval, "preempted": preempted,
+               "train_data": train_set.report(), "valid_data": valid_set.report() if valid_set else None}
     metrics.summary(summary)
     metrics.close()
-    return RunResult(run_dir, checkpoint, lora is not None, first_valid, summary)
+    return RunResult(run_dir, checkpoint, lora is not None, first_valid, summary, preempted)

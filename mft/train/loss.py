@@ -23,9 +23,8 @@ class LossSums:
 
 
 def supervised_loss(model, batch: Batch, count_correct: bool = False) -> LossSums:
-    hidden = model.hidden_states(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen)
     mask = batch.loss_mask
-    logits = model.output(hidden[mask]).float()
+    logits = model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen, head_mask=mask).float()
     targets = batch.targets[mask]
     loss = F.cross_entropy(logits, targets, reduction="sum")
     correct = (logits.detach().argmax(dim=-1) == targets).sum() if count_correct else None

@@ -11,25 +11,32 @@ from mft.errors import MftError
 class MetricsLogger:
     """Appends one JSON object per record to <run_dir>/metrics.jsonl and mirrors it to W&B."""
 
-    def __init__(self, run_dir: Path, cfg, resolved_config: Dict[str, Any]):
+    def __init__(self, run_dir: Path, cfg, resolved_config: Dict[str, Any], enabled: bool = True):
+        """`enabled=False` (ranks other than 0 under torchrun) records nothing."""
         if cfg.name not in ("console", "wandb"):
             raise MftError(f"logger.name={cfg.name!r}; expected 'console' or 'wandb'.")
-        self._wandb = _start_wandb(run_dir, cfg, resolved_config) if cfg.name == "wandb" else None
+        self.enabled = enabled
+        self._wandb = _start_wandb(run_dir, cfg, resolved_config) if enabled and cfg.name == "wandb" else None
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a", buffering=1) if enabled else None
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
     def summary(self, values: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self.log(values.get("step", 0), {"summary": True, **values})
         if self._wandb is not None:
             self._wandb.summary.update(values)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
 

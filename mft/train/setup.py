@@ -1,22 +1,31 @@
 """Turn a composed config into the objects a run needs: device, dtype, model, datasets."""
 
+import os
 from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
+from mft.checkpoint.consolidated import save_consolidated
 from mft.checkpoint.load import load_weights, read_model_args
+from mft.checkpoint.quantized import save_quantized
 from mft.errors import MftError
 from mft.model.args import ModelArgs
 from mft.model.build import build_model
 from mft.peft.lora import LoRASettings, apply_lora
+from mft.quant.formats import QuantSpec
+from mft.quant.linear import quantized_layers
+from mft.quant.model import build_quantized_model, quant_spec_from_config
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto`: this rank's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -50,10 +59,36 @@ def model_args(mcfg) -> ModelArgs:
     return found
 
 
-def build_base_model(mcfg, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, ModelArgs]:
-    """Build on the meta device, materialise once on `device`, then load or seed-initialise."""
+def resolve_quant(qcfg, pcfg) -> Optional[QuantSpec]:
+    """The base's QuantSpec (None for quant=none), refusing set-ups that cannot train."""
+    spec = quant_spec_from_config(qcfg)
+    if spec is None:
+        return None
+    if pcfg.method != "lora":
+        raise MftError(f"quant={spec.format} freezes the base: it needs peft=lora (got peft.method={pcfg.method!r}).")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise MftError(
+            f"quant={spec.format} under torchrun (WORLD_SIZE={world}) is not supported yet: FSDP2 does not shard the "
+            "packed 4-bit buffers. Run QLoRA in one process (a 7B base fits a 12 GB GPU) or use quant=none."
+        )
+    return spec
+
+
+def build_base_model(
+    mcfg, device: torch.device, dtype: torch.dtype, quant: Optional[QuantSpec] = None, quant_modules=None
+) -> tuple[nn.Module, ModelArgs]:
+    """Build on the meta device, materialise once on `device`, then load or seed-initialise.
+
+    With `quant`, the `quant_modules` linear layers are built quantised and each checkpoint
+    tensor is quantised on `device` as it is read (no dense copy of those layers ever exists).
+    """
     args = model_args(mcfg)
-    model = build_model(args, device=device, dtype=dtype, attn_backend=mcfg.attn_backend, init=not mcfg.checkpoint)
+    if quant is not None:
+        model = build_quantized_model(args, quant, device=device, dtype=dtype, modules=quant_modules,
+                                      attn_backend=mcfg.attn_backend, init=not mcfg.checkpoint)
+    else:
+        model = build_model(args, device=device, dtype=dtype, attn_backend=mcfg.attn_backend, init=not mcfg.checkpoint)
     if mcfg.checkpoint:
         load_weights(model, mcfg.checkpoint)
     return model, args
@@ -77,5 +112,15 @@ def apply_peft(model: nn.Module, pcfg) -> LoRASettings | None:
     return settings
 
 
-def describe_base(mcfg, args: ModelArgs, checkpoint: str) -> dict:
-    return {"name": mcfg.name, "checkpoint": checkpoint, "tokenizer": mcfg.tokenizer, "args": asdict(args)}
+def save_base_model(model: nn.Module, folder: Path) -> Path:
+    """Keep a randomly initialised base: quantised checkpoint when quantised, else consolidated."""
+    if quantized_layers(model):
+        return save_quantized(model, folder, source="random init")
+    return save_consolidated(model, folder)
+
+
+def describe_base(mcfg, args: ModelArgs, checkpoint: str, quant: Optional[QuantSpec] = None) -> dict:
+    base = {"name": mcfg.name, "checkpoint": checkpoint, "tokenizer": mcfg.tokenizer, "args": asdict(args)}
+    if quant is not None:  # what the adapter was trained against; it loads onto the dense base as well
+        base["quant"] = asdict(quant)
+    return base

@@ -1,0 +1,83 @@
+"""FSDP2 under torchrun on CPU (gloo, 2 processes): same losses as one process, exact resume,
+SIGTERM checkpoints, and the torchrun Hydra launcher."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mft.checkpoint.train_state import latest_checkpoint
+
+BASE = ["eval_every=0", "eval_batches=1", "progress=false", "data.seq_len=64", "logger.log_every=1",
+        "model.n_layers=2", "optim.warmup_steps=1", "peft.dropout=0.0"]
+pytestmark = pytest.mark.slow
+
+
+def run(args, cwd, torchrun=False, timeout=300):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"] if torchrun else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launcher + ["-m", "mft.train", *args], cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r and not r.get("summary")}
+
+
+@pytest.mark.parametrize("peft", ["lora", "none"])
+def test_two_ranks_match_one_process(tmp_path, peft):
+    args = [*BASE, f"peft={peft}", "max_steps=4"]
+    run([*args, "batch_size=4", f"hydra.run.dir={tmp_path}/single"], tmp_path)
+    run([*args, "batch_size=2", f"hydra.run.dir={tmp_path}/fsdp"], tmp_path, torchrun=True)
+    single, sharded = train_losses(tmp_path / "single"), train_losses(tmp_path / "fsdp")
+    assert list(single) == [1, 2, 3, 4] and single.keys() == sharded.keys()
+    for step in single:
+        assert sharded[step] == pytest.approx(single[step], rel=1e-5), (step, single, sharded)
+    assert (tmp_path / "fsdp" / ".hydra" / "config.yaml").is_file()
+    assert [p.name for p in tmp_path.iterdir()] and not (tmp_path / "outputs").exists()  # one run dir, no stray ones
+
+
+def test_resume_sees_the_batches_of_an_uninterrupted_run(tmp_path):
+    args = [*BASE, "max_steps=4", "save_every=2", "batch_size=2", "peft.dropout=0.1"]
+    run([*args, f"hydra.run.dir={tmp_path}/full"], tmp_path, torchrun=True)
+    checkpoint = tmp_path / "full" / "checkpoints" / "step_000002"
+    run([*args, f"resume={checkpoint}", f"hydra.run.dir={tmp_path}/resumed"], tmp_path, torchrun=True)
+    full, resumed = train_losses(tmp_path / "full"), train_losses(tmp_path / "resumed")
+    assert list(resumed) == [3, 4]
+    for step in resumed:  # same data position, weights, AdamW state, schedule and dropout RNG
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5)
+
+    # The sharded checkpoint also resumes in one process (DCP re-shards on load).
+    run([*args, f"resume={checkpoint}", f"hydra.run.dir={tmp_path}/one"], tmp_path)
+    assert list(train_losses(tmp_path / "one")) == [3, 4]
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mft.train", *BASE, "max_steps=100000", "batch_size=1", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and "train_loss" in metrics.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert latest_checkpoint(run_dir) is not None
+    assert "resume=auto" in out and str(run_dir) in out
+
+
+def test_torchrun_launcher_runs_a_two_point_sweep(tmp_path):
+    run(["-m", "hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=2", "optim.lr=1e-3,3e-3", *BASE,
+         "max_steps=2", "batch_size=1", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    for point in ("0", "1"):
+        assert train_losses(tmp_path / "sweep" / point).keys() == {1, 2}
