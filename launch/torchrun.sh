@@ -4,7 +4,9 @@
 #   NNODES=2 RDZV_ENDPOINT=node0:29500 RDZV_ID=myrun launch/torchrun.sh <overrides>
 set -euo pipefail
 nproc=${NPROC_PER_NODE:-$(nvidia-smi --list-gpus 2>/dev/null | wc -l)}
+# --shutdown-timeout: seconds the workers get to save a checkpoint after SIGTERM (torchrun's default: 30).
 exec torchrun \
+    --shutdown-timeout "${SHUTDOWN_TIMEOUT:-100}" \
     --nnodes "${NNODES:-1}" \
     --nproc-per-node "${nproc:-1}" \
     --rdzv-backend c10d \

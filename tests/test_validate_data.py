@@ -87,7 +87,7 @@ def test_mistral_doc_examples_validate_then_train(capsys, composed, tmp_path):
     data = result.metrics["train_data"]
     assert data["skipped_rows"] == 16 and data["truncated"] == 0  # 17 defects; the long chat fits 512
     assert [s["skipped_rows"] for s in data["sources"]] == [0, 0, 0, 0, 16]
-    state = json.loads((result.checkpoint / "train_state" / "trainer.json").read_text())["data"]
+    (state,) = json.loads((result.checkpoint / "train_state" / "trainer.json").read_text())["data"]  # one rank
     assert state["position"] == 2 and state["epoch"] == 0
     summary = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["summary"] and summary["train_data"]["skipped_rows"] == 16

@@ -98,10 +98,19 @@ def save_consolidated(model: torch.nn.Module, folder: str | os.PathLike) -> Path
     return write_consolidated(consolidated_state(model), model.args, folder)
 
 
-def consolidated_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The base tensors under their consolidated names, whole (a collective under FSDP)."""
+def consolidated_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The base tensors under their consolidated names, whole, on the CPU.
+
+    Under FSDP gathering is a collective, so every rank calls this; tensors are gathered one at
+    a time and moved to the CPU at once, and only a rank with `keep` (rank 0) holds on to them.
+    """
     params = {canonical_name(n): p for n, p in model.named_parameters()}
-    return {name: full_tensor(params[name].detach()) for name in expected_shapes(model.args)}
+    state = {}
+    for name in expected_shapes(model.args):
+        tensor = full_tensor(params[name].detach())
+        if keep:
+            state[name] = tensor.cpu()
+    return state
 
 
 def write_consolidated(state: dict[str, torch.Tensor], args: ModelArgs, folder: str | os.PathLike) -> Path:

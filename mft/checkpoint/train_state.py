@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from mft.errors import MftError
@@ -63,9 +64,9 @@ def save_checkpoint(
     tmp = final.with_name(f".{final.name}.tmp")
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / STATE_DIR).mkdir(parents=True)
     barrier()
-    export(tmp)
+    export(tmp)  # rank 0 creates tmp with the exported files (atomic_dir)
+    barrier()  # ... before any rank's DCP writer creates tmp/train_state
     model_sd, optim_sd = _trainable_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / STATE_DIR))
     rng = {"cpu": torch.get_rng_state()}
@@ -74,12 +75,17 @@ def save_checkpoint(
     save_file(rng, str(tmp / STATE_DIR / f"rng_{world.rank}.safetensors"))
     if world.is_main:
         state = {"step": step, "world_size": world.size, **trainer_state}
-        (tmp / STATE_DIR / TRAINER_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        with open(tmp / STATE_DIR / TRAINER_FILE, "w") as f:
+            f.write(json.dumps(state, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # trainer.json marks the checkpoint complete: it must be on disk first
     barrier()
     if world.is_main:
+        old = final.with_name(f".{final.name}.old")
         if final.exists():
-            shutil.rmtree(final)
+            os.replace(final, old)  # an earlier save of this step stays until the new one is in place
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 
@@ -112,14 +118,21 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
 def load_checkpoint(folder: Path, world: World, model, optimizer) -> Dict[str, Any]:
     """Restore trainable weights, optimizer and RNG from `folder`; returns trainer.json's content."""
     state_dir = folder / STATE_DIR
-    trainer = json.loads((state_dir / TRAINER_FILE).read_text())
-    model_sd, optim_sd = _trainable_state(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(state_dir))
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-        options=StateDictOptions(strict=False),
-    )
+    try:
+        trainer = json.loads((state_dir / TRAINER_FILE).read_text())
+        model_sd, optim_sd = _trainable_state(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(state_dir))
+        set_state_dict(
+            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+            options=StateDictOptions(strict=False),
+        )
+    except (CheckpointException, RuntimeError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MftError(
+            f"resume from {folder} failed: the checkpoint does not fit this run ({first_line}). The model, "
+            "peft and quant settings must be those the checkpoint was trained with."
+        ) from None
     rng_file = state_dir / f"rng_{world.rank}.safetensors"
     if rng_file.is_file() and trainer.get("world_size") == world.size:
         rng = load_file(str(rng_file))

@@ -74,8 +74,16 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.reset_lora_parameters()
 
+    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        init_lora_factors_(self.lora_a, self.lora_b)
+        """Drawn on the CPU (then copied), so the factors are the same on every device and the
+        same as a sharded run draws them (mft.train.parallel)."""
+        if self.lora_a.is_meta:
+            return
+        a, b = torch.empty(self.lora_a.shape), torch.empty(self.lora_b.shape)
+        init_lora_factors_(a, b)
+        self.lora_a.copy_(a)
+        self.lora_b.copy_(b)
 
     def base_linear(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen base: a plain matmul, or dequantise + matmul (dense weight not kept for backward)."""

@@ -10,7 +10,7 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import List
+from typing import Any, List
 
 import torch
 import torch.distributed as dist
@@ -38,8 +38,9 @@ def world_from_env() -> World:
     env = os.environ
     if "WORLD_SIZE" in env:
         return World(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]))
+    # Only inside an srun step (one task per GPU): a batch script itself also sees SLURM_PROCID.
+    if "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_STEP_NUM_TASKS"]))
     return World()
 
 
@@ -95,6 +96,15 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def gather_objects(value: Any) -> List[Any]:
+    """Every rank's `value` (small, JSON-like), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    values: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
 
 
 def shutdown() -> None:

@@ -26,7 +26,7 @@ from mft.model.transformer import TransformerBlock
 from mft.peft.lora import lora_state_dict
 from mft.train.evaluate import evaluate
 from mft.train.loss import supervised_loss
-from mft.train.distributed import World, all_reduce_sum
+from mft.train.distributed import World, all_reduce_sum, gather_objects
 from mft.train.metrics import MetricsLogger
 from mft.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from mft.train.parallel import build_sharded_model
@@ -152,12 +152,13 @@ def train(cfg, run_dir: Path, world: World = World()) -> RunResult:
             if world.is_main:
                 write_adapter(state, folder, lora, base, step=step)
         else:
-            state = consolidated_state(model)
+            state = consolidated_state(model, keep=world.is_main)
             if world.is_main:
                 write_consolidated(state, args, folder)
 
     def save(step: int) -> Path:
-        trainer_state = {"scheduler": scheduler.state_dict(), "data": batches.state_dict()}
+        # Each rank's data position: ranks can be in different epochs when batches do not divide evenly.
+        trainer_state = {"scheduler": scheduler.state_dict(), "data": gather_objects(batches.state_dict())}
         return save_checkpoint(run_dir, step, world, lambda folder: export(folder, step), model, optimizer,
                                trainer_state)
 
@@ -166,9 +167,16 @@ def train(cfg, run_dir: Path, world: World = World()) -> RunResult:
     if resume_from is not None:
         trainer = load_checkpoint(resume_from, world, model, optimizer)
         scheduler.load_state_dict(trainer["scheduler"])
-        batches.load_state_dict(trainer["data"])
+        data_states = trainer["data"]
+        # Same world size: each rank continues exactly where it was; otherwise from rank 0's position.
+        batches.load_state_dict(data_states[world.rank] if len(data_states) == world.size else data_states[0])
         start = trainer["step"]
+        if start >= steps:
+            raise MftError(f"resume: the checkpoint {resume_from} is at step {start}, already at or past the "
+                           f"{steps} steps this run is set to train (raise max_steps or epochs).")
         log.info("resumed from %s at step %d", resume_from, start)
+    elif cfg.resume == "auto":
+        log.warning("resume=auto: no complete checkpoint in %s yet, starting from step 0", run_dir)
 
     model.train()
     first_valid = run_eval(0).get("valid_loss") if start == 0 else None

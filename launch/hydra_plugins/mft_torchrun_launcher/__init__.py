@@ -34,6 +34,7 @@ class TorchrunLauncherConf:
     rdzv_id: Optional[str] = None  # shared by the nodes of one job; null: a fresh id per sweep point
     max_restarts: int = 0  # restarts of the worker group on failure
     monitor_interval: float = 0.5  # seconds between the agent's checks of its workers
+    shutdown_timeout: int = 100  # seconds the workers get to save a checkpoint after SIGTERM
     module: str = "mft.train"  # what each worker runs with `python -m`
 
 
@@ -79,6 +80,7 @@ class TorchrunLauncher(Launcher):
             rdzv_endpoint=s.rdzv_endpoint,
             max_restarts=s.max_restarts,
             monitor_interval=s.monitor_interval,
+            **({"shutdown_timeout": s.shutdown_timeout} if "shutdown_timeout" in LaunchConfig.__dataclass_fields__ else {}),
         )
         job_overrides = [o for o in overrides if not o.startswith(("hydra/launcher=", "hydra.launcher."))]
         args = ["-m", s.module, *job_overrides, f"hydra.run.dir={run_dir}"]
