@@ -68,7 +68,7 @@ def save_checkpoint(
     export(tmp)  # rank 0 creates tmp with the exported files (atomic_dir)
     barrier()  # ... before any rank's DCP writer creates tmp/train_state
     model_sd, optim_sd = _trainable_state(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / STATE_DIR))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / STATE_DIR), no_dist=not world.distributed)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -122,7 +122,7 @@ def load_checkpoint(folder: Path, world: World, model, optimizer) -> Dict[str, A
         trainer = json.loads((state_dir / TRAINER_FILE).read_text())
         model_sd, optim_sd = _trainable_state(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(state_dir))
+        dcp.load(state, checkpoint_id=str(state_dir), no_dist=not world.distributed)
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
             options=StateDictOptions(strict=False),
