@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from mft.checkpoint.merge import merge_adapter, save_consolidated_folder, save_hf_folder
+from mft.checkpoint.consolidated import write_consolidated
+from mft.checkpoint.merge import merge_adapter, save_hf_folder
 from mft.errors import MftError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     opts = parser.parse_args(argv)
     try:
         state, args = merge_adapter(opts.adapter, opts.base, device=opts.device, dtype=DTYPES[opts.dtype])
-        save = save_hf_folder if opts.format == "hf" else save_consolidated_folder
+        save = save_hf_folder if opts.format == "hf" else write_consolidated
         folder = save(state, args, opts.output)
     except MftError as e:
         print(f"merge_lora: error: {e}", file=sys.stderr)

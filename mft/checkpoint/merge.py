@@ -9,7 +9,6 @@ both transformers and mft load, or as a Mistral consolidated folder.
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Dict
 
@@ -70,14 +69,6 @@ def save_hf_folder(state: Dict[str, torch.Tensor], args: ModelArgs, folder: str 
     with atomic_dir(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
         save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
-    return Path(folder)
-
-
-def save_consolidated_folder(state: Dict[str, torch.Tensor], args: ModelArgs, folder: str | os.PathLike) -> Path:
-    """Write consolidated-named tensors as params.json + consolidated.safetensors, atomically."""
-    with atomic_dir(folder) as tmp:
-        (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(asdict(args), indent=2) + "\n")
-        save_file(state, str(tmp / consolidated.WEIGHTS_FILE), metadata={"format": "pt"})
     return Path(folder)
 
 
