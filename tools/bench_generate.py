@@ -9,7 +9,8 @@ Random weights (no download), drawn once by mft and copied into transformers' Mi
 Hydra, no mistral-common. EOS never stops a run (every row generates --new tokens). Rows:
 - transformers generate, default settings (dynamic cache, SDPA attention);
 - transformers generate with its static cache + torch.compile (when that works in this version);
-- mft eager, and mft compiled (static cache, torch.compile "reduce-overhead" = CUDA graphs);
+- mft eager, and mft compiled (static cache, torch.compile "reduce-overhead" = CUDA graphs), with
+  wq/wk/wv and w1/w3 fused for decoding (the default), and compiled without that fusion;
 - mft int4 (mft.quant, when installed): the same weights quantised (int4, groups of 128), run
   through mft.quant's dequantise + matmul, then on torch's int4 matmul (mft/generate/int4.py),
   each eager and compiled.
@@ -17,7 +18,7 @@ tokens/s = new tokens / wall time of a whole generate call (prefill included: a 
 median of --repeats timed runs after --warmup untimed ones (compilation happens there); peak GiB
 is the row's own peak of allocated GPU memory (the other model, when still held, included).
 On a 10-minute budget per command, split the rows: e.g. --skip hf_compile,int4 then
---skip hf,hf_compile,mft,mft_compile.
+--skip hf,hf_compile,mft,mft_compile,mft_unfused.
 """
 
 import argparse
@@ -108,7 +109,7 @@ def main(argv=None):
     parser.add_argument("--new", type=int, default=256, help="generated tokens")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation, CUDA graph recording)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma-separated rows to skip: hf,hf_compile,mft,mft_compile,int4,int4_dequant")
+    parser.add_argument("--skip", default="", help="comma-separated rows to skip: hf,hf_compile,mft,mft_compile,mft_unfused,int4,int4_dequant")
     parser.add_argument("--json", help="also write the results to this JSON file")
     opts = parser.parse_args(argv)
     skip = set(filter(None, opts.skip.split(",")))
@@ -158,14 +159,17 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def mft_row(name, gen_model, compile, note):
-        generator = Generator(gen_model, compile=compile)
+    def mft_row(name, gen_model, compile, note, fuse=True):
+        generator = Generator(gen_model, compile=compile, fuse=fuse)
         record(name, lambda: generator.generate([prompt], settings)[0].tokens, note)
 
+    graphs = "torch.compile reduce-overhead (CUDA graphs)" if device.type == "cuda" else "torch.compile"
     if "mft" not in skip:
-        mft_row("mft (eager)", model, False, "static rolling cache, SDPA")
+        mft_row("mft (eager)", model, False, "static rolling cache, SDPA, fused qkv and w13")
+    if "mft_unfused" not in skip:
+        mft_row("mft (compile, unfused)", model, True, graphs + ", seven separate projections", fuse=False)
     if "mft_compile" not in skip:
-        mft_row("mft (compile)", model, True, "torch.compile reduce-overhead (CUDA graphs)" if device.type == "cuda" else "torch.compile")
+        mft_row("mft (compile)", model, True, graphs + ", fused qkv and w13")
 
     if "int4" not in skip:
         try:

@@ -14,6 +14,7 @@ import torch
 from mft.errors import MftError
 from mft.generate.cache import KVCache, plan_decode, plan_prefill
 from mft.generate.forward import forward_cached
+from mft.generate.fuse import fuse_projections, still_fused
 from mft.generate.sampling import SamplingSettings, sample
 from mft.model.transformer import Transformer
 
@@ -46,12 +47,16 @@ class Generator:
     compile=True compiles the one-token decode step with static shapes; on CUDA in
     "reduce-overhead" mode, i.e. replayed as a CUDA graph (gpt-fast's recipe). The cache is
     reused while batch size and length fit, so the graph is recorded once per shape.
+    fuse=True runs wq/wk/wv and w1/w3 as one matmul each (mft.generate.fuse: the model's weights
+    become views of the fused tensors, no memory added).
     """
 
-    def __init__(self, model: Transformer, *, prefill_chunk: int = 512, rolling: bool = True, compile: bool = False):
+    def __init__(self, model: Transformer, *, prefill_chunk: int = 512, rolling: bool = True, compile: bool = False,
+                 fuse: bool = True):
         if prefill_chunk <= 0:
             raise MftError(f"prefill_chunk must be positive, got {prefill_chunk}.")
         self.model = model.eval()
+        self.fused = fuse_projections(model) if fuse else None
         self.args = model.args
         self.prefill_chunk = prefill_chunk
         self.rolling = rolling
@@ -61,6 +66,10 @@ class Generator:
         self.compile = compile
         self._step = self._decode_step
         if compile:
+            for block in self.fused or []:
+                for tensor in (block.qkv, block.w13):
+                    if tensor is not None:  # a weight, not an input: CUDA graphs must not copy it per step
+                        torch._dynamo.mark_static_address(tensor)
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             # fullgraph=False: a layer that breaks the graph (a custom kernel, say) costs speed, not an error.
             self._step = torch.compile(self._decode_step, mode=mode, fullgraph=False, dynamic=False)
@@ -69,7 +78,7 @@ class Generator:
     def _decode_step(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) in fp32 for one token per row (B,) at positions (B,)."""
         plan = plan_decode(cache, positions)
-        hidden = forward_cached(self.model, tokens[:, None], positions[:, None], cache, plan)
+        hidden = forward_cached(self.model, tokens[:, None], positions[:, None], cache, plan, self.fused)
         return self.model.output(hidden[:, 0]).float()
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache) -> torch.Tensor:
@@ -86,7 +95,7 @@ class Generator:
         for start in range(0, L, self.prefill_chunk):
             chunk = slice(start, start + self.prefill_chunk)
             plan = plan_prefill(cache, positions[:, chunk], valid[:, chunk])
-            hidden = forward_cached(self.model, tokens[:, chunk], positions[:, chunk], cache, plan)
+            hidden = forward_cached(self.model, tokens[:, chunk], positions[:, chunk], cache, plan, self.fused)
             for b, n in enumerate(lengths):
                 if start <= n - 1 < start + self.prefill_chunk:
                     last_hidden[b] = hidden[b, n - 1 - start]
@@ -127,6 +136,9 @@ class Generator:
             raise MftError(f"max_new_tokens must be positive, got {settings.max_new_tokens}.")
         if settings.stop_strings and detokenize is None:
             raise ValueError("stop_strings need a detokenize function")
+        if self.fused is not None and not still_fused(self.model, self.fused):
+            raise MftError("the model's projection layers were replaced after this Generator fused them "
+                           "(quantised, converted or moved?): make a new Generator for the model as it is now.")
         real = len(prompts)
         if self.compile and self.cache is not None and real < self.cache.batch:
             # A smaller batch (the last of a file, say) rides in the recorded shape: copies of the
@@ -144,10 +156,19 @@ class Generator:
         outputs: list[list[int]] = [[] for _ in prompts]
         reasons: list[Optional[str]] = [None] * real + ["padding"] * (B - real)
         positions = torch.tensor(lengths, device=self.device)
-        logits = self.prefill(prompts, cache)
+        reader = _TokenReader(B, self.device)
+        next_tokens = sample(self.prefill(prompts, cache), settings.sampling, generator)
+        reader.send(next_tokens, 0)
         for i in range(settings.max_new_tokens):
-            next_tokens = sample(logits, settings.sampling, generator)
-            for b, token in enumerate(next_tokens.tolist()):
+            # Step i + 1 is queued before step i's tokens reach the host, so the GPU never waits
+            # for the Python below; a row that stops at step i thus costs one unused step.
+            if i + 1 < settings.max_new_tokens:
+                if self.compile and self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
+                logits = self._step(cache, next_tokens, positions + i)
+                next_tokens = sample(logits, settings.sampling, generator)
+                reader.send(next_tokens, i + 1)
+            for b, token in enumerate(reader.receive(i)):
                 if reasons[b] is not None:
                     continue
                 if token in stop_ids:
@@ -158,9 +179,34 @@ class Generator:
                     on_token(b, token)
                 if settings.stop_strings and any(s in detokenize(outputs[b][-tail:]) for s in settings.stop_strings):
                     reasons[b] = "stop_string"
-            if all(r is not None for r in reasons) or i == settings.max_new_tokens - 1:
+            if all(r is not None for r in reasons):
                 break
-            if self.compile and self.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
-            logits = self._step(cache, next_tokens, positions + i)
         return [Generation(out, r or "length", n) for out, r, n in zip(outputs[:real], reasons[:real], lengths[:real])]
+
+
+class _TokenReader:
+    """Brings each step's sampled tokens (B,) to the host without waiting for later queued steps.
+
+    On CUDA a plain `.tolist()` would wait for everything queued on the stream, the next step
+    included; instead each step's tokens are copied into pinned memory (two buffers, used in
+    turn) behind an event, and reading waits for that event only.
+    """
+
+    def __init__(self, batch: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.buffers: list = [None, None]
+        if self.cuda:
+            self.buffers = [torch.empty(batch, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self.events = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def send(self, tokens: torch.Tensor, step: int) -> None:
+        if not self.cuda:
+            self.buffers[step % 2] = tokens
+            return
+        self.buffers[step % 2].copy_(tokens, non_blocking=True)
+        self.events[step % 2].record()
+
+    def receive(self, step: int) -> list[int]:
+        if self.cuda:
+            self.events[step % 2].synchronize()
+        return self.buffers[step % 2].tolist()
