@@ -124,7 +124,7 @@ def test_rolling_buffer_equals_full_cache_past_the_window(gen_random_model):
             torch.testing.assert_close(logits[0][0], reference[-1], atol=1e-4, rtol=1e-4)
             token = logits[0].argmax(-1)
             sequence.append(int(token))
-            logits = [g._decode_step(c, token, torch.tensor([n])) for g, c in zip((rolling, full), caches)]
+            logits = [g.decode_step(c, token, torch.tensor([n])) for g, c in zip((rolling, full), caches)]
 
 
 def test_cache_memory_grows_with_the_window_not_the_length():

@@ -94,3 +94,22 @@ def test_a_layer_replaced_after_fusion_is_refused():
     with pytest.raises(MftError, match="make a new Generator"):
         generator.generate([[1, 2, 3]], GenerationSettings(max_new_tokens=2))
     assert Generator(model).generate([[1, 2, 3]], GenerationSettings(max_new_tokens=2))[0].tokens
+
+
+def test_a_dropped_generator_frees_its_fused_weights_at_once():
+    """No reference cycle: the fused tensors go with the Generator, without waiting for gc."""
+    import gc
+    import weakref
+
+    model = random_model()
+    generator = Generator(model)
+    generator.generate([[1, 2, 3]], GenerationSettings(max_new_tokens=3))
+    refs = [weakref.ref(block.w13) for block in generator.fused]
+    model.layers[0].feed_forward.w1 = nn.Linear(ARGS.dim, ARGS.hidden_dim, bias=False)  # as quantising would
+    model.layers[0].feed_forward.w3 = nn.Linear(ARGS.dim, ARGS.hidden_dim, bias=False)
+    gc.disable()
+    try:
+        del generator
+        assert refs[0]() is None
+    finally:
+        gc.enable()

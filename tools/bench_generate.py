@@ -14,6 +14,8 @@ Hydra, no mistral-common. EOS never stops a run (every row generates --new token
 - mft int4 (mft.quant, when installed): the same weights quantised (int4, groups of 128), run
   through mft.quant's dequantise + matmul, then on torch's int4 matmul (mft/generate/int4.py),
   each eager and compiled.
+"argmax gap": see argmax_gap (each row's tokens scored by mft's packed forward on the weights as
+they are for that row).
 tokens/s = new tokens / wall time of a whole generate call (prefill included: a short prompt),
 median of --repeats timed runs after --warmup untimed ones (compilation happens there); peak GiB
 is the row's own peak of allocated GPU memory (the other model, when still held, included).
@@ -89,6 +91,21 @@ def hf_model_from(model, args, dtype, device):
     return hf
 
 
+@torch.no_grad()
+def argmax_gap(model, prompt, tokens):
+    """Largest (top logit - logit of the generated token) over the generated tokens, the logits
+    being mft's packed (training) forward over prompt + tokens in the model's dtype, and the
+    standard deviation of those logits for scale. 0 means every token was that forward's argmax;
+    in bf16, different matmul shapes round differently, so near-ties may flip and one flip makes
+    the rest of a greedy sequence differ: a gap at the rounding level is agreement, a large one is a bug."""
+    seq = torch.tensor(list(prompt) + list(tokens[:-1]), device=model.tok_embeddings.weight.device)
+    n = seq.numel()
+    cu = torch.tensor([0, n], dtype=torch.int32, device=seq.device)
+    logits = model(seq, torch.arange(n, device=seq.device), cu, n)[len(prompt) - 1:].float()
+    chosen = logits.gather(1, torch.tensor(tokens, device=seq.device)[:, None])[:, 0]
+    return float((logits.max(dim=1).values - chosen).max()), float(logits.std())
+
+
 def commit():
     try:
         root = Path(__file__).resolve().parents[1]
@@ -136,7 +153,9 @@ def main(argv=None):
             return
         outputs[name] = tokens
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        rows.append({"name": name, "tokens_per_s": opts.new / seconds, "seconds": seconds, "peak_gib": peak, "note": note})
+        gap, scale = argmax_gap(model, prompt, tokens)
+        rows.append({"name": name, "tokens_per_s": opts.new / seconds, "seconds": seconds, "peak_gib": peak, "note": note,
+                     "argmax_gap": gap, "logit_std": scale})
         print(f"{name}: {opts.new / seconds:.1f} tokens/s", file=sys.stderr, flush=True)
 
     if not {"hf", "hf_compile"} <= skip:
@@ -202,14 +221,15 @@ def main(argv=None):
           f"triton {getattr(sys.modules.get('triton'), '__version__', 'n/a')}; commit {commit()}")
     print(f"command: python tools/bench_generate.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
     base = next((r for r in rows if r["name"].startswith("transformers generate (default)") and "error" not in r), None)
-    print("| run | tokens/s | vs transformers default | s per call | peak GiB | note |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| run | tokens/s | vs transformers default | s per call | peak GiB | argmax gap (logit std) | note |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['name']} | failed | | | | {r['error']} |")
+            print(f"| {r['name']} | failed | | | | | {r['error']} |")
             continue
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
-        print(f"| {r['name']} | {r['tokens_per_s']:.1f} | {ratio} | {r['seconds']:.2f} | {r['peak_gib']:.1f} | {r['note']} |")
+        print(f"| {r['name']} | {r['tokens_per_s']:.1f} | {ratio} | {r['seconds']:.2f} | {r['peak_gib']:.1f} | "
+              f"{r['argmax_gap']:.3f} ({r['logit_std']:.2f}) | {r['note']} |")
     reference = outputs.get("transformers generate (default)")
     if reference is not None:
         for name, tokens in outputs.items():

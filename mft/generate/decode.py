@@ -14,7 +14,7 @@ import torch
 from mft.errors import MftError
 from mft.generate.cache import KVCache, plan_decode, plan_prefill
 from mft.generate.forward import forward_cached
-from mft.generate.fuse import fuse_projections, still_fused
+from mft.generate.fuse import FusedBlock, fuse_projections, still_fused
 from mft.generate.sampling import SamplingSettings, sample
 from mft.model.transformer import Transformer
 
@@ -64,7 +64,10 @@ class Generator:
         self.device, self.dtype = param.device, param.dtype
         self.cache: Optional[KVCache] = None
         self.compile = compile
-        self._step = self._decode_step
+        # A module-level function, not a bound method: stored on self, a bound method (compiled or
+        # not) would make a reference cycle that keeps the fused weights alive after the
+        # Generator is dropped, until the garbage collector happens to run.
+        self._step = _decode_step
         if compile:
             for block in self.fused or []:
                 for tensor in (block.qkv, block.w13):
@@ -72,14 +75,12 @@ class Generator:
                         torch._dynamo.mark_static_address(tensor)
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             # fullgraph=False: a layer that breaks the graph (a custom kernel, say) costs speed, not an error.
-            self._step = torch.compile(self._decode_step, mode=mode, fullgraph=False, dynamic=False)
+            self._step = torch.compile(_decode_step, mode=mode, fullgraph=False, dynamic=False)
 
     # -- the two forwards ---------------------------------------------------------------------
-    def _decode_step(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) in fp32 for one token per row (B,) at positions (B,)."""
-        plan = plan_decode(cache, positions)
-        hidden = forward_cached(self.model, tokens[:, None], positions[:, None], cache, plan, self.fused)
-        return self.model.output(hidden[:, 0]).float()
+        return self._step(self.model, self.fused, cache, tokens, positions)
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache) -> torch.Tensor:
         """Run the prompts through the model in chunks; logits (B, V) after each prompt's last token."""
@@ -165,7 +166,7 @@ class Generator:
             if i + 1 < settings.max_new_tokens:
                 if self.compile and self.device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
-                logits = self._step(cache, next_tokens, positions + i)
+                logits = self.decode_step(cache, next_tokens, positions + i)
                 next_tokens = sample(logits, settings.sampling, generator)
                 reader.send(next_tokens, i + 1)
             for b, token in enumerate(reader.receive(i)):
@@ -182,6 +183,13 @@ class Generator:
             if all(r is not None for r in reasons):
                 break
         return [Generation(out, r or "length", n) for out, r, n in zip(outputs[:real], reasons[:real], lengths[:real])]
+
+
+def _decode_step(model: Transformer, fused: Optional[list[FusedBlock]], cache: KVCache, tokens: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+    plan = plan_decode(cache, positions)
+    hidden = forward_cached(model, tokens[:, None], positions[:, None], cache, plan, fused)
+    return model.output(hidden[:, 0]).float()
 
 
 class _TokenReader:
