@@ -113,3 +113,17 @@ def test_a_dropped_generator_frees_its_fused_weights_at_once():
         assert refs[0]() is None
     finally:
         gc.enable()
+
+
+def test_a_fused_model_saves_and_loads_like_before(tmp_path):
+    """The rebound weights are disjoint views: safetensors writes them as separate tensors."""
+    from mft.checkpoint.consolidated import save_consolidated
+    from mft.checkpoint.load import load_weights
+
+    model = random_model()
+    Generator(model)
+    save_consolidated(model, tmp_path / "fused")
+    loaded = build_model(ARGS, device="cpu", dtype=torch.float32)
+    load_weights(loaded, tmp_path / "fused")
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name

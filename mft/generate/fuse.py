@@ -6,11 +6,10 @@ that read the same input are therefore concatenated along their output rows: a b
 matmuls per token instead of 7 (qkv, wo, w13, w2).
 
 No memory is added: the fused tensor is allocated once, the three (or two) weights are copied
-in, and the model's own parameters are rebound as views into it. In-place changes to either
-(merging an adapter, `load_state_dict`) are thus seen by both. Because those parameters now share
-storage, `safetensors.save_file` refuses them as they are: clone the state dict before saving a
-model that a Generator fused. A block whose projections are not plain bias-free `nn.Linear`
-layers (LoRA kept unmerged, quantised layers, int4 kernels) is left as it is.
+in, and the model's own parameters are rebound as views into it (disjoint row ranges, which
+safetensors saves as separate tensors). In-place changes to either (merging an adapter,
+`load_state_dict`) are thus seen by both. A block whose projections are not plain bias-free
+`nn.Linear` layers (LoRA kept unmerged, quantised layers, int4 kernels) is left as it is.
 """
 
 from dataclasses import dataclass
