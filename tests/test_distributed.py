@@ -27,20 +27,32 @@ def run(args, cwd, torchrun=False, timeout=300):
     return result
 
 
+def records(run_dir: Path, key: str) -> dict[int, dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in lines if key in r and not r.get("summary")}
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train_loss"] for r in records if "train_loss" in r and not r.get("summary")}
+    return {step: r["train_loss"] for step, r in records(run_dir, "train_loss").items()}
 
 
 @pytest.mark.parametrize("peft", ["lora", "none"])
 def test_two_ranks_match_one_process(tmp_path, peft):
-    args = [*BASE, f"peft={peft}", "max_steps=4"]
+    # The whole validation set: 49 batches of 2 at seq_len 64, so one rank repeats a batch and drops it.
+    args = [*BASE, f"peft={peft}", "max_steps=4", "eval_batches=null"]
     run([*args, "batch_size=4", f"hydra.run.dir={tmp_path}/single"], tmp_path)
     run([*args, "batch_size=2", f"hydra.run.dir={tmp_path}/fsdp"], tmp_path, torchrun=True)
     single, sharded = train_losses(tmp_path / "single"), train_losses(tmp_path / "fsdp")
     assert list(single) == [1, 2, 3, 4] and single.keys() == sharded.keys()
     for step in single:
         assert sharded[step] == pytest.approx(single[step], rel=1e-5), (step, single, sharded)
+    # Evaluation is split over the ranks and summed: the same metrics as one process.
+    single_eval, sharded_eval = records(tmp_path / "single", "valid_loss"), records(tmp_path / "fsdp", "valid_loss")
+    assert list(single_eval) == [0, 4] and single_eval.keys() == sharded_eval.keys()
+    for step, r in single_eval.items():
+        assert sharded_eval[step]["valid_tokens"] == r["valid_tokens"]
+        assert sharded_eval[step]["valid_loss"] == pytest.approx(r["valid_loss"], rel=1e-5)
+        assert sharded_eval[step]["valid_mean_token_accuracy"] == pytest.approx(r["valid_mean_token_accuracy"], abs=1e-9)
     assert (tmp_path / "fsdp" / ".hydra" / "config.yaml").is_file()
     assert [p.name for p in tmp_path.iterdir()] and not (tmp_path / "outputs").exists()  # one run dir, no stray ones
 

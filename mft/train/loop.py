@@ -136,10 +136,9 @@ def train(cfg, run_dir: Path, world: World = World()) -> RunResult:
     batches = train_set.iterator(cfg.batch_size, world.rank, world.size)
 
     def run_eval(step: int) -> Dict[str, float]:
-        # Every rank evaluates the same batches (FSDP's collectives need all ranks in each forward).
         if valid_set is None:
             return {}
-        result = evaluate(model, valid_set, cfg.batch_size, device, cfg.eval_batches)
+        result = evaluate(model, valid_set, cfg.batch_size, device, cfg.eval_batches, world.rank, world.size)
         metrics.log(step, result)
         log.info("step %d: valid_loss %.4f, perplexity %.2f, mean token accuracy %.3f", step,
                  result["valid_loss"], result["valid_perplexity"], result["valid_mean_token_accuracy"])
