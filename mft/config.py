@@ -107,6 +107,7 @@ class TrainConfig:
     epochs: Optional[float] = None
     max_grad_norm: float = 1.0
     activation_checkpointing: bool = False
+    loss_chunk_tokens: int = 2048
     eval_every: int = 50
     eval_batches: Optional[int] = None
     save_every: Optional[int] = None

@@ -23,7 +23,6 @@ from types import SimpleNamespace
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-from mft.kernels.cross_entropy import chunked_cross_entropy
 from mft.kernels.dequant import dequantize, dequantize_torch
 from mft.model.args import ModelArgs
 from mft.model.build import build_model
@@ -86,8 +85,7 @@ def run_variant(variant: str, args: ModelArgs, opts, device: torch.device) -> di
     torch.cuda.reset_peak_memory_stats()
 
     def step(model, optimizer) -> torch.Tensor:
-        hidden = model.hidden_states(inputs, positions, cu_seqlens, opts.seq)
-        loss = chunked_cross_entropy(hidden, model.output, targets, opts.ce_chunk) / opts.seq
+        loss = model(inputs, positions, cu_seqlens, opts.seq, targets=targets, loss_chunk=opts.ce_chunk) / opts.seq
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -21,6 +21,8 @@ def chunked_cross_entropy(
     hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024
 ) -> torch.Tensor:
     """Summed cross-entropy of head(hidden) (T, vocab) against targets (T,), fp32, chunk by chunk."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if hidden.shape[0] <= chunk_size:
         return _chunk_loss(head, hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mft.kernels.cross_entropy import chunked_cross_entropy
 from mft.model.args import ModelArgs
 from mft.model.attention import AttentionFn, PackedDocs, get_attention_backend
 from mft.model.rope import apply_rope, rope_angles
@@ -106,7 +107,7 @@ class Transformer(nn.Module):
     def hidden_states(
         self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
     ) -> torch.Tensor:
-        """Final normed hidden states (T, dim): the input of `output`, for losses that chunk the head."""
+        """Final normed hidden states (T, dim): the input of `output`."""
         docs = PackedDocs.from_cu_seqlens(cu_seqlens, max_seqlen, num_tokens=tokens.shape[0])
         cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)
@@ -121,12 +122,20 @@ class Transformer(nn.Module):
         cu_seqlens: torch.Tensor,
         max_seqlen: int,
         head_mask: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
+        loss_chunk: int = 0,
     ) -> torch.Tensor:
         """Logits (T, vocab) in the compute dtype for tokens (T,) packed as cu_seqlens says.
 
         With `head_mask` (T,) bool, only the selected positions go through the output head: a
-        loss on a few supervised tokens skips most of the largest matmul. (One entry point, so
-        that wrappers that hook `forward`, FSDP's among them, see every call.)
+        loss on a few supervised tokens skips most of the largest matmul. With `targets` (one
+        per selected position) it returns instead their summed fp32 cross-entropy, the head and
+        the loss run `loss_chunk` tokens at a time and recomputed in backward
+        (mft.kernels.cross_entropy), so no (tokens x vocab) logits are kept; 0: one chunk.
+        (One entry point, so that wrappers that hook `forward`, FSDP's among them, see every call.)
         """
         hidden = self.hidden_states(tokens, positions, cu_seqlens, max_seqlen)
-        return self.output(hidden if head_mask is None else hidden[head_mask])
+        hidden = hidden if head_mask is None else hidden[head_mask]
+        if targets is None:
+            return self.output(hidden)
+        return chunked_cross_entropy(hidden, self.output, targets, loss_chunk or hidden.shape[0])

@@ -46,7 +46,8 @@ class RunResult:
     preempted: bool = False  # stopped by SIGTERM after saving a checkpoint
 
 
-def accumulate_gradients(model, group: list[Batch], device: torch.device, world: World = World()) -> tuple[float, int]:
+def accumulate_gradients(model, group: list[Batch], device: torch.device, world: World = World(),
+                         loss_chunk: int = 0) -> tuple[float, int]:
     """Backward over micro-batches so the gradient is the mean over all their supervised tokens.
 
     Each micro-batch's summed loss is divided by the whole group's supervised-token count, so
@@ -59,7 +60,7 @@ def accumulate_gradients(model, group: list[Batch], device: torch.device, world:
     supervised = max(1, int(all_reduce_sum(local, device)))
     loss_sum = 0.0
     for batch in group:
-        sums = supervised_loss(model, batch.to(device))
+        sums = supervised_loss(model, batch.to(device), loss_chunk=loss_chunk)
         (sums.loss * world.size / supervised).backward()
         loss_sum += float(sums.loss.detach())
     return all_reduce_sum(loss_sum, device), supervised
@@ -99,6 +100,8 @@ def train(cfg, run_dir: Path, world: World = World()) -> RunResult:
     run_dir = Path(run_dir)
     if cfg.batch_size <= 0 or cfg.grad_accum <= 0:
         raise MftError(f"batch_size and grad_accum must be positive, got {cfg.batch_size} and {cfg.grad_accum}.")
+    if cfg.loss_chunk_tokens < 0:
+        raise MftError(f"loss_chunk_tokens must be >= 0 (0 = the whole head at once), got {cfg.loss_chunk_tokens}.")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, world.local_rank)
     dtype = resolve_dtype(cfg.precision, device)
@@ -189,7 +192,7 @@ def train(cfg, run_dir: Path, world: World = World()) -> RunResult:
         with logging_redirect_tqdm():
             for step in range(start + 1, steps + 1):
                 group = [next(batches) for _ in range(cfg.grad_accum)]
-                step_loss, supervised = accumulate_gradients(model, group, device, world)
+                step_loss, supervised = accumulate_gradients(model, group, device, world, cfg.loss_chunk_tokens)
                 window_inputs += sum(b.num_tokens for b in group) * world.size
                 grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
                     list(trainable_parameters(model)), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
