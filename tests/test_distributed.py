@@ -59,6 +59,21 @@ def test_two_ranks_match_one_process(tmp_path, peft):
     assert [p.name for p in tmp_path.iterdir()] and not (tmp_path / "outputs").exists()  # one run dir, no stray ones
 
 
+@pytest.mark.parametrize("quant", ["int4", "nf4"])
+def test_qlora_two_ranks_match_one_process(tmp_path, quant):
+    """QLoRA under FSDP2: the 4-bit base is replicated on every rank (4-bit buffers, not sharded),
+    LoRA factors, gradients and AdamW states are sharded; the losses equal one process's."""
+    args = [*BASE, f"quant={quant}", "model.dim=128", "model.head_dim=32", "model.hidden_dim=256", "max_steps=3"]
+    run([*args, "batch_size=4", f"hydra.run.dir={tmp_path}/single"], tmp_path)
+    run([*args, "batch_size=2", f"hydra.run.dir={tmp_path}/fsdp"], tmp_path, torchrun=True)
+    single, sharded = train_losses(tmp_path / "single"), train_losses(tmp_path / "fsdp")
+    assert list(single) == [1, 2, 3] and single.keys() == sharded.keys()
+    for step in single:
+        assert sharded[step] == pytest.approx(single[step], rel=1e-5), (step, single, sharded)
+    config = json.loads((tmp_path / "fsdp" / "checkpoints" / "step_000003" / "adapter_config.json").read_text())
+    assert config["base_model"]["quant"]["format"] == quant
+
+
 def test_resume_sees_the_batches_of_an_uninterrupted_run(tmp_path):
     args = [*BASE, "max_steps=4", "save_every=2", "batch_size=2", "peft.dropout=0.1"]
     run([*args, f"hydra.run.dir={tmp_path}/full"], tmp_path, torchrun=True)

@@ -60,9 +60,3 @@ def test_quant_config_group_values():
 def test_impossible_quant_setups_are_one_clear_error(tmp_path, overrides, message):
     with pytest.raises(MftError, match=message):
         train(config(*overrides, *SHORT), tmp_path / "run")
-
-
-def test_qlora_under_several_processes_is_refused_until_fsdp_shards_it(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(MftError, match="FSDP2 does not shard"):
-        train(config("quant=nf4", *SHORT), tmp_path / "run")

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from mft.checkpoint import consolidated
 from mft.checkpoint.atomic import atomic_dir
 from mft.checkpoint.jsonfile import read_json_object
+from mft.checkpoint.sharded import copy_full_
 from mft.errors import MftError
 from mft.kernels.dequant import dequantize
 from mft.model.args import ModelArgs
@@ -170,9 +171,9 @@ def load_quantized(model: torch.nn.Module, folder: str | os.PathLike, dtype: Opt
                     stem = name[: -len("weight")]
                     parts = {part: f.get_tensor(stem + PREFIX + part).to(target.device)
                              for part in spec.part_shapes(*target.shape)}
-                    target.copy_(dequantize(QuantizedTensor(spec, tuple(target.shape), parts), target.dtype))
+                    copy_full_(target, dequantize(QuantizedTensor(spec, tuple(target.shape), parts), target.dtype))
                 else:
-                    target.copy_(f.get_tensor(name).to(target.dtype))
+                    copy_full_(target, f.get_tensor(name).to(target.dtype))  # an FSDP rank keeps its own rows
             elif stored_quantized:  # same spec (checked above): the packed parts as they are
                 stem = name[: -len("weight")]
                 for part in spec.part_shapes(target.out_features, target.in_features):

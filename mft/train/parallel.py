@@ -18,7 +18,8 @@ from mft.checkpoint.sharded import copy_full_
 from mft.model.build import build_model
 from mft.peft.lora import init_lora_factors_, lora_modules
 from mft.train.distributed import World, barrier
-from mft.train.setup import apply_peft, model_args, save_base_model
+from mft.quant.model import build_quantized_model
+from mft.train.setup import apply_peft, model_args, resolve_quant, save_base_model
 
 
 def shard_model(model: nn.Module, world: World, device: torch.device, compute_dtype: torch.dtype) -> None:
@@ -42,15 +43,23 @@ def build_sharded_model(cfg, world: World, device: torch.device, dtype: torch.dt
     Returns (model, args, base checkpoint folder, LoRA settings or None).
     """
     args = model_args(cfg.model)
+    quant = resolve_quant(cfg.quant, cfg.peft)
+
+    def build(device, dtype, init=True):
+        if quant is None:
+            return build_model(args, device=device, dtype=dtype, attn_backend=cfg.model.attn_backend, init=init)
+        return build_quantized_model(args, quant, device=device, dtype=dtype, modules=cfg.quant.modules,
+                                     attn_backend=cfg.model.attn_backend, init=init)
+
     base = cfg.model.checkpoint
     if base is None:
         base = str(Path(run_dir) / "base_model")
         if world.is_main:
             torch.manual_seed(cfg.seed)
-            save_base_model(build_model(args, device="cpu", dtype=dtype), Path(base))
+            save_base_model(build("cpu", dtype), Path(base))
         barrier()
     param_dtype = torch.float32 if cfg.peft.method == "none" else dtype
-    model = build_model(args, device="meta", dtype=param_dtype, attn_backend=cfg.model.attn_backend)
+    model = build("meta", param_dtype, init=False)
     lora = apply_peft(model, cfg.peft)
     shard_model(model, world, device, compute_dtype=dtype)
     model.to_empty(device=device)

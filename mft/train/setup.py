@@ -1,6 +1,5 @@
 """Turn a composed config into the objects a run needs: device, dtype, model, datasets."""
 
-import os
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
@@ -66,12 +65,6 @@ def resolve_quant(qcfg, pcfg) -> Optional[QuantSpec]:
         return None
     if pcfg.method != "lora":
         raise MftError(f"quant={spec.format} freezes the base: it needs peft=lora (got peft.method={pcfg.method!r}).")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise MftError(
-            f"quant={spec.format} under torchrun (WORLD_SIZE={world}) is not supported yet: FSDP2 does not shard the "
-            "packed 4-bit buffers. Run QLoRA in one process (a 7B base fits a 12 GB GPU) or use quant=none."
-        )
     return spec
 
 
