@@ -10,7 +10,7 @@ import torch
 import mft.quant.linear as quant_linear
 from mft.checkpoint.adapter import load_adapter, save_adapter
 from mft.checkpoint.load import detect_format, load_weights, read_model_args
-from mft.checkpoint.merge import merged_state_dict, save_hf_folder
+from mft.checkpoint.export import export_hf
 from mft.checkpoint.quantized import save_quantized
 from mft.errors import MftError
 from mft.model.args import ModelArgs
@@ -87,7 +87,7 @@ def test_quantised_checkpoint_reloads_bit_identically(tmp_path, name):
 def test_streaming_load_quantises_each_tensor_as_it_is_read(tmp_path, monkeypatch):
     torch.manual_seed(0)
     dense = build_model(ARGS, device="cpu", dtype=torch.bfloat16)
-    hf_folder = save_hf_folder(merged_state_dict(dense, torch.bfloat16), ARGS, tmp_path / "hf")
+    hf_folder = export_hf(dense, tmp_path / "hf", dtype=torch.bfloat16)
     seen = []
     original = quant_linear.quantize
 
@@ -124,7 +124,7 @@ def test_loading_a_checkpoint_quantised_differently_is_a_clear_error(tmp_path):
 def test_quantize_tool_output_loads_with_no_dense_pass(tmp_path, monkeypatch):
     torch.manual_seed(0)
     dense = build_model(ARGS, device="cpu", dtype=torch.bfloat16)
-    source = save_hf_folder(merged_state_dict(dense, torch.bfloat16), ARGS, tmp_path / "hf")
+    source = export_hf(dense, tmp_path / "hf", dtype=torch.bfloat16)
     assert tool("quantize").main([str(source), str(tmp_path / "q"), "--format", "nf4", "--device", "cpu"]) == 0
 
     def no_quantize(*_):

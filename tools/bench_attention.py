@@ -231,7 +231,7 @@ def main(argv=None):
     for label, lengths, window in SHAPES:
         rows += run_shape(label, lengths, window, backends, check=not args.no_check)
 
-    print(f"\n| tokens = docs x length | backend | fwd ms | fwd+bwd ms | TFLOP/s | vs flex | err vs fp32 |")
+    print("\n| tokens = docs x length | backend | fwd ms | fwd+bwd ms | TFLOP/s | vs flex | err vs fp32 |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         flex = next((r for r in rows if r["shape"] == row["shape"] and r["backend"] == "flex"), None)

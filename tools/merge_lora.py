@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from mft.checkpoint.consolidated import write_consolidated
-from mft.checkpoint.merge import merge_adapter, save_hf_folder
+from mft.checkpoint.export import export_consolidated, export_hf
+from mft.checkpoint.merge import adapted_model
 from mft.errors import MftError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -27,14 +27,15 @@ def main(argv=None) -> int:
     parser.add_argument("output", help="folder to write (replaced atomically if it exists)")
     parser.add_argument("--base", help="base model folder (default: the adapter's base)")
     parser.add_argument("--format", choices=["hf", "consolidated"], default="hf",
-                        help="hf: config.json + model.safetensors (transformers and mft); consolidated: Mistral layout")
+                        help="hf: config.json + safetensors shards (transformers and mft); consolidated: Mistral layout")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--device", default="cpu", help="where to merge (cuda is faster; the output goes to disk)")
     opts = parser.parse_args(argv)
     try:
-        state, args = merge_adapter(opts.adapter, opts.base, device=opts.device, dtype=DTYPES[opts.dtype])
-        save = save_hf_folder if opts.format == "hf" else write_consolidated
-        folder = save(state, args, opts.output)
+        dtype = DTYPES[opts.dtype]
+        model = adapted_model(opts.adapter, opts.base, device=opts.device, dtype=dtype)
+        export = export_hf if opts.format == "hf" else export_consolidated
+        folder = export(model, opts.output, dtype=dtype)  # merged tensor by tensor (mft.checkpoint.merge)
     except MftError as e:
         print(f"merge_lora: error: {e}", file=sys.stderr)
         return 1

@@ -19,7 +19,7 @@ import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -29,9 +29,9 @@ from torch import nn
 from mft.checkpoint import consolidated, hf
 from mft.checkpoint.adapter import ADAPTER_WEIGHTS, read_adapter_config
 from mft.checkpoint.atomic import atomic_dir
+from mft.checkpoint.merge import merged_tensors
 from mft.errors import MftError
 from mft.model.args import ModelArgs
-from mft.peft.lora import LoRALinear, lora_modules
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MISTRAL_LORA = "lora.safetensors"
@@ -154,20 +154,6 @@ def export_mistral_lora(adapter_folder: str | Path, out_file: str | Path, **kwar
 
 
 # -- whole models -----------------------------------------------------------------------------
-@torch.no_grad()
-def merged_tensors(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(consolidated name, CPU tensor) for every base tensor; unmerged LoRA layers are merged in fp32."""
-    lora = {f"{name}.weight": m for name, m in lora_modules(model).items()}
-    for name in consolidated.expected_shapes(model.args):
-        param = model.get_parameter(name)
-        module: Optional[LoRALinear] = lora.get(name)
-        if module is not None and not module.merged:
-            tensor = param.float() + module.delta_weight()
-        else:
-            tensor = param
-        yield name, tensor.to(dtype or param.dtype).detach().cpu().contiguous()
-
-
 def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
     """transformers' MistralConfig for `args` (rope written in both the v4 and the v5 layout)."""
     return {

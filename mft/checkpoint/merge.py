@@ -1,40 +1,34 @@
-"""Merge LoRA adapters into their base and write the result as a plain dense checkpoint.
+"""Merge LoRA adapters into their base: the dense tensors of a model, adapters included.
 
 The merged weight of an adapted layer is W + scale * B @ A computed in fp32 and rounded once
 into the output dtype; a quantised base is dequantised to fp32 first (so an adapter trained
-with QLoRA merges into the dequantised weights it was trained against). The result is written
-as a Hugging Face folder (config.json + model.safetensors, q/k in HF's rotary layout), which
-both transformers and mft load, or as a Mistral consolidated folder.
+with QLoRA merges into the dequantised weights it was trained against). mft/checkpoint/export.py
+writes the result (Hugging Face or Mistral consolidated folders); tools/merge_lora.py and
+tools/export.py drive it.
 """
 
-import json
 import os
-from pathlib import Path
-from typing import Dict
+from typing import Iterator, Optional
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from mft.checkpoint import consolidated, hf
-from mft.checkpoint.atomic import atomic_dir
-from mft.checkpoint.export import hf_config
+from mft.checkpoint import consolidated
 from mft.model.args import ModelArgs
 from mft.peft.lora import LoRALinear
 from mft.quant.linear import dense_weight
 
-HF_WEIGHTS = "model.safetensors"
-
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> Dict[str, torch.Tensor]:
-    """Every consolidated tensor of `model`, dense, with LoRA merged, in `dtype` on the CPU.
+def merged_tensors(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(consolidated name, dense CPU tensor in `dtype`) for every tensor of `model`, LoRA merged, one at a time.
 
-    A dense LoRALinear is merged in place (its weight then already holds the update), so a
-    dense 7B base is not copied a second time when model and output share device and dtype.
+    `dtype` defaults to the embeddings' dtype. A dense LoRALinear whose weight already has
+    `dtype` is merged in place (its weight then holds the update), so a dense 7B base is not
+    copied a second time when the output shares its device and dtype.
     """
     args: ModelArgs = model.args
-    state = {}
+    dtype = dtype or model.tok_embeddings.weight.dtype
     for name in consolidated.expected_shapes(args):
         module_name, _, leaf = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
@@ -52,34 +46,17 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
                 tensor = (module.weight.float() + (0 if module.merged else module.delta_weight())).to(dtype)
         else:
             tensor = model.get_parameter(name).detach().to(dtype)
-        state[name] = tensor.to("cpu").contiguous()
-    return state
+        yield name, tensor.to("cpu").contiguous()
 
 
-def save_hf_folder(state: Dict[str, torch.Tensor], args: ModelArgs, folder: str | os.PathLike) -> Path:
-    """Write consolidated-named tensors as an HF folder (names mapped, q/k rotary-permuted), atomically."""
-    tensors = {}
-    for name, tensor in state.items():
-        if name.endswith("attention.wq.weight"):
-            tensor = hf.permute_rotary(tensor, args.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            tensor = hf.permute_rotary(tensor, args.n_kv_heads)
-        tensors[hf.mft_to_hf_name(name)] = tensor.contiguous()
-    dtype = next(iter(state.values())).dtype
-    with atomic_dir(folder) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
-        save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
-    return Path(folder)
-
-
-def merge_adapter(
+def adapted_model(
     adapter: str | os.PathLike, base: str | os.PathLike | None = None, *, device: str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
-) -> tuple[Dict[str, torch.Tensor], ModelArgs]:
-    """(merged state dict, args) of an adapter folder on its base (default: the base it names).
+) -> nn.Module:
+    """The base an adapter folder names (or `base`) with the adapter loaded as LoRA layers, unmerged.
 
-    A quantised base (mft's quantised checkpoint) is built quantised, no dense pass, and each
-    layer is dequantised to fp32 only while it is merged.
+    A quantised base (mft's quantised checkpoint) is built quantised, no dense pass; merged_tensors
+    then dequantises each layer to fp32 only while it is merged.
     """
     from mft.checkpoint.adapter import load_adapter, read_adapter_config
     from mft.checkpoint.load import detect_format, load_weights, read_model_args
@@ -100,4 +77,4 @@ def merge_adapter(
         model = build_model(args, device=device, dtype=dtype, init=False)
     load_weights(model, base)
     load_adapter(model, adapter, args)
-    return merged_state_dict(model, dtype), args
+    return model
