@@ -41,9 +41,11 @@ def test_two_ranks_match_one_process(tmp_path, peft):
     # The whole validation set: 49 batches of 2 at seq_len 64, so one rank repeats a batch and drops it.
     args = [*BASE, f"peft={peft}", "max_steps=4", "eval_batches=null"]
     run([*args, "batch_size=4", f"hydra.run.dir={tmp_path}/single"], tmp_path)
-    # The sharded run also takes the head + loss in checkpointed chunks of 16 supervised tokens
-    # (inside FSDP's root forward); the single process computes it in one piece.
-    run([*args, "batch_size=2", "loss_chunk_tokens=16", f"hydra.run.dir={tmp_path}/fsdp"], tmp_path, torchrun=True)
+    # The sharded run also checkpoints every block (the wrapper goes on after fully_shard) and
+    # takes the head + loss in checkpointed chunks of 16 supervised tokens inside FSDP's root
+    # forward; the single process does neither.
+    run([*args, "batch_size=2", "activation_checkpointing=true", "loss_chunk_tokens=16",
+         f"hydra.run.dir={tmp_path}/fsdp"], tmp_path, torchrun=True)
     single, sharded = train_losses(tmp_path / "single"), train_losses(tmp_path / "fsdp")
     assert list(single) == [1, 2, 3, 4] and single.keys() == sharded.keys()
     for step in single:
