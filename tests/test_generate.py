@@ -529,3 +529,38 @@ def test_int4_kernel_layers_match_the_dequantised_path():
     assert len(use_int4_kernels(model)) == 7 * args.n_layers
     assert isinstance(model.layers[0].attention.wq, Int4LoRALinear) and isinstance(model.layers[0].attention.wk, Int4Linear)
     torch.testing.assert_close(_logits(model, ids).float(), reference, atol=0.05 * reference.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("window", [WINDOW, None])
+def test_reused_prefix_gives_the_tokens_of_a_fresh_run(window):
+    """A chat's next turn (reuse_prefix=True) runs only what is new, and generates what a fresh
+    Generator does: a continued turn, an edit inside the history (stale keys dropped), and, with
+    a window, a turn whose shared keys a rolling buffer already evicted (full prefill)."""
+    torch.manual_seed(0)
+    model = build_model(ModelArgs(**{**vars(ARGS), "sliding_window": window}), device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.2)
+    settings = GenerationSettings(max_new_tokens=6)
+    chat = Generator(model, prefill_chunk=5)
+
+    def turn(ids):
+        out = chat.generate([ids], settings, reuse_prefix=True)[0].tokens
+        assert out == Generator(model, prefill_chunk=5).generate([ids], settings)[0].tokens
+        return out
+
+    first = prompt(12)
+    out = turn(first)
+    assert chat.prefilled == 12
+    second = first + out + prompt(4, seed=7)
+    out2 = turn(second)
+    assert chat.prefilled == len(second) - (12 + 5)  # all but the prompt and the 5 fed tokens of turn one
+    edited = second + out2[:4] + prompt(3, seed=9)  # differs from the history (second + out2[:5]) at out2[4]
+    assert edited[len(second) + 4] != out2[4]
+    turn(edited)
+    assert chat.prefilled == 3
+    long = edited + out2 + prompt(2 * WINDOW, seed=11)
+    turn(long)
+    turn(long[:5] + prompt(3, seed=12))  # shares 5 tokens, whose keys a rolling buffer has overwritten
+    assert chat.prefilled == (8 if window else 3)

@@ -127,3 +127,12 @@ def test_a_fused_model_saves_and_loads_like_before(tmp_path):
     load_weights(loaded, tmp_path / "fused")
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_two_generators_share_one_fusion():
+    model = random_model()
+    first = Generator(model)
+    second = Generator(model)
+    assert all(a.qkv is b.qkv and a.w13 is b.w13 for a, b in zip(first.fused, second.fused))
+    settings = GenerationSettings(max_new_tokens=4)
+    assert first.generate([[1, 2, 3]], settings)[0].tokens == second.generate([[1, 2, 3]], settings)[0].tokens

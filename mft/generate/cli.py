@@ -93,8 +93,9 @@ class App:
         system = [{"role": "system", "content": self.cfg.system}] if self.cfg.system else []
         return system + [{"role": "user", "content": user}]
 
-    def generate_one(self, ids: list[int], streamer=None):
-        return self.generator.generate([ids], self.settings, detokenize=self.fmt.decode, on_token=streamer)[0]
+    def generate_one(self, ids: list[int], streamer=None, reuse_prefix: bool = False):
+        return self.generator.generate([ids], self.settings, detokenize=self.fmt.decode, on_token=streamer,
+                                       reuse_prefix=reuse_prefix)[0]
 
     # -- modes --------------------------------------------------------------------------------
     def prompt(self, out: TextIO = sys.stdout) -> None:
@@ -124,7 +125,8 @@ class App:
 
         def generate(ids: list[int]) -> list[int]:
             streamer = TextStreamer(self.fmt, sys.stdout, prefix="assistant> ", stop_strings=cfg.stop) if cfg.stream else None
-            tokens = self.generate_one(ids, streamer).tokens
+            # Each turn's prompt repeats the conversation: keep the part the cache already holds.
+            tokens = self.generate_one(ids, streamer, reuse_prefix=True).tokens
             if streamer is not None:
                 streamer.finish()
                 if streamer.printed:

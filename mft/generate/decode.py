@@ -63,6 +63,8 @@ class Generator:
         param = model.tok_embeddings.weight
         self.device, self.dtype = param.device, param.dtype
         self.cache: Optional[KVCache] = None
+        self.history: Optional[list[int]] = None  # with one row: the tokens whose keys the cache holds
+        self.prefilled = 0  # tokens the last call ran through prefill (all rows)
         self.compile = compile
         # A module-level function, not a bound method: stored on self, a bound method (compiled or
         # not) would make a reference cycle that keeps the fused weights alive after the
@@ -82,24 +84,28 @@ class Generator:
         """Logits (B, V) in fp32 for one token per row (B,) at positions (B,)."""
         return self._step(self.model, self.fused, cache, tokens, positions)
 
-    def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache) -> torch.Tensor:
-        """Run the prompts through the model in chunks; logits (B, V) after each prompt's last token."""
+    def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache, start: int = 0) -> torch.Tensor:
+        """Run the prompts through the model in chunks; logits (B, V) after each prompt's last token.
+
+        `start`: the cache already holds every prompt's first `start` tokens (each prompt is longer).
+        """
         lengths = [len(p) for p in prompts]
         B, L = len(prompts), max(lengths)
-        tokens = torch.zeros((B, L), dtype=torch.long)
+        tokens = torch.zeros((B, L - start), dtype=torch.long)
         for b, p in enumerate(prompts):
-            tokens[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+            tokens[b, : len(p) - start] = torch.as_tensor(list(p[start:]), dtype=torch.long)
         tokens = tokens.to(self.device)
-        positions = torch.arange(L, device=self.device).expand(B, L)
+        positions = torch.arange(start, L, device=self.device).expand(B, L - start)
         valid = positions < torch.tensor(lengths, device=self.device)[:, None]
         last_hidden = torch.empty((B, self.args.dim), device=self.device, dtype=self.dtype)
-        for start in range(0, L, self.prefill_chunk):
-            chunk = slice(start, start + self.prefill_chunk)
+        for c0 in range(0, L - start, self.prefill_chunk):
+            chunk = slice(c0, c0 + self.prefill_chunk)
             plan = plan_prefill(cache, positions[:, chunk], valid[:, chunk])
             hidden = forward_cached(self.model, tokens[:, chunk], positions[:, chunk], cache, plan, self.fused)
             for b, n in enumerate(lengths):
-                if start <= n - 1 < start + self.prefill_chunk:
-                    last_hidden[b] = hidden[b, n - 1 - start]
+                if c0 <= n - 1 - start < c0 + self.prefill_chunk:
+                    last_hidden[b] = hidden[b, n - 1 - start - c0]
+        self.prefilled = B * (L - start)
         return self.model.output(last_hidden).float()
 
     # -- the cache ----------------------------------------------------------------------------
@@ -119,6 +125,23 @@ class Generator:
         cache.reset()
         return cache
 
+    def cached_prefix(self, prompt: Sequence[int], length: int) -> int:
+        """How many leading tokens of `prompt` the cache's one row holds from the last call and can
+        keep for rows of `length` tokens: 0 when none (another batch size, a cache too small,
+        or keys the next token needs already evicted from a rolling buffer). At most
+        len(prompt) - 1: the last token is always run, for its logits."""
+        cache, history = self.cache, self.history
+        if cache is None or history is None or cache.batch != 1 or not cache.holds(length):
+            return 0
+        n, limit = 0, min(len(history), len(prompt) - 1)
+        while n < limit and history[n] == prompt[n]:
+            n += 1
+        if n == 0:
+            return 0
+        # The next token (position n) sees keys n - W + 1 .. n - 1 (every earlier one without a window).
+        needed = torch.arange(max(0, n - (cache.window or n) + 1), n, device=cache.slot_positions.device)
+        return n if bool((cache.slot_positions[0, needed % cache.size] == needed).all()) else 0
+
     # -- the loop -----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(
@@ -128,7 +151,14 @@ class Generator:
         *,
         detokenize: Optional[Callable[[list[int]], str]] = None,
         on_token: Optional[TokenCallback] = None,
+        reuse_prefix: bool = False,
     ) -> list[Generation]:
+        """One Generation per prompt.
+
+        reuse_prefix=True (one prompt, e.g. the next turn of a chat): the tokens the prompt shares
+        with the last call's prompt + output are not run again; their keys and values stay in the
+        cache (see cached_prefix). The result is the same as without it.
+        """
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -147,7 +177,14 @@ class Generator:
             prompts = list(prompts) + [prompts[0]] * (self.cache.batch - real)
         B = len(prompts)
         lengths = [len(p) for p in prompts]
-        cache = self.cache_for(B, max(lengths) + settings.max_new_tokens)
+        total = max(lengths) + settings.max_new_tokens
+        start = self.cached_prefix(prompts[0], total) if reuse_prefix and B == 1 else 0
+        self.history = None  # until this call completes, the cache holds nothing reusable
+        if start:
+            cache = self.cache
+            cache.slot_positions[cache.slot_positions >= start] = -1  # the old call's tokens past the shared prefix
+        else:
+            cache = self.cache_for(B, total)
         generator = None
         if not settings.sampling.greedy and settings.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
@@ -158,8 +195,9 @@ class Generator:
         reasons: list[Optional[str]] = [None] * real + ["padding"] * (B - real)
         positions = torch.tensor(lengths, device=self.device)
         reader = _TokenReader(B, self.device)
-        next_tokens = sample(self.prefill(prompts, cache), settings.sampling, generator)
+        next_tokens = sample(self.prefill(prompts, cache, start), settings.sampling, generator)
         reader.send(next_tokens, 0)
+        fed: list[int] = []  # row 0's tokens that went through a decode step (their keys are cached)
         for i in range(settings.max_new_tokens):
             # Step i + 1 is queued before step i's tokens reach the host, so the GPU never waits
             # for the Python below; a row that stops at step i thus costs one unused step.
@@ -169,7 +207,10 @@ class Generator:
                 logits = self.decode_step(cache, next_tokens, positions + i)
                 next_tokens = sample(logits, settings.sampling, generator)
                 reader.send(next_tokens, i + 1)
-            for b, token in enumerate(reader.receive(i)):
+            received = reader.receive(i)
+            if i + 1 < settings.max_new_tokens:
+                fed.append(received[0])
+            for b, token in enumerate(received):
                 if reasons[b] is not None:
                     continue
                 if token in stop_ids:
@@ -182,6 +223,8 @@ class Generator:
                     reasons[b] = "stop_string"
             if all(r is not None for r in reasons):
                 break
+        if B == 1:
+            self.history = list(prompts[0]) + fed
         return [Generation(out, r or "length", n) for out, r, n in zip(outputs[:real], reasons[:real], lengths[:real])]
 
 

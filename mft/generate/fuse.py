@@ -12,6 +12,7 @@ safetensors saves as separate tensors). In-place changes to either (merging an a
 `nn.Linear` layers (LoRA kept unmerged, quantised layers, int4 kernels) is left as it is.
 """
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,9 +33,16 @@ def _plain(layer: nn.Module) -> bool:
 
 
 def _fuse(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
-    """One tensor holding the layers' weights one after another; each weight becomes a view of it."""
+    """One tensor holding the layers' weights one after another; each weight becomes a view of it.
+
+    A group that another live Generator fused already is shared, not fused again (which would
+    leave that Generator's tensor stale): the first layer keeps a weak reference to it.
+    """
     if not all(_plain(layer) for layer in layers):
         return None
+    known = getattr(layers[0], "_mft_fused", None)
+    if known is not None and known() is not None and _backs(known(), layers):
+        return known()
     weights = [layer.weight for layer in layers]
     if len({(w.device, w.dtype) for w in weights}) != 1:
         return None
@@ -45,6 +53,7 @@ def _fuse(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
             rows = weight.shape[0]
             layer.weight = nn.Parameter(fused[start:start + rows], requires_grad=weight.requires_grad)
             start += rows
+    layers[0]._mft_fused = weakref.ref(fused)
     return fused
 
 
