@@ -505,6 +505,13 @@ def test_compiled_cuda_graph_decoding_equals_eager():
     compiled = Generator(model, compile=True)
     for _ in range(2):  # the second call replays the recorded graph
         assert [g.tokens for g in compiled.generate(prompts, settings)] == [g.tokens for g in eager]
+    # A chat on the compiled step: the second turn keeps the cached prefix and still agrees.
+    chat = Generator(model, compile=True)
+    first = chat.generate(prompts[:1], settings, reuse_prefix=True)[0].tokens
+    second = prompts[0] + first + prompt(5, seed=3)
+    assert chat.generate([second], settings, reuse_prefix=True)[0].tokens == \
+        Generator(model).generate([second], settings)[0].tokens
+    assert chat.prefilled == 5 + 1
 
 
 def test_int4_kernel_layers_match_the_dequantised_path():
