@@ -41,8 +41,9 @@ def _fuse(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
     if not all(_plain(layer) for layer in layers):
         return None
     known = getattr(layers[0], "_mft_fused", None)
-    if known is not None and known() is not None and _backs(known(), layers):
-        return known()
+    shared = known() if known is not None else None
+    if shared is not None and _backs(shared, layers):
+        return shared
     weights = [layer.weight for layer in layers]
     if len({(w.device, w.dtype) for w in weights}) != 1:
         return None
