@@ -63,8 +63,8 @@ def test_two_ranks_match_one_process(tmp_path, peft):
 
 @pytest.mark.parametrize("quant", ["int4", "nf4"])
 def test_qlora_two_ranks_match_one_process(tmp_path, quant):
-    """QLoRA under FSDP2: the 4-bit base is replicated on every rank (4-bit buffers, not sharded),
-    LoRA factors, gradients and AdamW states are sharded; the losses equal one process's."""
+    """QLoRA under FSDP2 (the 4-bit base whole on every rank, the LoRA factors sharded): the
+    losses equal one process's and the adapter records the quantised base."""
     args = [*BASE, f"quant={quant}", "model.dim=128", "model.head_dim=32", "model.hidden_dim=256", "max_steps=3"]
     run([*args, "batch_size=4", f"hydra.run.dir={tmp_path}/single"], tmp_path)
     run([*args, "batch_size=2", f"hydra.run.dir={tmp_path}/fsdp"], tmp_path, torchrun=True)

@@ -93,7 +93,8 @@ def test_merged_hf_export_loads_in_transformers(gen_export_setup):
     merged = transformers.MistralForCausalLM.from_pretrained(out).eval()
     diff = (hf_logits(merged, ids) - logits_of(model, ids)).abs().max().item()
     assert diff <= 1e-4, diff
-    assert lora_modules(model)  # exporting merged on the fly, the model keeps its adapter unmerged
+    # Merged on the fly: the model keeps its adapter, unmerged (training on it would go on adapting).
+    assert lora_modules(model) and not any(m.merged for m in lora_modules(model).values())
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     text = "Anagrams of listen: silent, enlist."
     assert hf_tokenizer(text).input_ids == tokenizer.encode_text(text, bos=True, eos=False)

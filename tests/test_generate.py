@@ -567,6 +567,10 @@ def test_reused_prefix_gives_the_tokens_of_a_fresh_run(window):
     assert edited[len(second) + 4] != out2[4]
     turn(edited)
     assert chat.prefilled == 3
+    other = prompt(len(edited), seed=13)  # the cache used outside generate(), at the same positions ...
+    chat.prefill([other], chat.cache_for(1, len(other) + 6))
+    turn(edited)  # ... is not mistaken for the last call's tokens
+    assert chat.prefilled == len(edited)
     long = edited + out2 + prompt(2 * WINDOW, seed=11)
     turn(long)
     turn(long[:5] + prompt(3, seed=12))  # shares 5 tokens, whose keys a rolling buffer has overwritten

@@ -136,3 +136,15 @@ def test_two_generators_share_one_fusion():
     assert all(a.qkv is b.qkv and a.w13 is b.w13 for a, b in zip(first.fused, second.fused))
     settings = GenerationSettings(max_new_tokens=4)
     assert first.generate([[1, 2, 3]], settings)[0].tokens == second.generate([[1, 2, 3]], settings)[0].tokens
+
+
+def test_fusion_keeps_the_parameter_objects_an_optimizer_holds():
+    model = random_model()
+    wq = model.layers[0].attention.wq.weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    generator = Generator(model)
+    assert model.layers[0].attention.wq.weight is wq
+    wq.grad = torch.ones_like(wq)
+    optimizer.step()  # updates the Parameter in place: the fused tensor sees it
+    assert torch.equal(generator.fused[0].qkv[: wq.shape[0]], wq)
+    assert still_fused(model, generator.fused)

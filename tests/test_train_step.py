@@ -89,3 +89,6 @@ def test_chunked_head_and_loss_give_the_same_loss_and_gradients():
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(c[name], a[name], atol=1e-6, rtol=1e-5)
+    none = torch.zeros_like(batch.loss_mask)  # a batch without supervised tokens sums to zero
+    inputs = (batch.tokens, batch.positions, batch.cu_seqlens, batch.max_seqlen)
+    assert float(plain(*inputs, head_mask=none, targets=batch.targets[none])) == 0.0

@@ -23,9 +23,7 @@ from mft.quant.linear import dense_weight
 def merged_tensors(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(consolidated name, dense CPU tensor in `dtype`) for every tensor of `model`, LoRA merged, one at a time.
 
-    `dtype` defaults to the embeddings' dtype. A dense LoRALinear whose weight already has
-    `dtype` is merged in place (its weight then holds the update), so a dense 7B base is not
-    copied a second time when the output shares its device and dtype.
+    `dtype` defaults to the embeddings' dtype. The model is left as it is (adapters unmerged).
     """
     args: ModelArgs = model.args
     dtype = dtype or model.tok_embeddings.weight.dtype
@@ -39,11 +37,7 @@ def merged_tensors(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Ite
                 weight += module.delta_weight().to(weight.device)
             tensor = weight.to(dtype)
         elif leaf == "weight" and isinstance(module, LoRALinear):
-            if module.weight.dtype == dtype:
-                module.merge()  # (W.float() + delta) rounded once, in place
-                tensor = module.weight.detach()
-            else:
-                tensor = (module.weight.float() + (0 if module.merged else module.delta_weight())).to(dtype)
+            tensor = (module.weight.float() + (0 if module.merged else module.delta_weight())).to(dtype)
         else:
             tensor = model.get_parameter(name).detach().to(dtype)
         yield name, tensor.to("cpu").contiguous()

@@ -82,6 +82,7 @@ class Generator:
     # -- the two forwards ---------------------------------------------------------------------
     def decode_step(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits (B, V) in fp32 for one token per row (B,) at positions (B,)."""
+        self.history = None  # the cache now holds tokens generate() did not record
         return self._step(self.model, self.fused, cache, tokens, positions)
 
     def prefill(self, prompts: Sequence[Sequence[int]], cache: KVCache, start: int = 0) -> torch.Tensor:
@@ -89,6 +90,7 @@ class Generator:
 
         `start`: the cache already holds every prompt's first `start` tokens (each prompt is longer).
         """
+        self.history = None  # the cache now holds tokens generate() did not record
         lengths = [len(p) for p in prompts]
         B, L = len(prompts), max(lengths)
         tokens = torch.zeros((B, L - start), dtype=torch.long)
@@ -111,6 +113,7 @@ class Generator:
     # -- the cache ----------------------------------------------------------------------------
     def cache_for(self, batch: int, length: int) -> KVCache:
         """A reset cache for `batch` rows of `length` tokens: the current one when it fits."""
+        self.history = None
         cache = self.cache
         if cache is None or cache.batch != batch or not cache.holds(length):
             # Round up so that a chat's growing turns reuse one buffer (and one CUDA graph).
@@ -139,7 +142,8 @@ class Generator:
         if n == 0:
             return 0
         # The next token (position n) sees keys n - W + 1 .. n - 1 (every earlier one without a window).
-        needed = torch.arange(max(0, n - (cache.window or n) + 1), n, device=cache.slot_positions.device)
+        first = max(0, n - cache.window + 1) if cache.window is not None else 0
+        needed = torch.arange(first, n, device=cache.slot_positions.device)
         return n if bool((cache.slot_positions[0, needed % cache.size] == needed).all()) else 0
 
     # -- the loop -----------------------------------------------------------------------------
@@ -157,7 +161,8 @@ class Generator:
 
         reuse_prefix=True (one prompt, e.g. the next turn of a chat): the tokens the prompt shares
         with the last call's prompt + output are not run again; their keys and values stay in the
-        cache (see cached_prefix). The result is the same as without it.
+        cache (see cached_prefix). The tokens are those of a fresh call up to rounding (the prefill
+        chunks start at other positions).
         """
         if not prompts:
             return []

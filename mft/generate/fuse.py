@@ -6,10 +6,11 @@ that read the same input are therefore concatenated along their output rows: a b
 matmuls per token instead of 7 (qkv, wo, w13, w2).
 
 No memory is added: the fused tensor is allocated once, the three (or two) weights are copied
-in, and the model's own parameters are rebound as views into it (disjoint row ranges, which
-safetensors saves as separate tensors). In-place changes to either (merging an adapter,
-`load_state_dict`) are thus seen by both. A block whose projections are not plain bias-free
-`nn.Linear` layers (LoRA kept unmerged, quantised layers, int4 kernels) is left as it is.
+in, and the model's own parameters (the same Parameter objects, so an optimizer's references
+stay valid) now hold views into it: disjoint row ranges, which safetensors saves as separate
+tensors. In-place changes to either (merging an adapter, `load_state_dict`, an optimizer step)
+are thus seen by both. A block whose projections are not plain bias-free `nn.Linear` layers
+(LoRA kept unmerged, quantised layers, int4 kernels) is left as it is.
 """
 
 import weakref
@@ -50,9 +51,9 @@ def _fuse(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
     with torch.no_grad():
         fused = torch.cat([w.detach() for w in weights])
         start = 0
-        for layer, weight in zip(layers, weights):
+        for weight in weights:  # the same Parameter objects (an optimizer keeps its references)
             rows = weight.shape[0]
-            layer.weight = nn.Parameter(fused[start:start + rows], requires_grad=weight.requires_grad)
+            weight.data = fused[start:start + rows]
             start += rows
     layers[0]._mft_fused = weakref.ref(fused)
     return fused

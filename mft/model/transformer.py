@@ -138,4 +138,4 @@ class Transformer(nn.Module):
         hidden = hidden if head_mask is None else hidden[head_mask]
         if targets is None:
             return self.output(hidden)
-        return chunked_cross_entropy(hidden, self.output, targets, loss_chunk or hidden.shape[0])
+        return chunked_cross_entropy(hidden, self.output, targets, loss_chunk or max(hidden.shape[0], 1))

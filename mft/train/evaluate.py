@@ -1,7 +1,8 @@
 """Validation: token-weighted loss, perplexity and mean token accuracy on supervised targets.
 
-Under several processes each rank evaluates every world_size-th batch and the sums are
-all-reduced, so evaluation takes 1/world_size of the time and the metrics equal one process's.
+Under several processes each rank runs the forward of every world_size-th batch (each still
+reads and collates the whole validation set, which is cheap next to the forwards) and the sums
+are all-reduced, so the metrics equal one process's.
 Every rank still runs the same number of forwards (FSDP's collectives need all ranks in each):
 a rank left one batch short repeats one and discards its result.
 """
