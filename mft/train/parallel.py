@@ -15,11 +15,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from mft.checkpoint.load import load_weights
 from mft.checkpoint.sharded import copy_full_
-from mft.model.build import build_model
 from mft.peft.lora import init_lora_factors_, lora_modules
 from mft.train.distributed import World, barrier
-from mft.quant.model import build_quantized_model
-from mft.train.setup import apply_peft, model_args, resolve_quant, save_base_model
+from mft.train.setup import apply_peft, build_architecture, model_args, resolve_quant, save_base_model
 
 
 def shard_model(model: nn.Module, world: World, device: torch.device, compute_dtype: torch.dtype) -> None:
@@ -46,10 +44,7 @@ def build_sharded_model(cfg, world: World, device: torch.device, dtype: torch.dt
     quant = resolve_quant(cfg.quant, cfg.peft)
 
     def build(device, dtype, init=True):
-        if quant is None:
-            return build_model(args, device=device, dtype=dtype, attn_backend=cfg.model.attn_backend, init=init)
-        return build_quantized_model(args, quant, device=device, dtype=dtype, modules=cfg.quant.modules,
-                                     attn_backend=cfg.model.attn_backend, init=init)
+        return build_architecture(args, cfg.model.attn_backend, quant, cfg.quant.modules, device, dtype, init)
 
     base = cfg.model.checkpoint
     if base is None:

@@ -77,14 +77,19 @@ def build_base_model(
     tensor is quantised on `device` as it is read (no dense copy of those layers ever exists).
     """
     args = model_args(mcfg)
-    if quant is not None:
-        model = build_quantized_model(args, quant, device=device, dtype=dtype, modules=quant_modules,
-                                      attn_backend=mcfg.attn_backend, init=not mcfg.checkpoint)
-    else:
-        model = build_model(args, device=device, dtype=dtype, attn_backend=mcfg.attn_backend, init=not mcfg.checkpoint)
+    model = build_architecture(args, mcfg.attn_backend, quant, quant_modules, device, dtype, init=not mcfg.checkpoint)
     if mcfg.checkpoint:
         load_weights(model, mcfg.checkpoint)
     return model, args
+
+
+def build_architecture(args: ModelArgs, attn_backend: str, quant: Optional[QuantSpec], quant_modules,
+                       device, dtype: torch.dtype, init: bool = True) -> nn.Module:
+    """The Transformer, with its `quant_modules` linear layers quantised when `quant` is set."""
+    if quant is None:
+        return build_model(args, device=device, dtype=dtype, attn_backend=attn_backend, init=init)
+    return build_quantized_model(args, quant, device=device, dtype=dtype, modules=quant_modules,
+                                 attn_backend=attn_backend, init=init)
 
 
 def check_vocab(args: ModelArgs, tokenizer, model_name: str, tokenizer_spec: str) -> None:
