@@ -15,7 +15,7 @@ from omegaconf import MISSING, OmegaConf
 from mft.data.bundled import bundled_path
 from hydra_plugins.mft_torchrun_launcher import register_torchrun_launcher
 from mft.model.args import ModelArgs
-from mft.train.distributed import run_stamp
+from mft.utils.distributed import run_stamp
 
 
 @dataclass
@@ -107,6 +107,7 @@ class TrainConfig:
     epochs: Optional[float] = None
     max_grad_norm: float = 1.0
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block (attention kernels run eagerly between graphs)
     loss_chunk_tokens: int = 2048
     eval_every: int = 50
     eval_batches: Optional[int] = None

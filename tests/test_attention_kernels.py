@@ -26,7 +26,7 @@ pytest.importorskip("triton")
 swa = importlib.import_module("mft.kernels.swa_attention")
 from mft.model.args import ModelArgs  # noqa: E402
 from mft.model.attention import PackedDocs, get_attention_backend  # noqa: E402
-from mft.model.build import build_model  # noqa: E402
+from conftest import build  # noqa: E402
 
 DEVICE = "cpu" if swa.INTERPRETED else "cuda"
 TC, SC = swa.TileConfig, swa.SwaConfig
@@ -164,7 +164,7 @@ def test_tile_tables_are_cached_per_forward():
 
 @needs_kernels
 def test_kernel_rejects_unsupported_head_dim():
-    from mft.errors import MftError
+    from mft.utils.errors import MftError
 
     q = torch.randn(4, 2, 24, device=DEVICE)
     with pytest.raises(MftError, match="head dims"):
@@ -174,9 +174,7 @@ def test_kernel_rejects_unsupported_head_dim():
 def _model(backend, window):
     args = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=50,
                      rope_theta=10000.0, sliding_window=window)
-    torch.manual_seed(0)
-    model = build_model(args, device=DEVICE, dtype=torch.float32, attn_backend=backend)
-    model.init_weights(std=0.2)
+    model = build(args, device=DEVICE, dtype=torch.float32, attn_backend=backend, std=0.2)
     return model
 
 

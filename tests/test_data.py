@@ -13,7 +13,7 @@ from mft.data.packing import collate, pack
 from mft.data.readers import read_samples
 from mft.data.samples import ChatSample, TextSample, parse_row
 from mft.data.tokenizer import load_tokenizer
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 PAD = 0
 

@@ -13,7 +13,7 @@ from mft.data.readers import iter_records, read_samples
 from mft.data.samples import ALPACA_PROMPT_WITH_INPUT, ChatSample, RowOptions, TextSample
 from mft.data.store import EncodeSettings, build_store
 from mft.data.tokenizer import load_tokenizer
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from mft.data.dataset import build_datasets
 from mft.data.mixing import draws_per_epoch, epoch_order
 from mft.data.tokenizer import load_tokenizer
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 
 @pytest.fixture(scope="module")

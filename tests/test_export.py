@@ -15,7 +15,7 @@ from mft.checkpoint.consolidated import save_consolidated
 from mft.checkpoint.export import MISTRAL_LORA, export_consolidated, export_hf, export_peft, parse_size
 from mft.checkpoint.load import load_weights, read_model_args
 from mft.generate.load import AdapterRef, ModelSource, load_model
-from mft.model.build import build_model
+from conftest import build
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 
 transformers = pytest.importorskip("transformers")
@@ -49,7 +49,7 @@ def gen_export_setup(tmp_path_factory):
     )
     transformers.MistralForCausalLM(config).save_pretrained(root / "base")
     args = read_model_args(root / "base")
-    model = build_model(args, device="cpu", dtype=torch.float32, init=False)
+    model = build(args, device="cpu", dtype=torch.float32)
     load_weights(model, root / "base")
     settings = LoRASettings(r=4, alpha=8, target_modules=["wq", "wk", "wv", "w2"])
     torch.manual_seed(1)

@@ -9,13 +9,13 @@ import torch
 
 from mft.checkpoint.adapter import load_adapter, save_adapter
 from mft.checkpoint.consolidated import save_consolidated
-from mft.errors import MftError
-from mft.generate.cache import KVCache
+from mft.utils.errors import MftError
+from mft.model.kv_cache import KVCache
 from mft.generate.decode import GenerationSettings, Generator
 from mft.generate.load import load_model, resolve_source
 from mft.generate.sampling import SamplingSettings, filter_logits, sample
 from mft.model.args import ModelArgs
-from mft.model.build import build_model
+from conftest import build
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules, merge_and_unload
 
 transformers = pytest.importorskip("transformers")
@@ -68,7 +68,7 @@ def gen_hf_pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gen_random_model():
     torch.manual_seed(0)
-    model = build_model(ARGS, device="cpu", dtype=torch.float32)
+    model = build(ARGS, device="cpu", dtype=torch.float32)
     with torch.no_grad():  # O(1) logits, as in the transformers fixture
         for p in model.parameters():
             if p.dim() == 2:
@@ -218,7 +218,7 @@ def test_adapter_scales_and_stacking(tmp_path, gen_random_model):
     expected = _logits(gen_random_model, ids)
     deltas = []
     for i in range(2):
-        model = build_model(ARGS, device="cpu", dtype=torch.float32)
+        model = build(ARGS, device="cpu", dtype=torch.float32)
         model.load_state_dict(gen_random_model.state_dict())
         _adapter(model, tmp_path / f"a{i}", seed=10 + i)
         deltas.append({n: m.delta_weight() for n, m in lora_modules(model).items()})
@@ -233,7 +233,7 @@ def test_adapter_scales_and_stacking(tmp_path, gen_random_model):
     torch.testing.assert_close(run([AdapterRef(tmp_path / "a0", 0.5)]), unmerged, atol=1e-5, rtol=1e-5)
     # Two adapters: the base plus 0.5 * the first update plus 2 * the second.
     stacked = run([AdapterRef(tmp_path / "a0", 0.5), AdapterRef(tmp_path / "a1", 2.0)])
-    reference = build_model(ARGS, device="cpu", dtype=torch.float32)
+    reference = build(ARGS, device="cpu", dtype=torch.float32)
     reference.load_state_dict(gen_random_model.state_dict())
     with torch.no_grad():
         for name in deltas[0]:
@@ -244,7 +244,7 @@ def test_adapter_scales_and_stacking(tmp_path, gen_random_model):
 
 
 def test_merge_and_unload_leaves_plain_linears(gen_random_model):
-    model = build_model(ARGS, device="cpu", dtype=torch.float32)
+    model = build(ARGS, device="cpu", dtype=torch.float32)
     model.load_state_dict(gen_random_model.state_dict())
     apply_lora(model, LoRASettings(r=2, alpha=4))
     with torch.no_grad():
@@ -259,10 +259,10 @@ def test_merge_and_unload_leaves_plain_linears(gen_random_model):
 
 
 def test_adapter_scale_keeps_the_file_format(tmp_path, gen_random_model):
-    model = build_model(ARGS, device="cpu", dtype=torch.float32)
+    model = build(ARGS, device="cpu", dtype=torch.float32)
     model.load_state_dict(gen_random_model.state_dict())
     _adapter(model, tmp_path / "a", seed=1)
-    fresh = build_model(ARGS, device="cpu", dtype=torch.float32)
+    fresh = build(ARGS, device="cpu", dtype=torch.float32)
     fresh.load_state_dict(gen_random_model.state_dict())
     settings = load_adapter(fresh, tmp_path / "a", ARGS, scale=0.25)
     assert all(m.scale == settings.scale * 0.25 for m in lora_modules(fresh).values())
@@ -273,7 +273,7 @@ def test_adapter_scale_keeps_the_file_format(tmp_path, gen_random_model):
 def _run_dir(tmp_path, model, steps=(2, 10)):
     run = tmp_path / "run"
     base = save_consolidated(model, run / "base_model")
-    copy = build_model(ARGS, device="cpu", dtype=torch.float32)
+    copy = build(ARGS, device="cpu", dtype=torch.float32)
     copy.load_state_dict(model.state_dict())
     settings = _adapter(copy, tmp_path / "unused", seed=0)
     for step in steps:
@@ -473,7 +473,6 @@ def test_text_streamer_prints_the_answer_and_holds_back_stop_strings(gen_chat_fo
 # -- quantised bases and the compiled step -------------------------------------------------------
 def test_int4_base_generates_like_its_own_forward(tmp_path):
     """An mft quantised checkpoint loads with its packed layers and decodes as its training forward."""
-    quant_model = pytest.importorskip("mft.quant.model")
     from mft.checkpoint.quantized import save_quantized
     from mft.generate.load import ModelSource
     from mft.quant.formats import QuantSpec
@@ -481,7 +480,7 @@ def test_int4_base_generates_like_its_own_forward(tmp_path):
     args = ModelArgs(**{**vars(ARGS), "dim": 128, "head_dim": 32, "hidden_dim": 256})
     spec = QuantSpec(format="int4", block_size=128, double_quant=False, dq_block_size=256)
     torch.manual_seed(0)
-    save_quantized(quant_model.build_quantized_model(args, spec, device="cpu", dtype=torch.float32), tmp_path / "q")
+    save_quantized(build(args, quant=spec, device="cpu", dtype=torch.float32), tmp_path / "q")
     model = load_model(ModelSource(tmp_path / "q"), device="cpu", dtype=torch.float32)
     assert "Quantized" in type(model.layers[0].attention.wq).__name__
     ids = prompt(30)
@@ -498,7 +497,7 @@ def test_compiled_cuda_graph_decoding_equals_eager():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     torch.manual_seed(0)
-    model = build_model(ARGS, device="cuda", dtype=torch.float32).eval()
+    model = build(ARGS, device="cuda", dtype=torch.float32).eval()
     prompts = [prompt(40), prompt(7, seed=2)]
     settings = GenerationSettings(max_new_tokens=40)
     eager = Generator(model).generate(prompts, settings)
@@ -517,7 +516,6 @@ def test_compiled_cuda_graph_decoding_equals_eager():
 def test_int4_kernel_layers_match_the_dequantised_path():
     """mft/generate/int4.py: int4 layers (plain and under LoRA) on torch's int4 matmul give the
     logits of mft.quant's dequantise + matmul (CPU kernel here; the CUDA one on the GPU)."""
-    quant_model = pytest.importorskip("mft.quant.model")
     if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         pytest.skip("this torch has no CPU int4 matmul")
     from mft.generate.int4 import Int4Linear, Int4LoRALinear, use_int4_kernels
@@ -525,8 +523,7 @@ def test_int4_kernel_layers_match_the_dequantised_path():
 
     args = ModelArgs(**{**vars(ARGS), "dim": 256, "head_dim": 32, "n_heads": 8, "hidden_dim": 512})
     torch.manual_seed(0)
-    model = quant_model.build_quantized_model(args, QuantSpec(format="int4", block_size=128), device="cpu",
-                                              dtype=torch.bfloat16)
+    model = build(args, quant=QuantSpec(format="int4", block_size=128), device="cpu", dtype=torch.bfloat16)
     apply_lora(model, LoRASettings(r=4, alpha=8, target_modules=["wq", "w2"]))
     with torch.no_grad():
         for m in lora_modules(model).values():
@@ -544,7 +541,7 @@ def test_reused_prefix_gives_the_tokens_of_a_fresh_run(window):
     Generator does: a continued turn, an edit inside the history (stale keys dropped), and, with
     a window, a turn whose shared keys a rolling buffer already evicted (full prefill)."""
     torch.manual_seed(0)
-    model = build_model(ModelArgs(**{**vars(ARGS), "sliding_window": window}), device="cpu", dtype=torch.float32)
+    model = build(ModelArgs(**{**vars(ARGS), "sliding_window": window}), device="cpu", dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:

@@ -17,7 +17,7 @@ from mft.generate.chat import ChatFormat
 from mft.generate.decode import GenerationSettings, Generator
 from mft.generate.load import load_model, resolve_source
 from mft.model.args import ModelArgs
-from mft.model.build import build_model
+from conftest import build
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 
 # vocab 32768: the real v3 tokenizer
@@ -37,7 +37,7 @@ def gen_run_dir(tmp_path_factory):
     """A run dir as mft-train leaves it: base_model/, checkpoints/step_N/ (adapter), resolved_config.yaml."""
     run = tmp_path_factory.mktemp("cli") / "run"
     torch.manual_seed(0)
-    model = build_model(ARGS, device="cpu", dtype=torch.float32)
+    model = build(ARGS, device="cpu", dtype=torch.float32)
     base = save_consolidated(model, run / "base_model")
     settings = LoRASettings(r=4, alpha=8)
     apply_lora(model, settings)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 from mft.generate.decode import GenerationSettings, Generator
 from mft.generate.fuse import fuse_projections, still_fused
 from mft.model.args import ModelArgs
-from mft.model.build import build_model
+from conftest import build
 from mft.peft.lora import LoRASettings, apply_lora
 
 ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=160,
@@ -20,7 +20,7 @@ ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv
 
 def random_model(args=ARGS):
     torch.manual_seed(0)
-    model = build_model(args, device="cpu", dtype=torch.float32)
+    model = build(args, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
@@ -123,7 +123,7 @@ def test_a_fused_model_saves_and_loads_like_before(tmp_path):
     model = random_model()
     Generator(model)
     save_consolidated(model, tmp_path / "fused")
-    loaded = build_model(ARGS, device="cpu", dtype=torch.float32)
+    loaded = build(ARGS, device="cpu", dtype=torch.float32)
     load_weights(loaded, tmp_path / "fused")
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name

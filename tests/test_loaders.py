@@ -8,9 +8,9 @@ from safetensors.torch import load_file, save_file
 
 from mft.checkpoint.hf import permute_rotary, unpermute_rotary
 from mft.checkpoint.load import detect_format, load_weights, read_model_args, save_consolidated
-from mft.errors import MftError
+from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
-from mft.model.build import build_model
+from conftest import build
 from mft.model.transformer import Transformer
 
 ARGS = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=64,
@@ -18,9 +18,7 @@ ARGS = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_
 
 
 def random_model(args=ARGS, dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    model = build_model(args, device="cpu", dtype=dtype)
-    model.init_weights(std=0.2)
+    model = build(args, device="cpu", dtype=dtype, seed=seed, std=0.2)
     return model
 
 
@@ -58,12 +56,12 @@ def test_consolidated_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left behind
     assert detect_format(folder) == "consolidated" and read_model_args(folder) == ARGS
 
-    loaded = build_model(read_model_args(folder), device="cpu", dtype=torch.float32, init=False)
+    loaded = build(read_model_args(folder), device="cpu", dtype=torch.float32)
     load_weights(loaded, folder, dtype=torch.float32)
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
 
-    half = build_model(ARGS, device="cpu", dtype=torch.bfloat16, init=False)
+    half = build(ARGS, device="cpu", dtype=torch.bfloat16)
     load_weights(half, folder)  # cast per tensor to the parameter's dtype
     assert torch.equal(half.output.weight, model.output.weight.to(torch.bfloat16))
 
@@ -71,7 +69,7 @@ def test_consolidated_round_trip(tmp_path):
 def test_hf_layout_loads_like_consolidated(tmp_path):
     model = random_model()
     write_hf_folder(tmp_path, model)
-    loaded = build_model(read_model_args(tmp_path), device="cpu", dtype=torch.float32, init=False)
+    loaded = build(read_model_args(tmp_path), device="cpu", dtype=torch.float32)
     load_weights(loaded, tmp_path)
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
@@ -85,7 +83,7 @@ def test_bad_keys_give_one_error_naming_all(tmp_path):
     tensors["model.norm.weight"] = torch.ones(ARGS.dim + 1)
     save_file(tensors, str(tmp_path / "model.safetensors"))
 
-    target = build_model(ARGS, device="cpu", dtype=torch.float32)
+    target = build(ARGS, device="cpu", dtype=torch.float32)
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(MftError) as err:
         load_weights(target, tmp_path)
@@ -101,7 +99,7 @@ def test_long_key_lists_are_truncated(tmp_path):
     write_hf_folder(tmp_path, random_model())
     bigger = ModelArgs(**{**ARGS.__dict__, "n_layers": 12})
     with pytest.raises(MftError, match=r"missing tensors \(90\): .*\.\.\. and 82 more"):
-        load_weights(build_model(bigger, device="cpu", dtype=torch.float32), tmp_path)
+        load_weights(build(bigger, device="cpu", dtype=torch.float32), tmp_path)
 
 
 def test_folder_without_config_or_params(tmp_path):
@@ -144,7 +142,7 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
 def test_missing_shard_and_pickle_only_folders(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_config()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
-    model = build_model(ARGS, device="cpu", dtype=torch.float32)
+    model = build(ARGS, device="cpu", dtype=torch.float32)
     with pytest.raises(MftError, match="safetensors"):
         load_weights(model, tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from mft.checkpoint.adapter import load_adapter, save_adapter
-from mft.errors import MftError
+from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
-from mft.model.build import build_model
+from conftest import build
 from mft.peft.lora import LoRALinear, LoRASettings, apply_lora, lora_modules, merge_lora, unmerge_lora
 
 ARGS = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=50, sliding_window=5)
@@ -15,7 +15,7 @@ ARGS = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_
 
 def tiny_model(seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(ARGS, device="cpu", dtype=torch.float32)
+    return build(ARGS, device="cpu", dtype=torch.float32)
 
 
 def inputs(n: int = 12):

@@ -6,7 +6,7 @@ import torch
 from mft.checkpoint.consolidated import expected_shapes
 from mft.model.args import ModelArgs
 from mft.model.attention import PackedDocs, attention_backend_names, get_attention_backend
-from mft.model.build import build_model, count_parameters
+from conftest import build
 from mft.model.rope import apply_rope, rope_angles
 
 ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=120,
@@ -18,9 +18,8 @@ CPU_BACKENDS = [name for name in attention_backend_names() if name != "triton"]
 
 
 def tiny_model(args=ARGS, backend="auto", seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    model = build_model(args, device="cpu", dtype=dtype, attn_backend=backend)
-    model.init_weights(std=0.2)  # large enough that mixing documents or positions would show
+    # std 0.2: large enough that mixing documents or positions would show
+    model = build(args, device="cpu", dtype=dtype, attn_backend=backend, seed=seed, std=0.2)
     return model.eval()
 
 
@@ -122,10 +121,10 @@ def test_packed_docs_reject_bad_boundaries():
 
 def test_mistral_7b_on_meta_counts_parameters_without_memory():
     args = ModelArgs()  # the defaults are Mistral-7B-v0.1's shape
-    model = build_model(args, device="meta", dtype=torch.bfloat16)
+    model = build(args, device="meta", dtype=torch.bfloat16)
     assert all(p.is_meta for p in model.parameters())
-    assert count_parameters(model) == 7_241_732_096
-    assert count_parameters(model) == sum(torch.Size(s).numel() for s in expected_shapes(args).values())
+    assert sum(p.numel() for p in model.parameters()) == 7_241_732_096
+    assert sum(p.numel() for p in model.parameters()) == sum(torch.Size(s).numel() for s in expected_shapes(args).values())
 
 
 def test_parameter_names_are_consolidated_names_and_no_buffers():
@@ -140,7 +139,7 @@ def test_init_is_deterministic_under_manual_seed():
         assert torch.equal(pa, pb), name
     assert torch.equal(a.norm.weight, torch.ones(ARGS.dim))
     torch.manual_seed(3)
-    default = build_model(ARGS, device="cpu", dtype=torch.float32)
+    default = build(ARGS, device="cpu", dtype=torch.float32)
     assert abs(default.layers[0].attention.wq.weight.std().item() - 0.02) < 0.002
 
 

@@ -12,7 +12,7 @@ from transformers.masking_utils import sliding_window_causal_mask_function  # no
 from mft.checkpoint.load import load_weights, read_model_args  # noqa: E402
 from mft.model.args import ModelArgs  # noqa: E402
 from mft.model.attention import sliding_window_mask  # noqa: E402
-from mft.model.build import build_model  # noqa: E402
+from conftest import build  # noqa: E402
 
 SEQ, WINDOW, VOCAB = 40, 16, 160
 
@@ -37,7 +37,7 @@ def load_mft(folder, **overrides):
     args = read_model_args(folder)
     for key, value in overrides.items():
         setattr(args, key, value)
-    model = build_model(args, device="cpu", dtype=torch.float32, init=False)
+    model = build(args, device="cpu", dtype=torch.float32)
     load_weights(model, folder)
     return model.eval()
 

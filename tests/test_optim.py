@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mft.config import OptimConfig
-from mft.errors import MftError
+from mft.utils.errors import MftError
 from mft.train.optim import build_optimizer, lr_multiplier
 
 

@@ -14,7 +14,7 @@ from mft.data.encode import Encoded
 from mft.data.packing import pack
 from mft.data.store import TokenStore
 from mft.model.args import ModelArgs
-from mft.model.build import build_model
+from conftest import build
 
 PAD = 0
 
@@ -130,7 +130,7 @@ ARGS = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_
 
 def test_packed_logits_equal_per_document_logits():
     torch.manual_seed(0)
-    model = build_model(ARGS, device="cpu", dtype=torch.float32).eval()
+    model = build(ARGS, device="cpu", dtype=torch.float32).eval()
     rng = random.Random(1)
     docs = []
     for _ in range(9):

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from mft.checkpoint.adapter import read_adapter_config
 from mft.checkpoint.load import detect_format
 from mft.config import register_configs
-from mft.errors import MftError
+from mft.utils.errors import MftError
 from mft.train.loop import train
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 from mft.peft.lora import LoRALinear, LoRASettings
 from mft.quant.formats import (NF4_LEVELS, QuantSpec, dequantize, dequantize_absmax, quantize, quantize_absmax,
                                unpack_nibbles)
@@ -155,7 +155,7 @@ def test_specs_refuse_shapes_and_options_that_do_not_fit():
 _KERNEL_SCRIPT = textwrap.dedent(
     """
     import torch
-    from mft.kernels.dequant import dequantize_triton
+    from mft.quant.dequant import dequantize_triton
     from mft.quant.formats import QuantSpec, dequantize, quantize
     specs = [QuantSpec("nf4", 64), QuantSpec("nf4", 64, double_quant=True), QuantSpec("int4", 128)]
     for shape in [(6, 384), (40, 128)]:  # 1152 and 2560 bytes: a partial last program at block=256

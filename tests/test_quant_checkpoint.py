@@ -12,13 +12,13 @@ from mft.checkpoint.adapter import load_adapter, save_adapter
 from mft.checkpoint.load import detect_format, load_weights, read_model_args
 from mft.checkpoint.export import export_hf
 from mft.checkpoint.quantized import save_quantized
-from mft.errors import MftError
+from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
-from mft.model.build import build_model
+from conftest import build
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 from mft.quant.formats import QuantSpec
 from mft.quant.linear import QuantizedLinear, quantized_layers
-from mft.quant.model import build_quantized_model, quantize_model_
+from mft.quant.model import quantize_model_
 
 ARGS = ModelArgs(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=96,
                  norm_eps=1e-5, rope_theta=1e6, sliding_window=None)
@@ -41,8 +41,7 @@ def inputs(n: int = 12):
 
 
 def quantised_model(spec, seed=0, dtype=torch.float32, **kw):
-    torch.manual_seed(seed)
-    return build_quantized_model(ARGS, spec, device="cpu", dtype=dtype, **kw)
+    return build(ARGS, quant=spec, device="cpu", dtype=dtype, seed=seed, **kw)
 
 
 def assert_same_state(a, b):
@@ -62,22 +61,22 @@ def randomise_lora(model, seed=3):
 @pytest.mark.parametrize("name", list(SPECS))
 def test_random_quantised_model_equals_the_quantised_dense_model(name):
     torch.manual_seed(0)
-    dense = build_model(ARGS, device="cpu", dtype=torch.float32)
+    dense = build(ARGS, device="cpu", dtype=torch.float32)
     quantize_model_(dense, SPECS[name])
     assert_same_state(quantised_model(SPECS[name]), dense)
 
 
 @pytest.mark.parametrize("name", ["nf4-dq", "int4"])
 def test_quantised_checkpoint_reloads_bit_identically(tmp_path, name):
-    model = quantised_model(SPECS[name], dtype=torch.bfloat16, modules=["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"])
+    model = quantised_model(SPECS[name], dtype=torch.bfloat16, quant_modules=("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"))
     folder = save_quantized(model, tmp_path / "q", source="test")
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "params.json", "quant_config.json"]
     config = json.loads((folder / "quant_config.json").read_text())
     assert config["format"] == "mft-quantized" and config["quant"]["format"] == SPECS[name].format
     assert config["modules"] == ["wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"]
     assert detect_format(folder) == "quantized" and read_model_args(folder) == ARGS
-    fresh = build_quantized_model(ARGS, SPECS[name], device="cpu", dtype=torch.bfloat16, init=False,
-                                  modules=config["modules"])
+    fresh = build(ARGS, quant=SPECS[name], device="cpu", dtype=torch.bfloat16,
+                  quant_modules=tuple(config["modules"]))
     load_weights(fresh, folder)
     assert_same_state(fresh, model)
     assert isinstance(fresh.output, QuantizedLinear)
@@ -86,7 +85,7 @@ def test_quantised_checkpoint_reloads_bit_identically(tmp_path, name):
 
 def test_streaming_load_quantises_each_tensor_as_it_is_read(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    dense = build_model(ARGS, device="cpu", dtype=torch.bfloat16)
+    dense = build(ARGS, device="cpu", dtype=torch.bfloat16)
     hf_folder = export_hf(dense, tmp_path / "hf", dtype=torch.bfloat16)
     seen = []
     original = quant_linear.quantize
@@ -96,9 +95,8 @@ def test_streaming_load_quantises_each_tensor_as_it_is_read(tmp_path, monkeypatc
         return original(weight, spec)
 
     monkeypatch.setattr(quant_linear, "quantize", spy)
-    model = build_quantized_model(ARGS, NF4_DQ, device="cpu", dtype=torch.bfloat16, init=False)
+    model = build(ARGS, quant=NF4_DQ, device="cpu", dtype=torch.bfloat16, weights=hf_folder)
     assert not any(n.endswith(("wq.weight", "w1.weight")) for n in model.state_dict())
-    load_weights(model, hf_folder)
     assert len(seen) == 7 * ARGS.n_layers and all(dtype == torch.bfloat16 for _, dtype in seen)
     quantize_model_(dense, NF4_DQ)
     assert_same_state(model, dense)
@@ -107,7 +105,7 @@ def test_streaming_load_quantises_each_tensor_as_it_is_read(tmp_path, monkeypatc
 def test_quantised_checkpoint_loads_into_a_dense_model_dequantised(tmp_path):
     model = quantised_model(INT4)
     folder = save_quantized(model, tmp_path / "q")
-    dense = build_model(ARGS, device="cpu", dtype=torch.float32, init=False)
+    dense = build(ARGS, device="cpu", dtype=torch.float32)
     load_weights(dense, folder)
     for name, layer in quantized_layers(model).items():
         assert torch.equal(dense.get_submodule(name).weight, layer.dequantize(torch.float32)), name
@@ -116,14 +114,14 @@ def test_quantised_checkpoint_loads_into_a_dense_model_dequantised(tmp_path):
 
 def test_loading_a_checkpoint_quantised_differently_is_a_clear_error(tmp_path):
     folder = save_quantized(quantised_model(NF4_DQ), tmp_path / "q")
-    other = build_quantized_model(ARGS, INT4, device="cpu", dtype=torch.float32, init=False)
+    other = build(ARGS, quant=INT4, device="cpu", dtype=torch.float32)
     with pytest.raises(MftError, match=r"holds nf4 .* set up for int4"):
         load_weights(other, folder)
 
 
 def test_quantize_tool_output_loads_with_no_dense_pass(tmp_path, monkeypatch):
     torch.manual_seed(0)
-    dense = build_model(ARGS, device="cpu", dtype=torch.bfloat16)
+    dense = build(ARGS, device="cpu", dtype=torch.bfloat16)
     source = export_hf(dense, tmp_path / "hf", dtype=torch.bfloat16)
     assert tool("quantize").main([str(source), str(tmp_path / "q"), "--format", "nf4", "--device", "cpu"]) == 0
 
@@ -131,8 +129,7 @@ def test_quantize_tool_output_loads_with_no_dense_pass(tmp_path, monkeypatch):
         raise AssertionError("a quantised checkpoint must load without quantising")
 
     monkeypatch.setattr(quant_linear, "quantize", no_quantize)
-    model = build_quantized_model(ARGS, NF4_DQ, device="cpu", dtype=torch.bfloat16, init=False)
-    load_weights(model, tmp_path / "q")
+    model = build(ARGS, quant=NF4_DQ, device="cpu", dtype=torch.bfloat16, weights=tmp_path / "q")
     monkeypatch.undo()
     quantize_model_(dense, NF4_DQ)
     assert_same_state(model, dense)
@@ -142,7 +139,7 @@ def test_quantize_tool_output_loads_with_no_dense_pass(tmp_path, monkeypatch):
 def test_adapters_move_between_quantised_and_dense_bases(tmp_path, spec):
     settings = LoRASettings(r=4, alpha=8)
     torch.manual_seed(0)
-    dense = build_model(ARGS, device="cpu", dtype=torch.float32)
+    dense = build(ARGS, device="cpu", dtype=torch.float32)
     qmodel = quantised_model(spec)  # the same seed: the quantised twin of `dense`
     apply_lora(qmodel, settings)
     randomise_lora(qmodel)
@@ -179,6 +176,6 @@ def test_merge_lora_onto_a_quantised_base_gives_a_model_transformers_and_mft_loa
         hf_logits = hf_model(tokens[None]).logits[0]
     torch.testing.assert_close(hf_logits, expected, rtol=1e-4, atol=1e-4)
 
-    ours = build_model(ARGS, device="cpu", dtype=torch.float32, init=False)
+    ours = build(ARGS, device="cpu", dtype=torch.float32)
     load_weights(ours, tmp_path / "merged")
     torch.testing.assert_close(ours(*inputs()), expected, rtol=1e-4, atol=1e-4)

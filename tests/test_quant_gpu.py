@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from mft.checkpoint.consolidated import save_consolidated
 from mft.checkpoint.load import load_weights
 from mft.checkpoint.quantized import save_quantized
-from mft.kernels.dequant import dequantize_triton
+from mft.quant.dequant import dequantize_triton
 from mft.model.args import ModelArgs
-from mft.model.build import build_model
+from conftest import build
 from mft.quant.formats import QuantSpec, dequantize, quantize
 from mft.quant.linear import QuantizedLinear
-from mft.quant.model import build_quantized_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 SPECS = {"nf4": QuantSpec("nf4", 64), "nf4-dq": QuantSpec("nf4", 64, double_quant=True), "int4": QuantSpec("int4", 128)}
@@ -72,14 +71,14 @@ def test_quantised_linear_on_cuda(name):
 def test_loading_7b_sized_layers_peaks_at_the_quantised_model_plus_one_bf16_tensor(tmp_path):
     args = ModelArgs(n_layers=2, vocab_size=32768, rope_theta=1e6, sliding_window=None)  # 7B layers, 2 of them
     torch.manual_seed(0)
-    dense = build_model(args, device="cpu", dtype=torch.bfloat16)
+    dense = build(args, device="cpu", dtype=torch.bfloat16)
     folder = save_consolidated(dense, tmp_path / "dense")
     del dense
     largest = args.hidden_dim * args.dim * 2  # one bf16 w1 / w2 / w3
     spec = SPECS["nf4-dq"]
 
     torch.cuda.empty_cache()
-    model = build_quantized_model(args, spec, device="cuda", dtype=torch.bfloat16, init=False)
+    model = build(args, quant=spec, device="cuda", dtype=torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
     load_weights(model, folder)
     resident, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
@@ -90,7 +89,7 @@ def test_loading_7b_sized_layers_peaks_at_the_quantised_model_plus_one_bf16_tens
     quantised = save_quantized(model, tmp_path / "q")
     del model
     torch.cuda.empty_cache()
-    again = build_quantized_model(args, spec, device="cuda", dtype=torch.bfloat16, init=False)
+    again = build(args, quant=spec, device="cuda", dtype=torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     load_weights(again, quantised)  # packed tensors copied as they are: no dense tensor on the GPU

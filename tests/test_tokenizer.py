@@ -19,7 +19,7 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mft.data.tokenizer import BUILTIN, load_tokenizer
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 VERSIONS = ["v1", "v3", "v7", "v3-tekken"]
 SYSTEM = {"role": "system", "content": "You answer briefly."}

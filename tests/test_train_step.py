@@ -6,7 +6,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 from mft.data.encode import Encoded
 from mft.data.packing import PackedSequence, collate, pack
 from mft.model.args import ModelArgs
-from mft.model.build import build_model
+from conftest import build
 from mft.model.transformer import TransformerBlock
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 from mft.train.loop import accumulate_gradients
@@ -16,7 +16,7 @@ ARGS = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_
 
 def lora_model():
     torch.manual_seed(0)
-    model = build_model(ARGS, device="cpu", dtype=torch.float32)
+    model = build(ARGS, device="cpu", dtype=torch.float32)
     apply_lora(model, LoRASettings(r=4, alpha=8))
     with torch.no_grad():
         for m in lora_modules(model).values():
@@ -75,7 +75,7 @@ def test_chunked_head_and_loss_give_the_same_loss_and_gradients():
 
     def full_model():
         torch.manual_seed(0)
-        return build_model(ARGS, device="cpu", dtype=torch.float32)
+        return build(ARGS, device="cpu", dtype=torch.float32)
 
     plain, chunked, both = full_model(), full_model(), full_model()
     apply_activation_checkpointing(both, check_fn=lambda m: isinstance(m, TransformerBlock))

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mft.checkpoint.hf import mft_to_hf_name, permute_rotary  # noqa: E402
 from mft.generate.decode import GenerationSettings, Generator  # noqa: E402
 from mft.model.args import ModelArgs  # noqa: E402
-from mft.model.build import build_model  # noqa: E402
+from mft.build import ModelSpec, Runtime, build_model  # noqa: E402
 
 SEVEN_B = ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                     vocab_size=32768, rope_theta=1e6, sliding_window=None)
@@ -135,8 +135,7 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]
     args = TINY if opts.tiny else SEVEN_B
     args = ModelArgs(**{**vars(args), "sliding_window": opts.window})
-    torch.manual_seed(0)
-    model = build_model(args, device=device, dtype=dtype).eval()
+    model = build_model(ModelSpec(args), Runtime(device=device, dtype=dtype)).eval()
     prompt = torch.randint(3, args.vocab_size, (opts.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     settings = GenerationSettings(max_new_tokens=opts.new)
     rows, outputs = [], {}

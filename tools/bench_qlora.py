@@ -21,15 +21,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
-from mft.kernels.dequant import dequantize, dequantize_torch
+from mft.quant.dequant import dequantize, dequantize_torch
+from mft.build import ModelSpec, Runtime, build_model
 from mft.model.args import ModelArgs
-from mft.model.build import build_model
-from mft.model.transformer import TransformerBlock
-from mft.peft.lora import LoRASettings, apply_lora
+from mft.peft.lora import LoRASettings
 from mft.quant.formats import QuantSpec, quantize
-from mft.quant.model import build_quantized_model
 from mft.train.optim import build_optimizer
 
 GIB = 2**30
@@ -45,11 +42,11 @@ SPECS = {
 }
 
 
-def build(variant: str, args: ModelArgs, device: torch.device, attn: str):
-    torch.manual_seed(0)
-    if variant == "bf16":
-        return build_model(args, device=device, dtype=torch.bfloat16, attn_backend=attn)
-    return build_quantized_model(args, SPECS[variant], device=device, dtype=torch.bfloat16, attn_backend=attn)
+def build(variant: str, args: ModelArgs, device: torch.device, opts):
+    """mft-train's build: the base (quantised for nf4/int4) with LoRA, checkpointed blocks."""
+    spec = ModelSpec(args, attn_backend=opts.attn, quant=SPECS.get(variant), lora=LoRASettings(r=opts.rank, alpha=2 * opts.rank))
+    runtime = Runtime(device=device, dtype=torch.bfloat16, train=True, activation_checkpointing=not opts.no_ac)
+    return build_model(spec, runtime)
 
 
 def flops_per_token(args: ModelArgs, seq: int) -> float:
@@ -68,14 +65,11 @@ def run_variant(variant: str, args: ModelArgs, opts, device: torch.device) -> di
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    model = build(variant, args, device, opts.attn)
+    model = build(variant, args, device, opts)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - start
     build_peak = torch.cuda.max_memory_allocated()
     weights = torch.cuda.memory_allocated()
-    apply_lora(model, LoRASettings(r=opts.rank, alpha=2 * opts.rank))
-    if not opts.no_ac:
-        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
     optimizer = build_optimizer(model, SimpleNamespace(lr=1e-5, betas=[0.9, 0.999], eps=1e-8, weight_decay=0.0))
     g = torch.Generator(device=device).manual_seed(1)
     tokens = torch.randint(0, args.vocab_size, (opts.seq + 1,), device=device, generator=g)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mft.checkpoint.export import export_consolidated, export_hf, export_peft
-from mft.errors import MftError
+from mft.utils.errors import MftError
 from mft.generate.load import AdapterRef, guess_tokenizer, load_model, resolve_source
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}

@@ -11,12 +11,13 @@ was trained against. An adapter trained on a bf16 base merges onto a quantised o
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from mft.checkpoint.export import export_consolidated, export_hf
-from mft.checkpoint.merge import adapted_model
-from mft.errors import MftError
+from mft.generate.load import load_model, resolve_source
+from mft.utils.errors import MftError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -33,7 +34,10 @@ def main(argv=None) -> int:
     opts = parser.parse_args(argv)
     try:
         dtype = DTYPES[opts.dtype]
-        model = adapted_model(opts.adapter, opts.base, device=opts.device, dtype=dtype)
+        source = resolve_source(base=opts.adapter)
+        if opts.base:
+            source.base = Path(opts.base)
+        model = load_model(source, device=opts.device, dtype=dtype, merge=False, dense=True)
         export = export_hf if opts.format == "hf" else export_consolidated
         folder = export(model, opts.output, dtype=dtype)  # merged tensor by tensor (mft.checkpoint.merge)
     except MftError as e:

@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from mft.checkpoint.load import load_weights, read_model_args
+from mft.build import Runtime, build_model, checkpoint_spec
 from mft.checkpoint.quantized import save_quantized
-from mft.errors import MftError
 from mft.quant.formats import QuantSpec
-from mft.quant.model import LINEAR_TARGETS, build_quantized_model
+from mft.quant.model import LINEAR_TARGETS
+from mft.utils.errors import MftError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -41,11 +41,10 @@ def main(argv=None) -> int:
             block_size=opts.block_size or (64 if opts.format == "nf4" else 128),
             double_quant=opts.format == "nf4" and not opts.no_double_quant,
         )
-        args = read_model_args(opts.source)
         start = time.perf_counter()
-        model = build_quantized_model(args, spec, device=opts.device, dtype=DTYPES[opts.dtype],
-                                      modules=[m for m in opts.modules.split(",") if m], init=False)
-        load_weights(model, opts.source)
+        modules = tuple(m for m in opts.modules.split(",") if m)
+        model = build_model(checkpoint_spec(opts.source, dense=True, quant=spec, quant_modules=modules),
+                            Runtime(device=opts.device, dtype=DTYPES[opts.dtype]))
         folder = save_quantized(model, opts.output, source=str(opts.source))
     except MftError as e:
         print(f"quantize: error: {e}", file=sys.stderr)

@@ -9,9 +9,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mft.checkpoint.atomic import atomic_dir
-from mft.checkpoint.jsonfile import read_json_object
-from mft.errors import MftError
+from mft.utils.atomic import atomic_dir
+from mft.utils.jsonfile import read_json_object
+from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules, lora_state_dict
 

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mft.checkpoint.atomic import atomic_dir
-from mft.checkpoint.jsonfile import read_json_object
-from mft.checkpoint.sharded import full_tensor
-from mft.errors import MftError
+from mft.utils.atomic import atomic_dir
+from mft.utils.jsonfile import read_json_object
+from mft.utils.dtensor import full_tensor
+from mft.utils.errors import MftError
 from mft.model.names import canonical_name
 from mft.model.args import ModelArgs
 

@@ -28,9 +28,9 @@ from torch import nn
 
 from mft.checkpoint import consolidated, hf
 from mft.checkpoint.adapter import ADAPTER_WEIGHTS, read_adapter_config
-from mft.checkpoint.atomic import atomic_dir
+from mft.utils.atomic import atomic_dir
 from mft.checkpoint.merge import merged_tensors
-from mft.errors import MftError
+from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"

@@ -6,8 +6,8 @@ from typing import Any, Optional
 
 import torch
 
-from mft.checkpoint.jsonfile import read_json_object
-from mft.errors import MftError
+from mft.utils.jsonfile import read_json_object
+from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
 
 # (HF name, consolidated name) templates; {i} is the layer index.

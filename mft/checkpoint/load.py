@@ -19,11 +19,9 @@ from safetensors import safe_open
 
 from mft.checkpoint import consolidated, hf, quantized
 from mft.checkpoint.consolidated import save_consolidated
-from mft.checkpoint.quantized import load_quantized, weight_target
-from mft.checkpoint.sharded import copy_full_
-from mft.errors import MftError
+from mft.checkpoint.quantized import assign_weight_, load_quantized, weight_target
+from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
-from mft.quant.linear import load_dense_weight_
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 Format = Literal["hf", "consolidated", "quantized"]
@@ -179,14 +177,11 @@ def load_weights(model: torch.nn.Module, folder: str | os.PathLike, *, dtype: Op
     for path, items in by_file.items():
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name, src in items:
-                if name in layers:  # quantised on its device, one tensor at a time
-                    tensor = f.get_tensor(src.key).to(layers[name].weight_q.device)
-                    if src.rotary_heads is not None:
-                        tensor = hf.unpermute_rotary(tensor, src.rotary_heads)
-                    load_dense_weight_(layers[name], tensor)
-                    continue
-                param = params[name]
-                tensor = f.get_tensor(src.key).to(param.dtype)
+                target = targets[name]
+                tensor = f.get_tensor(src.key)
+                # A quantised layer takes the tensor on its device, in the file's dtype; a parameter's
+                # tensor is cast on the host (halving the transfer of an fp32 file into a bf16 model).
+                tensor = tensor.to(target.weight_q.device) if name in layers else tensor.to(target.dtype)
                 if src.rotary_heads is not None:
                     tensor = hf.unpermute_rotary(tensor, src.rotary_heads)
-                copy_full_(param, tensor)  # a rank of an FSDP job keeps only its own rows
+                assign_weight_(target, tensor)  # a rank of an FSDP job keeps only its own rows

@@ -26,12 +26,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mft.checkpoint import consolidated
-from mft.checkpoint.atomic import atomic_dir
-from mft.checkpoint.jsonfile import read_json_object
-from mft.checkpoint.sharded import copy_full_
-from mft.errors import MftError
-from mft.kernels.dequant import dequantize
+from mft.utils.atomic import atomic_dir
+from mft.utils.jsonfile import read_json_object
+from mft.utils.dtensor import copy_full_, full_tensor
+from mft.utils.errors import MftError
+from mft.quant.dequant import dequantize
 from mft.model.args import ModelArgs
+from mft.model.names import canonical_name
 from mft.quant.formats import QuantizedTensor, QuantSpec
 from mft.quant.linear import PREFIX, load_dense_weight_
 from mft.quant.model import QUANTIZABLE, model_quant
@@ -91,23 +92,56 @@ def weight_target(model: torch.nn.Module, name: str):
     return model.get_parameter(name)
 
 
+@torch.no_grad()
+def assign_weight_(target, tensor: torch.Tensor) -> None:
+    """Put a whole tensor where `weight_target` says: into a parameter (a sharded one keeps only
+    its own rows), or quantised on the layer's device into a quantised layer's buffers."""
+    if isinstance(target, torch.Tensor):
+        copy_full_(target, tensor.to(target.dtype))
+    else:
+        load_dense_weight_(target, tensor.to(target.weight_q.device))
+
+
 def save_quantized(model: torch.nn.Module, folder: str | os.PathLike, source: Optional[str] = None) -> Path:
     """Write a quantised Transformer (LoRA factors, if any, are left out) atomically."""
-    quant = model_quant(model)
-    if quant is None:
-        raise ValueError("save_quantized needs a model with quantised layers")
-    modules = quant.pop("modules")
-    spec = QuantSpec(**quant)
-    args: ModelArgs = model.args
-    state = model.state_dict()
-    tensors = {name: state[name].detach().to("cpu").contiguous() for name in expected_tensors(args, spec, modules)}
+    return write_quantized(quantized_state(model), model, folder, source)
+
+
+def quantized_state(model: torch.nn.Module, keep: bool = True) -> Dict[str, torch.Tensor]:
+    """The checkpoint's tensors (packed parts and dense tensors), whole, on the CPU.
+
+    Under FSDP gathering a sharded parameter is a collective, so every rank calls this; only a
+    rank with `keep` (rank 0) holds on to the tensors.
+    """
+    spec, modules = _model_spec(model)
+    state = {canonical_name(name): tensor for name, tensor in model.state_dict().items()}
+    tensors = {}
+    for name in expected_tensors(model.args, spec, modules):
+        tensor = full_tensor(state[name].detach())
+        if keep:
+            tensors[name] = tensor.to("cpu").contiguous()
+    return tensors
+
+
+def write_quantized(tensors: Dict[str, torch.Tensor], model: torch.nn.Module, folder: str | os.PathLike,
+                    source: Optional[str] = None) -> Path:
+    """Write `quantized_state(model)` with its params.json and quant_config.json, atomically."""
+    spec, modules = _model_spec(model)
     config = {"format": FORMAT_NAME, "version": 1, "quant": asdict(spec), "modules": modules,
               "packing": PACKING, "source": source}
     with atomic_dir(folder) as tmp:
-        (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(asdict(args), indent=2) + "\n")
+        (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(asdict(model.args), indent=2) + "\n")
         (tmp / QUANT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     return Path(folder)
+
+
+def _model_spec(model: torch.nn.Module) -> Tuple[QuantSpec, list]:
+    quant = model_quant(model)
+    if quant is None:
+        raise ValueError("a quantised checkpoint needs a model with quantised layers")
+    modules = quant.pop("modules")
+    return QuantSpec(**quant), modules
 
 
 def _check_file(folder: Path, expected: dict, found: dict) -> None:

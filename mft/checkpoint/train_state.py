@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 from mft.model.names import canonical_name
-from mft.train.distributed import World, barrier
+from mft.utils.distributed import World, barrier
 
 STATE_DIR = "train_state"
 TRAINER_FILE = "trainer.json"

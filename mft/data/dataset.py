@@ -28,7 +28,7 @@ from mft.data.packing import PackedSequence, PackPlan, PackStats, check_too_long
 from mft.data.samples import ALPACA_STYLES, FORMATS, RowOptions
 from mft.data.store import EncodeSettings, TokenStore, build_store
 from mft.data.tokenizer import Tokenizer
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 log = logging.getLogger(__name__)
 

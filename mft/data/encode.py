@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from mft.data.samples import ChatSample, Sample, TextSample
 from mft.data.tokenizer import CONTROL_POLICIES, Tokenizer
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 
 @dataclass(frozen=True)

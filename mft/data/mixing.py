@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 
 def draws_per_epoch(sizes: Sequence[int], weights: Sequence[float] | None) -> list[int]:

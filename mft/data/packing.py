@@ -28,7 +28,7 @@ import torch
 
 from mft.data.batch import Batch
 from mft.data.encode import Encoded
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 TOO_LONG = ("truncate", "drop", "split")
 

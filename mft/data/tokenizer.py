@@ -31,7 +31,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
 from mistral_common.tokens.tokenizers.tekken import is_tekken
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 _DATA = Path(mistral_common.__file__).parent / "data"
 # Named tokenizers: the files the mistral-common wheel carries, so no network is needed.
@@ -239,3 +239,12 @@ def _find_in_folder(folder: Path) -> Path:
         )
     # Prefer a versioned .model.vN over the bare tokenizer.model (which mistral-common reads as v1).
     return sorted(others, key=lambda p: (p.name == "tokenizer.model", p.name))[0]
+
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int, model_name: str, tokenizer_spec: str) -> None:
+    """A model must have an embedding row for every id the tokenizer can produce."""
+    if tokenizer.vocab_size > vocab_size:
+        raise MftError(
+            f"tokenizer {tokenizer_spec!r} has {tokenizer.vocab_size} tokens but model={model_name} has "
+            f"vocab_size={vocab_size}; use the model's own tokenizer or set model.vocab_size."
+        )

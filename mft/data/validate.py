@@ -31,7 +31,7 @@ from mft.data.readers import _BadRow, iter_records
 from mft.data.samples import TOOL_CALL_ID, ChatSample, RowError, parse_row
 from mft.data.store import EncodeSettings, TokenStore, build_store
 from mft.data.tokenizer import Tokenizer, load_tokenizer
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DEFAULT_TOKENS_PER_S = 10_000.0  # one H100 fine-tuning a 7B model, about

@@ -23,7 +23,7 @@ from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mft.data.tokenizer import Tokenizer
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 
 @dataclass

@@ -17,11 +17,12 @@ from typing import Any, Optional, TextIO
 import hydra
 from omegaconf import DictConfig
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 from mft.generate.config import register_generate_configs
 from mft.generate.decode import GenerationSettings, Generator
 from mft.generate.load import guess_tokenizer, load_model, resolve_source
 from mft.generate.sampling import SamplingSettings
+from mft.utils.device import resolve_device, resolve_dtype
 
 log = logging.getLogger("mft.generate")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -59,9 +60,8 @@ class App:
     """The loaded model, tokenizer and decoding settings, shared by the three modes."""
 
     def __init__(self, cfg):
-        from mft.data.tokenizer import load_tokenizer
+        from mft.data.tokenizer import check_vocab, load_tokenizer
         from mft.generate.chat import ChatFormat
-        from mft.train.setup import check_vocab, resolve_device, resolve_dtype
 
         self.cfg = cfg
         self.tools = read_tools(cfg.tools)  # user input first: fail before the slow loading
@@ -76,7 +76,7 @@ class App:
             use_int4_kernels(self.model)
         tokenizer_spec = cfg.tokenizer or guess_tokenizer(source, self.model.args.vocab_size)
         tokenizer = load_tokenizer(tokenizer_spec)
-        check_vocab(self.model.args, tokenizer, str(source.base), tokenizer_spec)
+        check_vocab(tokenizer, self.model.args.vocab_size, str(source.base), tokenizer_spec)
         log.info("loaded %s on %s/%s in %.1fs (tokenizer %s)", source.describe(), device, dtype,
                  time.perf_counter() - started, tokenizer_spec)
         self.fmt = ChatFormat(tokenizer)

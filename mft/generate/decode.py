@@ -11,12 +11,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mft.errors import MftError
-from mft.generate.cache import KVCache, plan_decode, plan_prefill
-from mft.generate.forward import forward_cached
-from mft.generate.fuse import FusedBlock, fuse_projections, still_fused
+from mft.utils.errors import MftError
+from mft.generate.fuse import fuse_projections, still_fused
 from mft.generate.sampling import SamplingSettings, sample
-from mft.model.transformer import Transformer
+from mft.model.kv_cache import KVCache, plan_decode, plan_prefill
+from mft.model.transformer import FusedProjections, Transformer
 
 TokenCallback = Callable[[int, int], None]  # (row, token id), called as each row's token is accepted
 
@@ -98,17 +97,17 @@ class Generator:
             tokens[b, : len(p) - start] = torch.as_tensor(list(p[start:]), dtype=torch.long)
         tokens = tokens.to(self.device)
         positions = torch.arange(start, L, device=self.device).expand(B, L - start)
-        valid = positions < torch.tensor(lengths, device=self.device)[:, None]
-        last_hidden = torch.empty((B, self.args.dim), device=self.device, dtype=self.dtype)
+        last = torch.tensor(lengths, device=self.device)[:, None] - 1
+        valid = positions <= last
+        logits = torch.empty((B, self.args.vocab_size), device=self.device, dtype=torch.float32)
         for c0 in range(0, L - start, self.prefill_chunk):
             chunk = slice(c0, c0 + self.prefill_chunk)
             plan = plan_prefill(cache, positions[:, chunk], valid[:, chunk])
-            hidden = forward_cached(self.model, tokens[:, chunk], positions[:, chunk], cache, plan, self.fused)
-            for b, n in enumerate(lengths):
-                if c0 <= n - 1 - start < c0 + self.prefill_chunk:
-                    last_hidden[b] = hidden[b, n - 1 - start - c0]
+            is_last = positions[:, chunk] == last  # (B, C): at most one per row
+            out = self.model(tokens[:, chunk], positions[:, chunk], head_mask=is_last, cache=plan, fused=self.fused)
+            logits[is_last.any(dim=1)] = out.float()  # the head ran on those rows' last tokens, in row order
         self.prefilled = B * (L - start)
-        return self.model.output(last_hidden).float()
+        return logits
 
     # -- the cache ----------------------------------------------------------------------------
     def cache_for(self, batch: int, length: int) -> KVCache:
@@ -233,11 +232,10 @@ class Generator:
         return [Generation(out, r or "length", n) for out, r, n in zip(outputs[:real], reasons[:real], lengths[:real])]
 
 
-def _decode_step(model: Transformer, fused: Optional[list[FusedBlock]], cache: KVCache, tokens: torch.Tensor,
+def _decode_step(model: Transformer, fused: Optional[list[FusedProjections]], cache: KVCache, tokens: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
     plan = plan_decode(cache, positions)
-    hidden = forward_cached(model, tokens[:, None], positions[:, None], cache, plan, fused)
-    return model.output(hidden[:, 0]).float()
+    return model(tokens[:, None], positions[:, None], cache=plan, fused=fused).float()
 
 
 class _TokenReader:

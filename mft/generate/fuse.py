@@ -14,19 +14,12 @@ are thus seen by both. A block whose projections are not plain bias-free `nn.Lin
 """
 
 import weakref
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from mft.model.transformer import Transformer
-
-
-@dataclass
-class FusedBlock:
-    qkv: Optional[torch.Tensor]  # (n_heads * hd + 2 * n_kv_heads * hd, dim), or None: unfused
-    w13: Optional[torch.Tensor]  # (2 * hidden_dim, dim): w1's rows then w3's, or None
+from mft.model.transformer import FusedProjections, Transformer
 
 
 def _plain(layer: nn.Module) -> bool:
@@ -59,12 +52,13 @@ def _fuse(layers: list[nn.Linear]) -> Optional[torch.Tensor]:
     return fused
 
 
-def fuse_projections(model: Transformer) -> list[FusedBlock]:
-    """Per block, the fused qkv and w13 weights (None where that group cannot be fused)."""
+def fuse_projections(model: Transformer) -> list[FusedProjections]:
+    """Per block, the fused qkv and w13 weights (None where that group cannot be fused), as the
+    model's forward takes them (`fused=`)."""
     blocks = []
     for block in model.layers:
         attn, ff = block.attention, block.feed_forward
-        blocks.append(FusedBlock(qkv=_fuse([attn.wq, attn.wk, attn.wv]), w13=_fuse([ff.w1, ff.w3])))
+        blocks.append(FusedProjections(qkv=_fuse([attn.wq, attn.wk, attn.wv]), w13=_fuse([ff.w1, ff.w3])))
     return blocks
 
 
@@ -75,7 +69,7 @@ def _backs(tensor: Optional[torch.Tensor], layers: list[nn.Module]) -> bool:
     return all(_plain(layer) and layer.weight.untyped_storage().data_ptr() == storage for layer in layers)
 
 
-def still_fused(model: Transformer, blocks: list[FusedBlock]) -> bool:
+def still_fused(model: Transformer, blocks: list[FusedProjections]) -> bool:
     """Whether every fused tensor still backs the model's weights (no layer was replaced since)."""
     return all(
         _backs(fused.qkv, [block.attention.wq, block.attention.wk, block.attention.wv])

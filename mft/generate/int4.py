@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 log = logging.getLogger(__name__)
 INNER_K_TILES = 8  # the kernel's tiling of the input dimension (2, 4 or 8); 8 is the fastest

@@ -23,10 +23,10 @@ import torch
 import yaml
 
 from mft.checkpoint.adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config
-from mft.checkpoint.load import detect_format, load_weights, read_model_args
-from mft.errors import MftError
-from mft.model.build import build_model
+from mft.build import Runtime, build_model, checkpoint_spec
+from mft.checkpoint.load import detect_format
 from mft.model.transformer import Transformer
+from mft.utils.errors import MftError
 from mft.peft.lora import merge_and_unload
 
 log = logging.getLogger(__name__)
@@ -180,20 +180,6 @@ def guess_tokenizer(source: ModelSource, vocab_size: int) -> str:
     return guess
 
 
-def _build(folder: Path, device, dtype: torch.dtype, dense: bool) -> Transformer:
-    """An empty model shaped for the checkpoint: dense, or with int4/NF4 layers for mft's quantised format."""
-    args = read_model_args(folder)
-    if dense or detect_format(folder) != "quantized":
-        return build_model(args, device=device, dtype=dtype, init=False)
-    try:  # mft.quant (QLoRA bases) is optional for generation
-        from mft.checkpoint.quantized import read_quant_config
-        from mft.quant.model import build_quantized_model
-    except ImportError as e:
-        raise MftError(f"{folder} is an mft quantised checkpoint, which this installation cannot load ({e}).") from None
-    spec, modules, _ = read_quant_config(folder)
-    return build_quantized_model(args, spec, device=device, dtype=dtype, modules=modules, init=False)
-
-
 def load_model(
     source: ModelSource, *, device: torch.device | str, dtype: torch.dtype, merge: bool = True, dense: bool = False
 ) -> Transformer:
@@ -204,9 +190,9 @@ def load_model(
     packed layers, so its one adapter stays unmerged (LoRA over the quantised matmul), unless
     `dense`: then it is dequantised into `dtype` on load (for merging and exports).
     """
-    model = _build(source.base, device, dtype, dense)
-    load_weights(model, source.base)
-    quantized = not dense and detect_format(source.base) == "quantized"
+    spec = checkpoint_spec(source.base, dense=dense)
+    model = build_model(spec, Runtime(device=device, dtype=dtype))
+    quantized = spec.quant is not None
     if quantized and merge and source.adapters:
         log.info("%s is quantised: its adapter stays unmerged (LoRA layers over the quantised weights).", source.base)
         merge = False

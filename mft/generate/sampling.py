@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Triton dequantisation of NF4 and int4 weights, bit-identical to the torch reference.
 
-`dequantize(qt, dtype)` is what the quantised linear layer calls: the Triton kernels on CUDA,
-mft.quant.formats.dequantize (torch) elsewhere. Both compute the same fp32 operations in the
-same order and round once into the compute dtype, so they agree bit for bit:
+The kernels take plain tensors (the packed parts, the NF4 levels); mft.quant.dequant wraps them
+for QuantizedTensors and picks them on CUDA, the torch reference (mft.quant.formats.dequantize)
+elsewhere. Both compute the same fp32 operations in the same order and round once into the
+compute dtype, so they agree bit for bit:
 - nf4: level[code] * absmax, with absmax = code8 * scale + offset under double quantisation.
   The kernel is compiled with fp fusion off, so that multiply-then-add is never contracted
   into an fma (which rounds once instead of twice, unlike torch's two kernels).
@@ -15,12 +16,9 @@ One program decodes BLOCK packed bytes into 2 * BLOCK contiguous outputs. Memory
 0.5 byte read + 2 bytes written per bf16 element (+ 1 or 4 bytes per block of 64).
 """
 
-from typing import Dict
+from typing import Optional
 
 import torch
-
-from mft.quant.formats import QuantizedTensor, nf4_levels
-from mft.quant.formats import dequantize as dequantize_torch
 
 try:
     import triton
@@ -30,7 +28,6 @@ except ImportError:  # CPU-only installs without triton use the torch reference
 
 BLOCK_BYTES = 2048
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_LEVELS: Dict[torch.device, torch.Tensor] = {}
 
 
 def triton_available() -> bool:
@@ -98,43 +95,42 @@ if triton is not None:
         _store_pairs(out_ptr, pid, n_bytes, hi, lo, OUT_KIND, BLOCK)
 
 
-def _levels(device: torch.device) -> torch.Tensor:
-    if device not in _LEVELS:
-        _LEVELS[device] = nf4_levels(device)
-    return _LEVELS[device]
-
-
-def dequantize_triton(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, block: int = BLOCK_BYTES) -> torch.Tensor:
-    """The Triton kernels on qt's device (CUDA, or CPU under TRITON_INTERPRET=1)."""
+def _output(shape: tuple[int, int], dtype: torch.dtype, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the dense output, the view the kernel writes: bf16 as int16 bit patterns)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     if dtype not in _OUT_KINDS:
         raise ValueError(f"dequantize to {dtype} is not supported; use one of {list(_OUT_KINDS)}")
-    qt.check()
-    spec, p = qt.spec, qt.parts
-    out = torch.empty(qt.shape, dtype=dtype, device=qt.device)
-    n_bytes = p["q"].numel()
-    if 2 * n_bytes >= 2**31:
-        raise ValueError(f"a weight of {2 * n_bytes} elements is too large for the int32 indexing of the kernel")
-    target = out.view(torch.int16) if dtype == torch.bfloat16 else out
-    grid = (triton.cdiv(n_bytes, block),)
-    common = dict(BYTES_PER_BLOCK=spec.block_size // 2, OUT_KIND=_OUT_KINDS[dtype], BLOCK=block)
-    if spec.format == "nf4":
-        if spec.double_quant:
-            absmax, scale, offset = p["absmax_q"], p["absmax_scale"], p["absmax_offset"]
-        else:
-            absmax = scale = offset = p["absmax"]  # scale/offset unused without double quantisation
-        _nf4_kernel[grid](
-            p["q"], absmax, scale, offset, _levels(out.device), target, n_bytes,
-            DQ_BLOCK=spec.dq_block_size, DOUBLE_QUANT=spec.double_quant, enable_fp_fusion=False, **common,
-        )
-    else:
-        _int4_kernel[grid](p["q"], p["scale"], p["zero"], target, n_bytes, enable_fp_fusion=False, **common)
+    if q.numel() * 2 >= 2**31:
+        raise ValueError(f"a weight of {2 * q.numel()} elements is too large for the int32 indexing of the kernel")
+    out = torch.empty(shape, dtype=dtype, device=q.device)
+    return out, out.view(torch.int16) if dtype == torch.bfloat16 else out
+
+
+def dequantize_nf4(q: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, shape: tuple[int, int],
+                   block_size: int, dtype: torch.dtype, *, absmax_scale: Optional[torch.Tensor] = None,
+                   absmax_offset: Optional[torch.Tensor] = None, dq_block_size: int = 256,
+                   block: int = BLOCK_BYTES) -> torch.Tensor:
+    """levels[code] * absmax per `block_size` weights; with absmax_scale/absmax_offset (double
+    quantisation) `absmax` holds int8 codes: absmax = code * scale (per dq_block_size) + offset."""
+    out, target = _output(shape, dtype, q)
+    n_bytes = q.numel()
+    double_quant = absmax_scale is not None
+    _nf4_kernel[(triton.cdiv(n_bytes, block),)](
+        q, absmax, absmax_scale if double_quant else absmax, absmax_offset if double_quant else absmax,
+        levels, target, n_bytes, BYTES_PER_BLOCK=block_size // 2, DQ_BLOCK=dq_block_size,
+        DOUBLE_QUANT=double_quant, OUT_KIND=_OUT_KINDS[dtype], BLOCK=block, enable_fp_fusion=False,
+    )
     return out
 
 
-def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Dense weight in `dtype`: the Triton kernel on CUDA, the torch reference elsewhere."""
-    if qt.device.type == "cuda" and triton is not None:
-        return dequantize_triton(qt, dtype)
-    return dequantize_torch(qt, dtype)
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int],
+                    block_size: int, dtype: torch.dtype, *, block: int = BLOCK_BYTES) -> torch.Tensor:
+    """(code - zero) * scale per group of `block_size` weights."""
+    out, target = _output(shape, dtype, q)
+    n_bytes = q.numel()
+    _int4_kernel[(triton.cdiv(n_bytes, block),)](
+        q, scale, zero, target, n_bytes, BYTES_PER_BLOCK=block_size // 2, OUT_KIND=_OUT_KINDS[dtype], BLOCK=block,
+        enable_fp_fusion=False,
+    )
+    return out

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 # ---------------------------------------------------------------------------------------------
 # Kernels

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,17 @@
-"""The Mistral transformer (dense), one device, packed documents in one flat token stream.
+"""The Mistral transformer (dense), one device, one forward for training and decoding.
+
+Training feeds packed documents as one flat token stream (cu_seqlens marks the documents);
+decoding feeds (batch, chunk) rows with a KV cache plan (mft/model/kv_cache.py), and may pass
+fused projection weights (mft/generate/fuse.py). Both run the same blocks; only the attention
+step differs: the packed backend, or attention over the cache.
 
 Parameter names are those of Mistral's consolidated checkpoints. This file knows nothing of
-FSDP, LoRA or activation checkpointing: they are applied from outside, and LoRA replaces the
-plain nn.Linear attributes wq..wo and w1..w3 by modules that keep a `weight` parameter.
+FSDP, LoRA or activation checkpointing: they are applied from outside (mft/build/), and LoRA
+replaces the plain nn.Linear attributes wq..wo and w1..w3 by modules that keep a `weight`.
 """
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +20,18 @@ from torch import nn
 from mft.kernels.cross_entropy import chunked_cross_entropy
 from mft.model.args import ModelArgs
 from mft.model.attention import AttentionFn, PackedDocs, get_attention_backend
+from mft.model.kv_cache import CachePlan
 from mft.model.rope import apply_rope, rope_angles
+
+
+@dataclass
+class FusedProjections:
+    """One block's projections that read the same input, concatenated along their output rows:
+    one matmul instead of three (wq|wk|wv) or two (w1|w3). For decoding only: these are plain
+    tensors, so no gradient reaches the layers' parameters through them. None: not fused."""
+
+    qkv: Optional[torch.Tensor]  # (n_heads * hd + 2 * n_kv_heads * hd, dim)
+    w13: Optional[torch.Tensor]  # (2 * hidden_dim, dim): w1's rows then w3's
 
 
 class RMSNorm(nn.Module):
@@ -35,24 +52,30 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, attn_fn: AttentionFn):
+    def __init__(self, args: ModelArgs, attn_fn: AttentionFn, layer_id: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.window = args.sliding_window
         self.attn_fn = attn_fn
+        self.layer_id = layer_id  # which of the KV cache's layers this one reads and writes
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: PackedDocs) -> torch.Tensor:
-        T = x.shape[0]
-        q = self.wq(x).view(T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attn_fn(q, k, v, docs, self.window)
-        return self.wo(out.reshape(T, self.n_heads * self.head_dim))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: Optional[PackedDocs],
+                cache: Optional[CachePlan] = None, qkv: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (T, dim) -> (T, dim): over packed `docs`, or, with `cache`, over the cached keys too."""
+        T, hd = x.shape[0], self.head_dim
+        if qkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            q, k, v = F.linear(x, qkv).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
+        q = apply_rope(q.view(T, self.n_heads, hd), cos, sin)
+        k = apply_rope(k.view(T, self.n_kv_heads, hd), cos, sin)
+        v = v.view(T, self.n_kv_heads, hd)
+        out = self.attn_fn(q, k, v, docs, self.window) if cache is None else cache.attend(q, k, v, self.layer_id)
+        return self.wo(out.reshape(T, self.n_heads * hd))
 
 
 class FeedForward(nn.Module):
@@ -64,21 +87,26 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def forward(self, x: torch.Tensor, w13: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = F.linear(x, w13).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, attn_fn: AttentionFn):
+    def __init__(self, args: ModelArgs, attn_fn: AttentionFn, layer_id: int):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args, attn_fn)
+        self.attention = Attention(args, attn_fn, layer_id)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: PackedDocs) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, docs)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: Optional[PackedDocs],
+                cache: Optional[CachePlan] = None, fused: Optional[FusedProjections] = None) -> torch.Tensor:
+        qkv, w13 = (fused.qkv, fused.w13) if fused is not None else (None, None)
+        h = x + self.attention(self.attention_norm(x), cos, sin, docs, cache, qkv)
+        return h + self.feed_forward(self.ffn_norm(h), w13)
 
 
 class Transformer(nn.Module):
@@ -87,55 +115,58 @@ class Transformer(nn.Module):
         self.args = args
         attn_fn = get_attention_backend(attn_backend)  # chosen once, shared by every layer
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, attn_fn) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args, attn_fn, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
 
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """Random init in module order, so it is deterministic under torch.manual_seed.
-
-        The output head gets std dim**-0.5 so that logits start at unit scale: with 0.02 a
-        small model's logits are so flat that adapters on the blocks alone cannot sharpen them.
-        """
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=self.args.dim**-0.5 if module is self.output else std)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
-
     def hidden_states(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: int = 0,
+        cache: Optional[CachePlan] = None,
+        fused: Optional[Sequence[FusedProjections]] = None,
     ) -> torch.Tensor:
-        """Final normed hidden states (T, dim): the input of `output`."""
-        docs = PackedDocs.from_cu_seqlens(cu_seqlens, max_seqlen, num_tokens=tokens.shape[0])
+        """Final normed hidden states (T, dim), T = tokens.numel(): the input of `output`."""
+        tokens, positions = tokens.reshape(-1), positions.reshape(-1)
+        docs = None if cache is not None else PackedDocs.from_cu_seqlens(cu_seqlens, max_seqlen, tokens.shape[0])
         cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin, docs)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, docs, cache, fused[i] if fused is not None else None)
         return self.norm(h)
 
     def forward(
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        cu_seqlens: torch.Tensor,
-        max_seqlen: int,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        max_seqlen: int = 0,
         head_mask: Optional[torch.Tensor] = None,
         targets: Optional[torch.Tensor] = None,
         loss_chunk: int = 0,
+        cache: Optional[CachePlan] = None,
+        fused: Optional[Sequence[FusedProjections]] = None,
     ) -> torch.Tensor:
-        """Logits (T, vocab) in the compute dtype for tokens (T,) packed as cu_seqlens says.
+        """Logits (T, vocab) in the compute dtype, one row per token.
 
-        With `head_mask` (T,) bool, only the selected positions go through the output head: a
-        loss on a few supervised tokens skips most of the largest matmul. With `targets` (one
-        per selected position) it returns instead their summed fp32 cross-entropy, the head and
-        the loss run `loss_chunk` tokens at a time and recomputed in backward
-        (mft.kernels.cross_entropy), so no (tokens x vocab) logits are kept; 0: one chunk.
+        Training and evaluation: tokens (T,) packed as cu_seqlens says (positions restart per
+        document). Decoding: tokens and positions (B, C), `cache` the plan of this step over the
+        KV cache (mft.model.kv_cache: which keys each query sees, where the new ones are
+        stored), no cu_seqlens; rows are flattened, so T = B * C. `fused`: per block, fused
+        projection weights to use instead of the separate layers (decoding only).
+
+        With `head_mask` (T,) or (B, C) bool, only the selected positions go through the output
+        head: a loss on a few supervised tokens (or a prefill that needs the last token's logits)
+        skips most of the largest matmul. With `targets` (one per selected position) it returns
+        instead their summed fp32 cross-entropy, the head and the loss run `loss_chunk` tokens at
+        a time and recomputed in backward (mft.kernels.cross_entropy), so no (tokens x vocab)
+        logits are kept; 0: one chunk.
         (One entry point, so that wrappers that hook `forward`, FSDP's among them, see every call.)
         """
-        hidden = self.hidden_states(tokens, positions, cu_seqlens, max_seqlen)
-        hidden = hidden if head_mask is None else hidden[head_mask]
+        hidden = self.hidden_states(tokens, positions, cu_seqlens, max_seqlen, cache, fused)
+        hidden = hidden if head_mask is None else hidden[head_mask.reshape(-1)]
         if targets is None:
             return self.output(hidden)
         return chunked_cross_entropy(hidden, self.output, targets, loss_chunk or max(hidden.shape[0], 1))

@@ -9,14 +9,14 @@ takes over the QuantizedLinear's `weight_<part>` buffers under the same names in
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mft.checkpoint.sharded import full_tensor
-from mft.errors import MftError
+from mft.utils.dtensor import copy_full_, full_tensor
+from mft.utils.errors import MftError
 from mft.model.names import canonical_name
 from mft.quant.linear import QuantizedLinear, quantized_linear, quantized_weight_of, register_quantized_weight
 
@@ -36,9 +36,9 @@ class LoRASettings:
 
 
 @torch.no_grad()
-def init_lora_factors_(a: torch.Tensor, b: torch.Tensor) -> None:
+def init_lora_factors_(a: torch.Tensor, b: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
     """A as nn.Linear initialises its weight (the LoRA paper's reference code), B zero."""
-    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
     nn.init.zeros_(b)
 
 
@@ -75,15 +75,15 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
 
     @torch.no_grad()
-    def reset_lora_parameters(self) -> None:
-        """Drawn on the CPU (then copied), so the factors are the same on every device and the
-        same as a sharded run draws them (mft.train.parallel)."""
+    def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Drawn whole on the CPU, then copied (a sharded factor keeps its own rows): the factors
+        are the same on every device and under any number of ranks."""
         if self.lora_a.is_meta:
             return
         a, b = torch.empty(self.lora_a.shape), torch.empty(self.lora_b.shape)
-        init_lora_factors_(a, b)
-        self.lora_a.copy_(a)
-        self.lora_b.copy_(b)
+        init_lora_factors_(a, b, generator)
+        copy_full_(self.lora_a, a)
+        copy_full_(self.lora_b, b)
 
     def base_linear(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen base: a plain matmul, or dequantise + matmul (dense weight not kept for backward)."""
@@ -152,6 +152,13 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> List[str]:
     if not replaced:
         raise MftError(f"peft.target_modules {settings.target_modules} matched no linear layer of the model.")
     return replaced
+
+
+def init_lora_(model: nn.Module, seed: int) -> None:
+    """Draw every LoRA factor of `model` afresh, in module order, from one CPU generator."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in lora_modules(model).values():
+        module.reset_lora_parameters(generator)
 
 
 def lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:

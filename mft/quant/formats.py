@@ -32,7 +32,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 FORMATS = ("nf4", "int4")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mft.kernels.dequant import dequantize
+from mft.quant.dequant import dequantize
 from mft.quant.formats import QuantizedTensor, QuantSpec, quantize
 
 PREFIX = "weight_"

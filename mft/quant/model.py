@@ -1,11 +1,9 @@
-"""Build a Transformer whose linear layers are quantised, without ever materialising them dense.
+"""Which layers of a model are quantised, and how: the model-level view of mft.quant.
 
-The model is constructed on the meta device, the targeted nn.Linear layers are swapped for
-QuantizedLinear (packed buffers only), and to_empty() allocates everything once on the target
-device: quantised storage for those layers, `dtype` for embeddings, norms and the head. The
-weights then come from a loader (mft.checkpoint.load.load_weights quantises each tensor as it
-streams in) or from `init_weights_`, which draws each dense weight on the device one at a
-time and quantises it.
+The build pipeline (mft/build/pipeline.py) swaps the chosen nn.Linear layers of a meta-built
+model for empty QuantizedLinear layers (packed buffers only), so a dense copy of them never
+exists; a loader or the random init then quantises each tensor on the device as it arrives.
+`quantize_model_` instead converts an already materialised dense model in place.
 """
 
 from dataclasses import asdict
@@ -14,11 +12,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from mft.errors import MftError
-from mft.model.args import ModelArgs
-from mft.model.transformer import RMSNorm, Transformer
+from mft.utils.errors import MftError
 from mft.quant.formats import QuantSpec
-from mft.quant.linear import QuantizedLinear, load_dense_weight_, quantized_layers, replace_linears
+from mft.quant.linear import QuantizedLinear, quantized_layers
 
 LINEAR_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 QUANTIZABLE = LINEAR_TARGETS + ("output",)
@@ -44,48 +40,6 @@ def check_modules(modules: Sequence[str]) -> list:
             "(embeddings and norms stay in the compute dtype)."
         )
     return list(modules)
-
-
-def build_quantized_model(
-    args: ModelArgs,
-    spec: QuantSpec,
-    *,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    modules: Optional[Sequence[str]] = None,
-    attn_backend: str = "auto",
-    init: bool = True,
-) -> Transformer:
-    """A Transformer with `modules` (default: every block linear) quantised in `spec`, the rest in `dtype`."""
-    modules = check_modules(LINEAR_TARGETS if modules is None else modules)
-    with torch.device("meta"):
-        model = Transformer(args, attn_backend=attn_backend)
-    model.to(dtype=dtype)  # free on meta; quantised buffers are created afterwards, in their own dtypes
-    replace_linears(model, spec, modules, device=torch.device("meta"))
-    if torch.device(device).type != "meta":
-        model.to_empty(device=device)
-        if init:
-            init_weights_(model, dtype)
-    return model
-
-
-@torch.no_grad()
-def init_weights_(model: Transformer, dtype: torch.dtype, std: float = 0.02) -> None:
-    """Transformer.init_weights for a partly quantised model: same draws, in the same order.
-
-    A quantised layer's dense weight is drawn in `dtype` on the device (one layer at a time)
-    and quantised, so with the same seed the model equals quantize(dense random model).
-    """
-    head_std = model.args.dim**-0.5
-    for module in model.modules():
-        module_std = head_std if module is model.output else std
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=module_std)
-        elif isinstance(module, QuantizedLinear):
-            weight = torch.empty(module.out_features, module.in_features, dtype=dtype, device=module.weight_q.device)
-            load_dense_weight_(module, nn.init.normal_(weight, mean=0.0, std=module_std))
-        elif isinstance(module, RMSNorm):
-            module.reset_parameters()
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mft.config import register_configs
-from mft.errors import MftError
-from mft.train.distributed import init_distributed, quiet_overrides, shutdown, world_from_env
+from mft.utils.errors import MftError
+from mft.utils.distributed import init_distributed, quiet_overrides, shutdown, world_from_env
 from mft.train.loop import RunResult, train
 
 # The repository's top-level conf/ (the package is installed editable: pip install -e .).

@@ -10,28 +10,26 @@ from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import OmegaConf
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from mft.build import build_model
 from mft.checkpoint.adapter import write_adapter
 from mft.checkpoint.consolidated import consolidated_state, write_consolidated
-from mft.checkpoint.sharded import full_tensor
+from mft.utils.dtensor import full_tensor
 from mft.checkpoint.train_state import load_checkpoint, resolve_resume, save_checkpoint
 from mft.data.batch import Batch
 from mft.data.dataset import build_datasets
-from mft.data.tokenizer import load_tokenizer
-from mft.errors import MftError
-from mft.model.transformer import TransformerBlock
+from mft.data.tokenizer import check_vocab, load_tokenizer
 from mft.peft.lora import lora_state_dict
 from mft.train.evaluate import evaluate
 from mft.train.loss import supervised_loss
-from mft.train.distributed import World, all_reduce_sum, gather_objects
 from mft.train.metrics import MetricsLogger
 from mft.train.optim import build_optimizer, build_scheduler, trainable_parameters
-from mft.train.parallel import build_sharded_model
-from mft.train.setup import (apply_peft, build_base_model, check_vocab, describe_base, resolve_device, resolve_dtype,
-                             resolve_quant, save_base_model)
+from mft.train.setup import describe_base, model_spec, save_base_model, train_runtime
+from mft.utils.device import resolve_device, resolve_dtype
+from mft.utils.distributed import World, all_reduce_sum, gather_objects
+from mft.utils.errors import MftError
 
 log = logging.getLogger(__name__)
 
@@ -102,30 +100,24 @@ def train(cfg, run_dir: Path, world: World = World()) -> RunResult:
         raise MftError(f"batch_size and grad_accum must be positive, got {cfg.batch_size} and {cfg.grad_accum}.")
     if cfg.loss_chunk_tokens < 0:
         raise MftError(f"loss_chunk_tokens must be >= 0 (0 = the whole head at once), got {cfg.loss_chunk_tokens}.")
-    torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, world.local_rank)
     dtype = resolve_dtype(cfg.precision, device)
-    quant = resolve_quant(cfg.quant, cfg.peft)
+    spec = model_spec(cfg)  # checks the config against the checkpoint before any data is read
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
+    check_vocab(tokenizer, spec.args.vocab_size, cfg.model.name, cfg.model.tokenizer)
     train_set, valid_set = build_datasets(cfg.data, tokenizer)
     log.info("train data: %s", train_set.summary())
     if valid_set is not None:
         log.info("valid data: %s", valid_set.summary())
 
-    if world.distributed:
-        model, args, base_checkpoint, lora = build_sharded_model(cfg, world, device, dtype, run_dir)
-    else:
-        model, args = build_base_model(cfg.model, device, dtype, quant, cfg.quant.modules)
-        base_checkpoint = cfg.model.checkpoint
-        if base_checkpoint is None:
-            # A randomly initialised base is part of the result: keep it so the adapter stays usable.
-            base_checkpoint = str(save_base_model(model, run_dir / "base_model"))
-        torch.manual_seed(cfg.seed + 1)  # LoRA init: the same stream whatever built the base
-        lora = apply_peft(model, cfg.peft)
-    check_vocab(args, tokenizer, cfg.model.name, cfg.model.tokenizer)
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
+    model = build_model(spec, train_runtime(cfg, device, dtype, world))
+    base_checkpoint = cfg.model.checkpoint
+    if base_checkpoint is None:
+        # A randomly initialised base is part of the result: keep it so the adapter stays usable.
+        base_checkpoint = str(save_base_model(model, run_dir / "base_model", world))
+    lora, args = spec.lora, spec.args
+    torch.manual_seed(cfg.seed)  # dropout; the weights were drawn from their own generators
     n_train = sum(p.numel() for p in trainable_parameters(model))  # DTensor.numel() is the global size
     n_total = sum(p.numel() for p in model.parameters())
     log.info("model %s on %s/%s x %d process(es): %.2fM parameters, %.3fM trainable", cfg.model.name, device,
@@ -135,7 +127,7 @@ def train(cfg, run_dir: Path, world: World = World()) -> RunResult:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     metrics = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), enabled=world.is_main)
-    base = describe_base(cfg.model, args, base_checkpoint, quant)
+    base = describe_base(cfg.model, args, base_checkpoint, spec.quant)
     batches = train_set.iterator(cfg.batch_size, world.rank, world.size)
 
     def run_eval(step: int) -> Dict[str, float]:

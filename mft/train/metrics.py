@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 
 class MetricsLogger:

@@ -6,7 +6,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 SCHEDULES = ("cosine", "linear", "constant")
 

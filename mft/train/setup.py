@@ -1,4 +1,4 @@
-"""Turn a composed config into the objects a run needs: device, dtype, model, datasets."""
+"""From a composed training config to what the build pipeline and the loop take."""
 
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -7,44 +7,22 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mft.checkpoint.consolidated import save_consolidated
-from mft.checkpoint.load import load_weights, read_model_args
-from mft.checkpoint.quantized import save_quantized
-from mft.errors import MftError
+from mft.build import ModelSpec, Runtime
+from mft.checkpoint.consolidated import consolidated_state, write_consolidated
+from mft.checkpoint.load import read_model_args
+from mft.checkpoint.quantized import quantized_state, write_quantized
 from mft.model.args import ModelArgs
-from mft.model.build import build_model
-from mft.peft.lora import LoRASettings, apply_lora
+from mft.peft.lora import LoRASettings
 from mft.quant.formats import QuantSpec
 from mft.quant.linear import quantized_layers
-from mft.quant.model import build_quantized_model, quant_spec_from_config
-
-PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto`: this rank's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise MftError(f"device={name!r} is not a device; expected auto, cpu, cuda or cuda:N.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MftError(f"device={name!r} but CUDA is not available on this machine; use device=cpu.")
-    return device
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if precision not in PRECISIONS:
-        raise MftError(f"precision={precision!r}; expected auto, {', '.join(PRECISIONS)}.")
-    return PRECISIONS[precision]
+from mft.quant.model import quant_spec_from_config
+from mft.utils.distributed import World, barrier
+from mft.utils.errors import MftError
 
 
 def model_args(mcfg) -> ModelArgs:
     """The preset's args; with a checkpoint, its own args, which must agree with the preset."""
-    preset = ModelArgs.from_mapping(mcfg)
+    preset = ModelArgs(**{f.name: getattr(mcfg, f.name) for f in fields(ModelArgs)})
     if not mcfg.checkpoint:
         return preset
     found = read_model_args(mcfg.checkpoint)
@@ -58,63 +36,53 @@ def model_args(mcfg) -> ModelArgs:
     return found
 
 
+def lora_settings(pcfg) -> Optional[LoRASettings]:
+    """The adapters to train; None for peft=none (full fine-tuning)."""
+    if pcfg.method == "none":
+        return None
+    return LoRASettings(r=pcfg.r, alpha=pcfg.alpha, dropout=pcfg.dropout, target_modules=list(pcfg.target_modules))
+
+
 def resolve_quant(qcfg, pcfg) -> Optional[QuantSpec]:
     """The base's QuantSpec (None for quant=none), refusing set-ups that cannot train."""
     spec = quant_spec_from_config(qcfg)
-    if spec is None:
-        return None
-    if pcfg.method != "lora":
+    if spec is not None and pcfg.method != "lora":
         raise MftError(f"quant={spec.format} freezes the base: it needs peft=lora (got peft.method={pcfg.method!r}).")
     return spec
 
 
-def build_base_model(
-    mcfg, device: torch.device, dtype: torch.dtype, quant: Optional[QuantSpec] = None, quant_modules=None
-) -> tuple[nn.Module, ModelArgs]:
-    """Build on the meta device, materialise once on `device`, then load or seed-initialise.
-
-    With `quant`, the `quant_modules` linear layers are built quantised and each checkpoint
-    tensor is quantised on `device` as it is read (no dense copy of those layers ever exists).
-    """
-    args = model_args(mcfg)
-    model = build_architecture(args, mcfg.attn_backend, quant, quant_modules, device, dtype, init=not mcfg.checkpoint)
-    if mcfg.checkpoint:
-        load_weights(model, mcfg.checkpoint)
-    return model, args
+def model_spec(cfg) -> ModelSpec:
+    """What mft-train builds: the preset (or checkpoint) with its quantisation and new adapters."""
+    return ModelSpec(
+        args=model_args(cfg.model),
+        attn_backend=str(cfg.model.attn_backend),
+        quant=resolve_quant(cfg.quant, cfg.peft),
+        quant_modules=tuple(cfg.quant.modules),
+        lora=lora_settings(cfg.peft),
+        weights=cfg.model.checkpoint,
+        seed=cfg.seed,
+    )
 
 
-def build_architecture(args: ModelArgs, attn_backend: str, quant: Optional[QuantSpec], quant_modules,
-                       device, dtype: torch.dtype, init: bool = True) -> nn.Module:
-    """The Transformer, with its `quant_modules` linear layers quantised when `quant` is set."""
-    if quant is None:
-        return build_model(args, device=device, dtype=dtype, attn_backend=attn_backend, init=init)
-    return build_quantized_model(args, quant, device=device, dtype=dtype, modules=quant_modules,
-                                 attn_backend=attn_backend, init=init)
+def train_runtime(cfg, device: torch.device, dtype: torch.dtype, world: World) -> Runtime:
+    return Runtime(device=device, dtype=dtype, train=True, world=world,
+                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
 
 
-def check_vocab(args: ModelArgs, tokenizer, model_name: str, tokenizer_spec: str) -> None:
-    if tokenizer.vocab_size > args.vocab_size:
-        raise MftError(
-            f"tokenizer {tokenizer_spec!r} has {tokenizer.vocab_size} tokens but model={model_name} has "
-            f"vocab_size={args.vocab_size}; use the model's own tokenizer or set model.vocab_size."
-        )
-
-
-def apply_peft(model: nn.Module, pcfg) -> LoRASettings | None:
-    if pcfg.method == "none":
-        return None
-    if pcfg.method != "lora":
-        raise MftError(f"peft.method={pcfg.method!r}; expected 'lora' or 'none'.")
-    settings = LoRASettings(r=pcfg.r, alpha=pcfg.alpha, dropout=pcfg.dropout, target_modules=list(pcfg.target_modules))
-    apply_lora(model, settings)
-    return settings
-
-
-def save_base_model(model: nn.Module, folder: Path) -> Path:
-    """Keep a randomly initialised base: quantised checkpoint when quantised, else consolidated."""
+def save_base_model(model: nn.Module, folder: Path, world: World) -> Path:
+    """Keep a randomly initialised base, so the adapters trained on it stay usable: mft's quantised
+    checkpoint when quantised, else consolidated. Every rank calls it (gathering a sharded tensor
+    is a collective); rank 0 writes."""
     if quantized_layers(model):
-        return save_quantized(model, folder, source="random init")
-    return save_consolidated(model, folder)
+        state = quantized_state(model, keep=world.is_main)
+        if world.is_main:
+            write_quantized(state, model, folder, source="random init")
+    else:
+        state = consolidated_state(model, keep=world.is_main)
+        if world.is_main:
+            write_consolidated(state, model.args, folder)
+    barrier()
+    return folder
 
 
 def describe_base(mcfg, args: ModelArgs, checkpoint: str, quant: Optional[QuantSpec] = None) -> dict:

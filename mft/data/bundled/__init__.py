@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 DIR = Path(__file__).resolve().parent
 

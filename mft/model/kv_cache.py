@@ -1,5 +1,8 @@
 """KV cache for decoding: a static key/value buffer per layer, rolling for sliding-window models.
 
+The model's forward takes a `CachePlan` (mft.model.transformer: `model(tokens, positions,
+cache=plan)`); each attention layer then calls `plan.attend` instead of the packed backend.
+
 Every layer's buffer has S slots, S = min(W, max length) for a window of W keys (so memory grows
 with W, never with the conversation) and S = max length without a window. The token at position
 p of a row lives in slot p % S; `slot_positions` says which position each slot holds (-1: empty)
@@ -7,8 +10,8 @@ and is shared by all layers, which write the same slots. Attention masks come fr
 not from slot order: key j is visible to query q when 0 <= slot_positions[j] <= q and, with a
 window, q - slot_positions[j] < W (the query itself and the W - 1 tokens before it).
 
-A forward over the cache is planned once (`plan_prefill`, `plan_decode`) and the plan is shared
-by every layer:
+A forward over the cache is planned once (`plan_prefill`, `plan_decode`) and the plan is passed
+to the model's forward, which shares it between every layer:
 - decode (one token per row): write the new key first, then attend over the S slots. Writing
   slot p % S evicts position p - S, which a window of W <= S no longer needs: static shapes,
   so the step can be compiled and captured in a CUDA graph.
@@ -87,11 +90,22 @@ class KVCache:
 class CachePlan:
     """What one forward does with the cache; built once and shared by every layer."""
 
+    cache: KVCache
     mask: torch.Tensor  # (B, C, K) bool: query c of row b may attend key k
     write_first: bool  # decode: write, then attend over the slots; prefill: attend over slots + chunk, then write
     rows: torch.Tensor  # (N,) row of each token to store
     cols: torch.Tensor  # (N,) its index in the chunk
     slots: torch.Tensor  # (N,) the slot it goes to
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """Attention of the step's T = B * C tokens, row-major, over the cache plus themselves.
+
+        q (T, n_heads, hd), k and v (T, n_kv_heads, hd) -> (T, n_heads, hd); stores k and v.
+        """
+        B, C = self.mask.shape[:2]
+        q, k, v = (t.view(B, C, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        out = attend_cached(q, k, v, self.cache, layer, self)  # (B, n_heads, C, hd)
+        return out.transpose(1, 2).reshape(B * C, out.shape[1], out.shape[3])
 
 
 def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: Optional[int]) -> torch.Tensor:
@@ -112,7 +126,7 @@ def plan_decode(cache: KVCache, positions: torch.Tensor) -> CachePlan:
     slots = positions % cache.size
     cache.slot_positions[rows, slots] = positions
     mask = visible(positions[:, None, None], cache.slot_positions[:, None, :], cache.window)
-    return CachePlan(mask, True, rows, torch.zeros_like(rows), slots)
+    return CachePlan(cache, mask, True, rows, torch.zeros_like(rows), slots)
 
 
 def plan_prefill(cache: KVCache, positions: torch.Tensor, valid: torch.Tensor) -> CachePlan:
@@ -129,7 +143,7 @@ def plan_prefill(cache: KVCache, positions: torch.Tensor, valid: torch.Tensor) -
     rows, cols = keep.nonzero(as_tuple=True)
     slots = positions[rows, cols] % cache.size
     cache.slot_positions[rows, slots] = positions[rows, cols]
-    return CachePlan(mask, False, rows, cols, slots)
+    return CachePlan(cache, mask, False, rows, cols, slots)
 
 
 def attend_cached(

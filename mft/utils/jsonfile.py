@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mft.errors import MftError
+from mft.utils.errors import MftError
 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:

@@ -1,0 +1,42 @@
+"""Step 3 of the build pipeline: how a meta-built model runs, applied from outside the model.
+
+In torchtitan's order: activation checkpointing, then torch.compile, then FSDP2, each per
+TransformerBlock. Under torchrun (world > 1) every block and the root become fully_shard units:
+parameters sharded on dim 0, gathered in the compute dtype for forward and backward, gradients
+reduced in fp32, so the sharded parameters (fp32 masters for full fine-tuning) and their AdamW
+states stay in their own dtype. One process with fp32 masters and a lower compute dtype gets
+the same split from autocast around the model's forward.
+"""
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from mft.model.transformer import TransformerBlock
+
+
+def parallelize(model: nn.Module, runtime, param_dtype: torch.dtype) -> None:
+    """Wrap `model`'s blocks in place as `runtime` (mft.build.Runtime) asks; works on meta models."""
+    device = torch.device(runtime.device)
+    if runtime.activation_checkpointing:
+        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
+    if runtime.compile:
+        for i, block in enumerate(model.layers):
+            model.layers[i] = torch.compile(block)  # attention kernels break the graph: fullgraph off
+    if runtime.world.distributed:
+        shard(model, runtime.world.size, device, runtime.dtype)
+    elif param_dtype != runtime.dtype:
+        # Instance attribute: nn.Module.__call__ runs it, so every caller computes in runtime.dtype.
+        model.forward = torch.autocast(device.type, dtype=runtime.dtype)(model.forward)
+
+
+def shard(model: nn.Module, world_size: int, device: torch.device, compute_dtype: torch.dtype) -> None:
+    """fully_shard per block, then the root (embeddings, final norm, head)."""
+    mesh = init_device_mesh(device.type, (world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    # The root stays gathered after forward, since backward starts there at once.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)

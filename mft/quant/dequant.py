@@ -1,0 +1,38 @@
+"""Dequantise a QuantizedTensor with the fastest path for its device: mft's Triton kernels
+(mft/kernels/dequant.py) on CUDA, the torch reference (mft.quant.formats.dequantize) elsewhere.
+The two agree bit for bit (tested), so the choice never changes a result."""
+
+from typing import Dict
+
+import torch
+
+from mft.kernels.dequant import BLOCK_BYTES, dequantize_int4, dequantize_nf4, triton_available
+from mft.quant.formats import QuantizedTensor, nf4_levels
+from mft.quant.formats import dequantize as dequantize_torch
+
+_LEVELS: Dict[torch.device, torch.Tensor] = {}  # the NF4 table, once per device
+
+
+def dequantize_triton(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, block: int = BLOCK_BYTES) -> torch.Tensor:
+    """The Triton kernels on qt's device (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    qt.check()
+    spec, p = qt.spec, qt.parts
+    if spec.format == "int4":
+        return dequantize_int4(p["q"], p["scale"], p["zero"], qt.shape, spec.block_size, dtype, block=block)
+    if qt.device not in _LEVELS:
+        _LEVELS[qt.device] = nf4_levels(qt.device)
+    if spec.double_quant:
+        return dequantize_nf4(p["q"], p["absmax_q"], _LEVELS[qt.device], qt.shape, spec.block_size, dtype,
+                              absmax_scale=p["absmax_scale"], absmax_offset=p["absmax_offset"],
+                              dq_block_size=spec.dq_block_size, block=block)
+    return dequantize_nf4(p["q"], p["absmax"], _LEVELS[qt.device], qt.shape, spec.block_size, dtype, block=block)
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dense weight in `dtype`: the Triton kernel on CUDA, the torch reference elsewhere."""
+    if qt.device.type == "cuda" and triton_available():
+        return dequantize_triton(qt, dtype)
+    return dequantize_torch(qt, dtype)
+
+
+__all__ = ["dequantize", "dequantize_torch", "dequantize_triton"]
