@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mft.checkpoint.train_state import latest_checkpoint
 
@@ -59,6 +60,34 @@ def test_two_ranks_match_one_process(tmp_path, peft):
         assert sharded_eval[step]["valid_mean_token_accuracy"] == pytest.approx(r["valid_mean_token_accuracy"], abs=1e-9)
     assert (tmp_path / "fsdp" / ".hydra" / "config.yaml").is_file()
     assert [p.name for p in tmp_path.iterdir()] and not (tmp_path / "outputs").exists()  # one run dir, no stray ones
+
+
+def test_full_fine_tuning_in_bf16_keeps_fp32_masters_in_one_process_as_on_two_ranks(tmp_path):
+    """bf16 compute, lr 1e-5: each step moves a weight by ~1e-5, below bf16's spacing near the
+    init scale (~8e-5). One process (autocast over fp32 parameters) and two ranks (FSDP2's mixed
+    precision over fp32 shards) both apply those updates, and the same ones."""
+    from safetensors.torch import load_file
+
+    args = [*BASE, "peft=none", "precision=bf16", "max_steps=3", "optim.lr=1e-5", "optim.warmup_steps=0",
+            "optim.schedule=constant"]
+    run([*args, "batch_size=4", f"hydra.run.dir={tmp_path}/single"], tmp_path)
+    run([*args, "batch_size=2", f"hydra.run.dir={tmp_path}/fsdp"], tmp_path, torchrun=True)
+    single, sharded = train_losses(tmp_path / "single"), train_losses(tmp_path / "fsdp")
+    for step in single:
+        assert sharded[step] == pytest.approx(single[step], rel=1e-3), (step, single, sharded)
+
+    def update(run_name):
+        before = load_file(str(tmp_path / run_name / "base_model" / "consolidated.safetensors"))
+        after = load_file(str(tmp_path / run_name / "checkpoints" / "step_000003" / "consolidated.safetensors"))
+        assert after["layers.0.attention.wq.weight"].dtype == torch.float32  # the masters, as trained
+        return torch.cat([(after[k] - before[k]).flatten() for k in before if k.startswith("layers.")]), before
+
+    single_update, single_base = update("single")
+    sharded_update, sharded_base = update("fsdp")
+    assert all(torch.equal(single_base[k], sharded_base[k]) for k in single_base)  # the same random base
+    moved = single_update.abs()
+    assert (moved > 1e-6).float().mean() > 0.9 and moved.max() < 4e-5  # ~1e-5 a step, 3 steps, not rounded away
+    assert torch.nn.functional.cosine_similarity(single_update, sharded_update, dim=0) > 0.99
 
 
 @pytest.mark.parametrize("quant", ["int4", "nf4"])

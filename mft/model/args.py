@@ -1,7 +1,7 @@
 """Architecture hyper-parameters of a Mistral model."""
 
-from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
@@ -19,8 +19,3 @@ class ModelArgs:
     rope_theta: float = 10000.0
     # A query sees itself and the previous sliding_window - 1 tokens of its document; None: full causal.
     sliding_window: Optional[int] = None
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "ModelArgs":
-        """Pick the ModelArgs fields out of a larger mapping (a Hydra model config, say)."""
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})

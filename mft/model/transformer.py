@@ -40,9 +40,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (a bf16 mean of squares loses too much), cast back, then scale:
         # the order of mistral-inference and transformers, so bf16 results round like theirs.

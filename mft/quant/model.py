@@ -20,18 +20,6 @@ LINEAR_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 QUANTIZABLE = LINEAR_TARGETS + ("output",)
 
 
-def quant_spec_from_config(qcfg) -> Optional[QuantSpec]:
-    """QuantSpec of a `quant` config group (None for format none); bad values are MftErrors."""
-    if qcfg is None or qcfg.format == "none":
-        return None
-    return QuantSpec(
-        format=qcfg.format,
-        block_size=qcfg.block_size,
-        double_quant=bool(qcfg.double_quant),
-        dq_block_size=qcfg.double_quant_block_size,
-    )
-
-
 def check_modules(modules: Sequence[str]) -> list:
     unknown = sorted(set(modules) - set(QUANTIZABLE))
     if unknown or not modules:

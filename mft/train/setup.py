@@ -15,7 +15,6 @@ from mft.model.args import ModelArgs
 from mft.peft.lora import LoRASettings
 from mft.quant.formats import QuantSpec
 from mft.quant.linear import quantized_layers
-from mft.quant.model import quant_spec_from_config
 from mft.utils.distributed import World, barrier
 from mft.utils.errors import MftError
 
@@ -45,8 +44,11 @@ def lora_settings(pcfg) -> Optional[LoRASettings]:
 
 def resolve_quant(qcfg, pcfg) -> Optional[QuantSpec]:
     """The base's QuantSpec (None for quant=none), refusing set-ups that cannot train."""
-    spec = quant_spec_from_config(qcfg)
-    if spec is not None and pcfg.method != "lora":
+    if qcfg.format == "none":
+        return None
+    spec = QuantSpec(format=qcfg.format, block_size=qcfg.block_size, double_quant=bool(qcfg.double_quant),
+                     dq_block_size=qcfg.double_quant_block_size)
+    if pcfg.method != "lora":
         raise MftError(f"quant={spec.format} freezes the base: it needs peft=lora (got peft.method={pcfg.method!r}).")
     return spec
 
@@ -55,7 +57,7 @@ def model_spec(cfg) -> ModelSpec:
     """What mft-train builds: the preset (or checkpoint) with its quantisation and new adapters."""
     return ModelSpec(
         args=model_args(cfg.model),
-        attn_backend=str(cfg.model.attn_backend),
+        attn_backend=cfg.model.attn_backend,
         quant=resolve_quant(cfg.quant, cfg.peft),
         quant_modules=tuple(cfg.quant.modules),
         lora=lora_settings(cfg.peft),
