@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from mft.checkpoint.export import export_consolidated, export_hf, export_peft
+from mft.checkpoint.load import read_model_args
 from mft.cli import DTYPES, report_error
 from mft.errors import MftError
 from mft.generate.load import ModelSource, guess_tokenizer, load_model, resolve_source
@@ -106,11 +107,11 @@ def write_model(opts: argparse.Namespace, source: ModelSource) -> str:
         if len(source.adapters) > 1:
             raise MftError("consolidated export without --merge writes one lora.safetensors: give one adapter.")
         lora, source = source.adapters[0], ModelSource(source.base, [], source.tokenizer)
+    tokenizer = tokenizer_of(opts, source, read_model_args(source.base).vocab_size)  # before a long load
     # One adapter stays unmerged: the export merges it in fp32 over the (dequantised) base and
     # rounds once. Several can only be merged into the model as it loads, which needs a dense base.
     several = len(source.adapters) > 1
     model = load_model(source, device=opts.device, dtype=dtype, merge=several, dense=several)
-    tokenizer = tokenizer_of(opts, source, model.args.vocab_size)
     tokenizer_file = tokenizer.path if tokenizer else None
     if opts.format == "hf":
         ids = {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id} if tokenizer else {}
