@@ -1,8 +1,10 @@
 """Exports against their consumers: peft + transformers load the PEFT adapter, transformers loads
 the merged HF folder (and its tokenizer), mistral-inference's LoRA merge rule reproduces
-lora.safetensors, and tools/export.py drives them from a run dir."""
+lora.safetensors, and mft-export drives them from a run dir."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from mft.checkpoint.adapter import save_adapter
 from mft.checkpoint.consolidated import save_consolidated
 from mft.checkpoint.export import MISTRAL_LORA, export_consolidated, export_hf, export_peft, parse_size
 from mft.checkpoint.load import load_weights, read_model_args
+from mft.cli.export import main as mft_export
 from mft.generate.load import AdapterRef, ModelSource, load_model
 from conftest import build
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
@@ -22,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 VOCAB, SEQ = 160, 30
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+REPO = str(Path(__file__).resolve().parents[1])
 
 
 def logits_of(model, ids):
@@ -117,21 +120,18 @@ def test_consolidated_export_with_mistral_inference_lora(gen_export_setup):
     assert diff <= 1e-4, diff
 
 
-def test_export_tool_from_a_run_dir(gen_export_setup, tmp_path, monkeypatch, capsys):
-    """tools/export.py over a run dir: its latest adapter onto the base the adapter names."""
+def test_export_command_from_a_run_dir(gen_export_setup, tmp_path, capsys):
+    """mft-export over a run dir: its latest adapter onto the base the adapter names."""
     root, model, ids = gen_export_setup
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     for step in (1, 3):
         (run / "checkpoints" / f"step_{step:06d}").symlink_to(root / "adapter")
     (run / "resolved_config.yaml").write_text("model:\n  tokenizer: v3\n")
-    monkeypatch.syspath_prepend(str(TOOLS))
-    sys.modules.pop("export", None)
-    import export
 
-    export.main(["hf", str(run), str(tmp_path / "hf"), "--dtype", "fp32"])
-    export.main(["peft", str(run), str(tmp_path / "peft")])
-    export.main(["consolidated", str(run), str(tmp_path / "merged"), "--merge", "--dtype", "fp32"])
+    assert mft_export(["hf", str(run), str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    assert mft_export(["peft", str(run), str(tmp_path / "peft")]) == 0
+    assert mft_export(["consolidated", str(run), str(tmp_path / "merged"), "--merge", "--dtype", "fp32"]) == 0
     assert "Hugging Face model" in capsys.readouterr().out
     merged = transformers.MistralForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert (hf_logits(merged, ids) - logits_of(model, ids)).abs().max() <= 1e-4
@@ -139,9 +139,48 @@ def test_export_tool_from_a_run_dir(gen_export_setup, tmp_path, monkeypatch, cap
     consolidated = load_model(ModelSource(tmp_path / "merged"), device="cpu", dtype=torch.float32)
     assert (logits_of(consolidated, ids) - logits_of(model, ids)).abs().max() <= 1e-4
     assert not (tmp_path / "merged" / MISTRAL_LORA).exists()
-    with pytest.raises(SystemExit):
-        export.main(["peft", str(root / "base"), str(tmp_path / "nothing")])
+    assert mft_export(["peft", str(root / "base"), str(tmp_path / "nothing")]) == 1
     assert "exactly one adapter" in capsys.readouterr().err
+
+
+def test_export_command_puts_an_adapter_onto_another_base(gen_export_setup, tmp_path, capsys):
+    """--base: the adapter onto a base other than the one it records (which need not exist), at --scale."""
+    root, model, ids = gen_export_setup
+    moved = tmp_path / "adapter"
+    moved.mkdir()
+    config = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    config["base_model"]["checkpoint"] = str(tmp_path / "gone")
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    (moved / "adapter.safetensors").symlink_to(root / "adapter" / "adapter.safetensors")
+    other = tmp_path / "other_base"
+    torch.manual_seed(5)
+    transformers.MistralForCausalLM(fresh_hf_base(root).config).save_pretrained(other)
+
+    assert mft_export(["hf", str(moved), str(tmp_path / "hf"), "--base", str(other), "--scale", "0.5",
+                       "--dtype", "fp32", "--tokenizer", "v3"]) == 0
+    expected = logits_of(load_model(ModelSource(other, [AdapterRef(root / "adapter", 0.5)]),
+                                    device="cpu", dtype=torch.float32, merge=False), ids)
+    merged = transformers.MistralForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (hf_logits(merged, ids) - expected).abs().max() <= 1e-4
+    assert mft_export(["hf", str(moved), str(tmp_path / "nothing")]) == 1
+    assert "gone" in capsys.readouterr().err
+
+
+def test_export_command_runs_as_a_module(gen_export_setup, tmp_path):
+    root, _, _ = gen_export_setup
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def mft_export_process(*args):
+        return subprocess.run([sys.executable, "-m", "mft.cli.export", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    ok = mft_export_process("peft", root / "adapter", tmp_path / "peft")
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    bad = mft_export_process("hf", tmp_path / "missing", tmp_path / "hf")
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("mft-export: error: ") and "missing does not exist" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_parse_size():

@@ -1,7 +1,9 @@
 """Quantised weights on disk: streaming quantisation, mft's quantised checkpoints, adapter interchange, merging."""
 
-import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,12 +14,14 @@ from mft.checkpoint.adapter import load_adapter, save_adapter
 from mft.checkpoint.load import detect_format, load_weights, read_model_args
 from mft.checkpoint.export import export_hf
 from mft.checkpoint.quantized import save_quantized
+from mft.cli.export import main as mft_export
+from mft.cli.quantize import main as mft_quantize
 from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
 from conftest import build
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 from mft.quant.formats import QuantSpec
-from mft.quant.linear import QuantizedLinear, quantized_layers
+from mft.quant.linear import QuantizedLinear, dense_weight, quantized_layers
 from mft.quant.model import quantize_model_
 
 ARGS = ModelArgs(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=96,
@@ -25,14 +29,7 @@ ARGS = ModelArgs(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4, n_
 NF4_DQ = QuantSpec("nf4", 64, double_quant=True)
 INT4 = QuantSpec("int4", 128)
 SPECS = {"nf4-dq": NF4_DQ, "int4": INT4, "nf4": QuantSpec("nf4", 64)}
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+REPO = str(Path(__file__).resolve().parents[1])
 
 
 def inputs(n: int = 12):
@@ -119,11 +116,11 @@ def test_loading_a_checkpoint_quantised_differently_is_a_clear_error(tmp_path):
         load_weights(other, folder)
 
 
-def test_quantize_tool_output_loads_with_no_dense_pass(tmp_path, monkeypatch):
+def test_quantize_command_output_loads_with_no_dense_pass(tmp_path, monkeypatch):
     torch.manual_seed(0)
     dense = build(ARGS, device="cpu", dtype=torch.bfloat16)
     source = export_hf(dense, tmp_path / "hf", dtype=torch.bfloat16)
-    assert tool("quantize").main([str(source), str(tmp_path / "q"), "--format", "nf4", "--device", "cpu"]) == 0
+    assert mft_quantize([str(source), str(tmp_path / "q"), "--format", "nf4", "--device", "cpu"]) == 0
 
     def no_quantize(*_):
         raise AssertionError("a quantised checkpoint must load without quantising")
@@ -169,7 +166,9 @@ def test_merge_lora_onto_a_quantised_base_gives_a_model_transformers_and_mft_loa
     save_adapter(qmodel, tmp_path / "adapter", settings, base={"args": ARGS.__dict__, "checkpoint": str(base)})
     expected = qmodel(*inputs())
 
-    assert tool("merge_lora").main([str(tmp_path / "adapter"), str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    # A vocabulary of 96 names no Mistral tokenizer: the export ships none.
+    assert mft_export(["hf", str(tmp_path / "adapter"), str(tmp_path / "merged"), "--dtype", "fp32",
+                       "--tokenizer", "none"]) == 0
     hf_model = transformers.MistralForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()
     tokens = inputs()[0]
     with torch.no_grad():
@@ -179,3 +178,53 @@ def test_merge_lora_onto_a_quantised_base_gives_a_model_transformers_and_mft_loa
     ours = build(ARGS, device="cpu", dtype=torch.float32)
     load_weights(ours, tmp_path / "merged")
     torch.testing.assert_close(ours(*inputs()), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_adapter_exports_round_once_and_move_onto_the_dense_base(tmp_path):
+    """A bf16 export holds (dequantised fp32 W + scale * B @ A) rounded once; --base merges the same
+    adapter onto the dense twin instead of the quantised base it records."""
+    from mft.generate.load import AdapterRef, ModelSource, load_model
+
+    settings = LoRASettings(r=4, alpha=8)
+    torch.manual_seed(0)
+    dense_base = export_hf(build(ARGS, device="cpu", dtype=torch.float32), tmp_path / "dense", dtype=torch.float32)
+    qmodel = quantised_model(NF4_DQ)  # the same seed: the quantised twin of the dense base
+    base = save_quantized(qmodel, tmp_path / "base")
+    apply_lora(qmodel, settings)
+    randomise_lora(qmodel)
+    save_adapter(qmodel, tmp_path / "adapter", settings, base={"args": ARGS.__dict__, "checkpoint": str(base)})
+
+    assert mft_export(["consolidated", str(tmp_path / "adapter"), str(tmp_path / "bf16"), "--merge",
+                       "--tokenizer", "none"]) == 0
+    merged = build(ARGS, device="cpu", dtype=torch.bfloat16)
+    load_weights(merged, tmp_path / "bf16")
+    for name, layer in lora_modules(qmodel).items():
+        once = (dense_weight(layer, torch.float32) + layer.delta_weight()).to(torch.bfloat16)
+        assert torch.equal(merged.get_submodule(name).weight, once), name
+
+    assert mft_export(["hf", str(tmp_path / "adapter"), str(tmp_path / "onto_dense"), "--base", str(dense_base),
+                       "--dtype", "fp32", "--tokenizer", "none"]) == 0
+    onto_dense = build(ARGS, device="cpu", dtype=torch.float32)
+    load_weights(onto_dense, tmp_path / "onto_dense")
+    reference = load_model(ModelSource(dense_base, [AdapterRef(tmp_path / "adapter")]), device="cpu",
+                           dtype=torch.float32, merge=False)
+    with torch.no_grad():
+        torch.testing.assert_close(onto_dense(*inputs()), reference(*inputs()), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_command_runs_as_a_module(tmp_path):
+    torch.manual_seed(0)
+    source = export_hf(build(ARGS, device="cpu", dtype=torch.bfloat16), tmp_path / "hf", dtype=torch.bfloat16)
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def mft_quantize_process(*args):
+        return subprocess.run([sys.executable, "-m", "mft.cli.quantize", *map(str, args), "--device", "cpu"],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    ok = mft_quantize_process(source, tmp_path / "q", "--format", "int4")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "q" / "quant_config.json").read_text())["quant"]["format"] == "int4"
+    bad = mft_quantize_process(tmp_path / "missing", tmp_path / "q2")
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("mft-quantize: error: ") and "missing" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -3,11 +3,10 @@
 The merged weight of an adapted layer is W + scale * B @ A computed in fp32 and rounded once
 into the output dtype; a quantised base is dequantised to fp32 first (so an adapter trained
 with QLoRA merges into the dequantised weights it was trained against). mft/checkpoint/export.py
-writes the result (Hugging Face or Mistral consolidated folders); tools/merge_lora.py and
-tools/export.py drive it.
+writes the result (Hugging Face or Mistral consolidated folders); `mft-export` (mft/cli/export.py)
+drives it.
 """
 
-import os
 from typing import Iterator, Optional
 
 import torch

@@ -1,9 +1,10 @@
 """mft's quantised checkpoint: params.json + quant_config.json + model.safetensors.
 
-Written by tools/quantize.py (or for a randomly initialised quantised base). The safetensors
-file holds, under the model's own state-dict names, the packed parts of every quantised
-linear layer (`layers.0.attention.wq.weight_q`, `..._absmax`, ...; see mft.quant.formats for
-the layout) and the remaining tensors (embeddings, norms, head unless quantised) dense.
+Written by `mft-quantize` (mft/cli/quantize.py), or for a randomly initialised quantised base.
+The safetensors file holds, under the model's own state-dict names, the packed parts of every
+quantised linear layer (`layers.0.attention.wq.weight_q`, `..._absmax`, ...; see
+mft.quant.formats for the layout) and the remaining tensors (embeddings, norms, head unless
+quantised) dense.
 quant_config.json says how: {"format": "mft-quantized", "version": 1, "quant": {format,
 block_size, double_quant, dq_block_size}, "modules": [...quantised kinds...], "source": ...}.
 

@@ -105,8 +105,8 @@ class LoRALinear(nn.Module):
     def _check_mergeable(self) -> None:
         if self.quant_spec is not None:
             raise MftError(
-                "Cannot merge a LoRA adapter into a quantised base in place; merge onto the bf16 base with "
-                "tools/merge_lora.py (it dequantises the base first)."
+                "Cannot merge a LoRA adapter into a quantised base in place; write a merged model with "
+                "`mft-export hf` (it dequantises the base first)."
             )
 
     @torch.no_grad()
