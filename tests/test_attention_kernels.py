@@ -24,9 +24,8 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 pytest.importorskip("triton")
 swa = importlib.import_module("mft.kernels.swa_attention")
-from mft.model.args import ModelArgs  # noqa: E402
 from mft.model.attention import PackedDocs, get_attention_backend  # noqa: E402
-from conftest import build  # noqa: E402
+from conftest import build, tiny_args  # noqa: E402
 
 DEVICE = "cpu" if swa.INTERPRETED else "cuda"
 TC, SC = swa.TileConfig, swa.SwaConfig
@@ -172,8 +171,7 @@ def test_kernel_rejects_unsupported_head_dim():
 
 
 def _model(backend, window):
-    args = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=50,
-                     rope_theta=10000.0, sliding_window=window)
+    args = tiny_args(vocab_size=50, sliding_window=window)
     model = build(args, device=DEVICE, dtype=torch.float32, attn_backend=backend, std=0.2)
     return model
 

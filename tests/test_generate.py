@@ -15,14 +15,13 @@ from mft.generate.decode import GenerationSettings, Generator
 from mft.generate.load import load_model, resolve_source
 from mft.generate.sampling import SamplingSettings, filter_logits, sample
 from mft.model.args import ModelArgs
-from conftest import build
+from conftest import build, tiny_args
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules, merge_and_unload
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB, WINDOW = 160, 16
-ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
-                 rope_theta=5000.0, sliding_window=WINDOW)
+ARGS = tiny_args(vocab_size=VOCAB, rope_theta=5000.0, sliding_window=WINDOW)
 
 
 def hf_model(folder, window):

@@ -16,13 +16,11 @@ from mft.data.tokenizer import load_tokenizer
 from mft.generate.chat import ChatFormat
 from mft.generate.decode import GenerationSettings, Generator
 from mft.generate.load import load_model, resolve_source
-from mft.model.args import ModelArgs
-from conftest import build
+from conftest import build, tiny_args
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 
 # vocab 32768: the real v3 tokenizer
-ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=32768,
-                 rope_theta=1e6, sliding_window=16)
+ARGS = tiny_args(hidden_dim=128, vocab_size=32768, rope_theta=1e6, sliding_window=16)
 
 
 def mft_generate(*args, cwd, stdin=None, timeout=120):

@@ -11,11 +11,10 @@ from mft.utils.errors import MftError
 from mft.generate.decode import GenerationSettings, Generator
 from mft.generate.fuse import fuse_projections, still_fused
 from mft.model.args import ModelArgs
-from conftest import build
+from conftest import build, tiny_args
 from mft.peft.lora import LoRASettings, apply_lora
 
-ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=160,
-                 rope_theta=5000.0, sliding_window=16)
+ARGS = tiny_args(vocab_size=160, rope_theta=5000.0, sliding_window=16)
 
 
 def random_model(args=ARGS):

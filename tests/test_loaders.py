@@ -10,11 +10,10 @@ from mft.checkpoint.hf import permute_rotary, unpermute_rotary
 from mft.checkpoint.load import detect_format, load_weights, read_model_args, save_consolidated
 from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
-from conftest import build
+from conftest import build, tiny_args
 from mft.model.transformer import Transformer
 
-ARGS = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=64,
-                 norm_eps=1e-5, rope_theta=1e6, sliding_window=6)
+ARGS = tiny_args(dim=32, head_dim=8, hidden_dim=48, vocab_size=64, rope_theta=1e6, sliding_window=6)
 
 
 def random_model(args=ARGS, dtype=torch.float32, seed=0):

@@ -7,10 +7,10 @@ from torch import nn
 from mft.checkpoint.adapter import load_adapter, save_adapter
 from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
-from conftest import build
+from conftest import build, tiny_args
 from mft.peft.lora import LoRALinear, LoRASettings, apply_lora, lora_modules, merge_lora, unmerge_lora
 
-ARGS = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=50, sliding_window=5)
+ARGS = tiny_args(dim=32, head_dim=8, hidden_dim=64, vocab_size=50, sliding_window=5)
 
 
 def tiny_model(seed: int = 0):

@@ -6,11 +6,10 @@ import torch
 from mft.checkpoint.consolidated import expected_shapes
 from mft.model.args import ModelArgs
 from mft.model.attention import PackedDocs, attention_backend_names, get_attention_backend
-from conftest import build
+from conftest import build, tiny_args
 from mft.model.rope import apply_rope, rope_angles
 
-ARGS = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=120,
-                 rope_theta=10000.0, sliding_window=8)
+ARGS = tiny_args(vocab_size=120)
 LENGTHS = [5, 17, 1, 12, 9]  # odd lengths, a single token, documents longer than the window
 # Every backend that runs on CPU tensors; the Triton kernel runs here only under Triton's
 # interpreter, which tests/test_attention_kernels.py switches on for itself.

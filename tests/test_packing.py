@@ -13,8 +13,7 @@ from mft.data.dataset import Part, PackedDataset
 from mft.data.encode import Encoded
 from mft.data.packing import pack
 from mft.data.store import TokenStore
-from mft.model.args import ModelArgs
-from conftest import build
+from conftest import build, tiny_args
 
 PAD = 0
 
@@ -125,7 +124,7 @@ def test_dataset_epochs_keep_every_supervised_target_once():
     assert not torch.equal(orders[0][:100], orders[1][:100])  # reshuffled
 
 
-ARGS = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=97, sliding_window=5)
+ARGS = tiny_args(dim=32, head_dim=8, hidden_dim=64, vocab_size=97, sliding_window=5)
 
 
 def test_packed_logits_equal_per_document_logits():

@@ -17,15 +17,13 @@ from mft.checkpoint.quantized import save_quantized
 from mft.cli.export import main as mft_export
 from mft.cli.quantize import main as mft_quantize
 from mft.utils.errors import MftError
-from mft.model.args import ModelArgs
-from conftest import build
+from conftest import build, tiny_args
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 from mft.quant.formats import QuantSpec
 from mft.quant.linear import QuantizedLinear, dense_weight, quantized_layers
 from mft.quant.model import quantize_model_
 
-ARGS = ModelArgs(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=96,
-                 norm_eps=1e-5, rope_theta=1e6, sliding_window=None)
+ARGS = tiny_args(dim=128, head_dim=32, hidden_dim=256, vocab_size=96, rope_theta=1e6, sliding_window=None)
 NF4_DQ = QuantSpec("nf4", 64, double_quant=True)
 INT4 = QuantSpec("int4", 128)
 SPECS = {"nf4-dq": NF4_DQ, "int4": INT4, "nf4": QuantSpec("nf4", 64)}

@@ -5,13 +5,12 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_ac
 
 from mft.data.encode import Encoded
 from mft.data.packing import PackedSequence, collate, pack
-from mft.model.args import ModelArgs
-from conftest import build
+from conftest import build, tiny_args
 from mft.model.transformer import TransformerBlock
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 from mft.train.loop import accumulate_gradients
 
-ARGS = ModelArgs(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=64, sliding_window=6)
+ARGS = tiny_args(dim=32, head_dim=8, hidden_dim=64, vocab_size=64, sliding_window=6)
 
 
 def lora_model():
