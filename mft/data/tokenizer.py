@@ -47,7 +47,6 @@ _FOLDER_PREFERENCE = ("tekken.json", "tokenizer.model.v7", "tokenizer.model.v3",
 # control tokens depends on the tokenizer (v1 writes "[INST]" as plain text in its own format).
 CONTROL_STRINGS = ("<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
-CONTROL_POLICIES = ("warn", "map")
 
 
 class Tokenizer:
