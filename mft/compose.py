@@ -1,7 +1,10 @@
 """mft's Hydra configs: where they are (CONFIG_PATH), composing them outside an app, and the one
 conversion of a composed config into the schema's dataclasses.
 
-The configs are the repository's top-level conf/ folder (the package is installed editable).
+The configs are the repository's top-level conf/ folder. pyproject.toml installs it as the
+package `mft.conf`, so a wheel or a non-editable install carries them (`pkg://mft.conf`). A
+source checkout reads its own conf/ in place: that also covers a checkout that is only on
+PYTHONPATH, over another checkout's editable install.
 """
 
 from pathlib import Path
@@ -12,15 +15,20 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mft.errors import MftError
 
-CONFIG_PATH = str(Path(__file__).resolve().parents[1] / "conf")
+_CHECKOUT_CONF = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_PATH = str(_CHECKOUT_CONF) if (_CHECKOUT_CONF / "train.yaml").is_file() else "pkg://mft.conf"
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose conf/<config_name>.yaml as the app does (register its schema first)."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_dir, initialize_config_module
 
-    with initialize_config_dir(CONFIG_PATH, version_base="1.3"):
+    if CONFIG_PATH.startswith("pkg://"):
+        context = initialize_config_module(CONFIG_PATH.removeprefix("pkg://"), version_base="1.3")
+    else:
+        context = initialize_config_dir(CONFIG_PATH, version_base="1.3")
+    with context:
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
