@@ -1,123 +1,197 @@
-"""Structured configs: the schema behind every Hydra config group.
+"""Structured configs: the schema behind every Hydra config group, with every default.
 
 `TrainConfig` is registered in Hydra's ConfigStore as `train_schema` and sits first in
 conf/train.yaml's defaults, so every YAML file and command-line override is merged into
-these dataclasses: a misspelt key or a value of the wrong type fails at compose time with
-Hydra's one-line message. The comments in conf/ document each knob for users.
+these dataclasses: a misspelt key, a value of the wrong type or a choice that is not one of
+its Enum's fails at compose time with Hydra's one-line message. The defaults here suit a real
+7B fine-tuning run; YAML files only override them (the tiny CPU run's settings live in
+conf/per_model/tiny.yaml, applied whenever model=tiny). mft-train converts the composed config
+into these dataclasses once (mft.compose.to_dataclass) and passes them down.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra_plugins.mft_torchrun_launcher import register_torchrun_launcher
 from omegaconf import MISSING, OmegaConf
 
 from mft.data.bundled import bundled_path
-from hydra_plugins.mft_torchrun_launcher import register_torchrun_launcher
+from mft.data.config import DataConfig
 from mft.model.args import ModelArgs
+from mft.utils.choice import Choice, Precision
 from mft.utils.distributed import run_stamp
+
+# The linear layers of a transformer block: attention (wq wk wv wo) and MLP (w1 w2 w3).
+BLOCK_LINEARS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+
+
+class AttnBackend(Choice):
+    auto = "auto"  # per device at call time: triton on CUDA, sdpa on CPU
+    sdpa = "sdpa"  # torch scaled_dot_product_attention
+    triton = "triton"  # mft's sliding-window varlen kernel (mft/kernels/swa_attention.py)
+    flex = "flex"  # torch flex_attention with a block mask
+    xformers = "xformers"  # used when it imports and works, else auto's choice
 
 
 @dataclass
 class ModelConfig(ModelArgs):
-    """Architecture (the ModelArgs fields) plus where weights and tokenizer come from."""
+    """Architecture (the ModelArgs fields, set by every conf/model/ preset) plus where weights and tokenizer come from."""
 
+    # Preset name, recorded with adapters and in logs.
     name: str = MISSING
-    # Hugging Face folder (config.json) or Mistral consolidated folder (params.json); None = random init.
+    # Hugging Face folder (config.json) or Mistral consolidated folder (params.json); null: random init (seeded).
     checkpoint: Optional[str] = None
     # "v1" | "v3" | "v7" (files shipped in mistral-common) or a path to a tokenizer file / model folder.
     tokenizer: str = "v3"
-    attn_backend: str = "auto"
+    # Attention kernel: auto (triton on CUDA, sdpa on CPU) | triton | flex | xformers | sdpa.
+    attn_backend: AttnBackend = AttnBackend.auto
 
 
-@dataclass
-class DataConfig:
-    # Each entry: a path, or {file: path, weight: w, format: ..., text_column: ..., alpaca: ...}.
-    train_files: List[Any] = MISSING
-    valid_files: List[Any] = field(default_factory=list)
-    valid_fraction: float = 0.0
-    seq_len: int = 256
-    too_long: str = "truncate"  # truncate | drop | split (chats longer than seq_len)
-    seed: int = 0
-    format: str = "auto"  # auto | text | chat | alpaca (per row: messages / text column / instruction+output)
-    text_column: str = "text"
-    alpaca: str = "chat"  # chat | prompt (the classic "Below is an instruction..." template, as text)
-    control_tokens: str = "warn"  # warn | map: literal "<s>", "[INST]", ... in text samples
-    on_error: str = "raise"  # raise | skip (bad rows logged and counted)
-    cache_dir: Optional[str] = "~/.cache/mft/data"  # tokenized files; null = tokenize in memory every run
-    num_workers: Optional[int] = None  # tokenizer processes; null = auto (several for files over 16 MiB)
+class Schedule(Choice):
+    """Learning rate after warmup."""
+
+    cosine = "cosine"  # half a cosine from lr down to lr * min_lr_ratio
+    linear = "linear"  # a straight line from lr down to lr * min_lr_ratio
+    constant = "constant"
 
 
 @dataclass
 class OptimConfig:
+    """AdamW with linear warmup, then the schedule."""
+
+    # Peak learning rate: usual for LoRA on a 7B model (full fine-tuning wants ~1e-5).
     lr: float = 1e-4
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # Adam betas; beta2 0.95 is the usual choice for LLM training (steadier than 0.999 on loss spikes).
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    # Adam epsilon.
     eps: float = 1e-8
+    # Decoupled weight decay, never on norms or biases.
     weight_decay: float = 0.0
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.cosine
+    # Linear warmup from 0 over this many steps ...
     warmup_steps: int = 0
+    # ... or over this share of all steps (set one of the two).
     warmup_ratio: float = 0.0
+    # The cosine or linear decay ends at lr * min_lr_ratio.
     min_lr_ratio: float = 0.0
+
+
+class PeftMethod(Choice):
+    lora = "lora"  # low-rank adapters on target_modules; the base stays frozen
+    none = "none"  # full fine-tuning: every parameter trains
 
 
 @dataclass
 class PeftConfig:
-    method: str = "lora"
+    method: PeftMethod = PeftMethod.lora
+    # LoRA rank.
     r: int = 8
+    # LoRA scale = alpha / r.
     alpha: float = 16.0
+    # Dropout on the LoRA branch's input.
     dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    # Linear layers that get adapters (names as in Mistral's checkpoints).
+    target_modules: List[str] = field(default_factory=lambda: list(BLOCK_LINEARS))
+
+
+class QuantFormat(Choice):
+    """The frozen base's storage (QLoRA; see mft/quant/formats.py)."""
+
+    none = "none"  # the compute dtype
+    nf4 = "nf4"  # 4-bit NormalFloat with an fp32 absmax per block_size weights
+    int4 = "int4"  # asymmetric 4-bit integers with a bf16 scale and zero per block_size weights
 
 
 @dataclass
 class QuantConfig:
-    """The frozen base's storage (conf/quant/): none | nf4 | int4 (QLoRA; see mft/quant/formats.py)."""
-
-    format: str = "none"
-    block_size: int = 64  # nf4: weights per absmax (64); int4: group size (128)
-    double_quant: bool = False  # nf4: 8-bit absmax in blocks of double_quant_block_size
+    format: QuantFormat = QuantFormat.none
+    # nf4: weights per absmax (64 in QLoRA); int4: group size (conf/quant/int4.yaml: 128).
+    block_size: int = 64
+    # nf4: store the absmax in 8 bits, in blocks of double_quant_block_size (~0.37 bit per weight saved).
+    double_quant: bool = False
+    # nf4 with double_quant: absmax values per fp32 second-level scale.
     double_quant_block_size: int = 256
-    modules: List[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    # Linear layers to quantise; add "output" for the head (embeddings and norms stay dense).
+    modules: List[str] = field(default_factory=lambda: list(BLOCK_LINEARS))
+
+
+class LoggerName(Choice):
+    console = "console"  # progress bar + metrics.jsonl
+    wandb = "wandb"  # the same plus Weights & Biases (pip install -e ".[wandb]")
+
+
+class WandbMode(Choice):
+    auto = "auto"  # online when WANDB_API_KEY is set or `wandb login` was run, else offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "console"
+    """metrics.jsonl in the run dir is always written, whatever the logger."""
+
+    name: LoggerName = LoggerName.console
+    # Write train metrics every N optimizer steps.
     log_every: int = 10
+    # W&B project.
     project: str = "mft"
+    # W&B team or user; null: your default.
     entity: Optional[str] = None
-    # auto: online when WANDB_API_KEY is set or `wandb login` was run, else offline.
-    mode: str = "auto"
+    mode: WandbMode = WandbMode.auto
 
 
 @dataclass
 class TrainConfig:
+    # The config groups (conf/<group>/): chosen in conf/train.yaml's defaults list.
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     peft: PeftConfig = MISSING
     logger: LoggerConfig = MISSING
     quant: QuantConfig = field(default_factory=QuantConfig)
+    # Seeds model init, LoRA init, dropout and data order.
     seed: int = 0
+    # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     device: str = "auto"
-    precision: str = "auto"
+    precision: Precision = Precision.auto
+    # Packed sequences of data.seq_len tokens per micro-step (per rank under torchrun).
     batch_size: int = 8
+    # Micro-steps per optimizer step.
     grad_accum: int = 1
+    # Optimizer steps; null: train for `epochs` instead.
     max_steps: Optional[int] = None
-    epochs: Optional[float] = None
+    # Passes over the training set (fractions allowed), used when max_steps is null.
+    epochs: Optional[float] = 1.0
+    # Gradient clipping by global norm; 0 disables it.
     max_grad_norm: float = 1.0
+    # Recompute each block's activations in backward (saves memory, costs a forward).
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile each transformer block (attention kernels run eagerly between graphs)
+    # torch.compile each transformer block (first steps slower while it compiles; attention runs eagerly).
+    compile: bool = False
+    # Output head + cross-entropy over this many supervised tokens at a time, recomputed in backward, so
+    # no (tokens x vocab) fp32 logits are kept (GiBs at long seq_len); 0: all at once.
     loss_chunk_tokens: int = 2048
+    # Evaluate on the validation set every N optimizer steps; 0: only before the first step and after the last.
     eval_every: int = 50
+    # Cap on validation batches per evaluation; null: the whole validation set.
     eval_batches: Optional[int] = None
+    # Write a checkpoint every N steps; null: only at the end.
     save_every: Optional[int] = None
+    # Show the progress bar (loss, tokens/s, ETA).
     progress: bool = True
+    # null | auto (latest complete checkpoint of this run dir) | a run dir or its checkpoints/step_N.
     resume: Optional[str] = None
 
 
+def plain(cfg: Any) -> Dict[str, Any]:
+    """A config dataclass as plain dicts, lists and strings (for resolved_config.yaml and W&B)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
 def register_configs() -> None:
-    """Register the schema and the `mft_data` / `mft_percent_of` resolvers (idempotent)."""
+    """Register the schema and the `mft_stamp` / `mft_data` / `mft_percent_of` resolvers (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     register_torchrun_launcher()
     if not OmegaConf.has_resolver("mft_stamp"):

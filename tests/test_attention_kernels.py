@@ -18,7 +18,10 @@ import torch.nn.functional as F
 
 # Triton decides interpreter or compiler when its @jit decorators run, its own library's included,
 # so the switch must be on before triton is first imported in this process.
-_INTERPRETER_POSSIBLE = torch.cuda.is_available() or "triton" not in sys.modules
+# In the fresh process below TRITON_INTERPRET=1 is set from the start, so whatever imports triton there
+# gets the interpreter (and that process never starts another).
+_INTERPRETER_POSSIBLE = (torch.cuda.is_available() or "triton" not in sys.modules
+                         or os.environ.get("TRITON_INTERPRET") == "1")
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 

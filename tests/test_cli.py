@@ -59,12 +59,17 @@ def test_sweep_gives_one_run_dir_per_point(tmp_path):
         ("optim.lr=abc", "optim.lr"),
         ("model=nope", "model/nope"),
         ("model.dimm=3", "dimm"),
+        ("optim.schedule=cosin", "optim.schedule"),  # choices are Enums: Hydra lists the allowed values
+        ("precision=bf61", "expected one of [auto, bf16, fp32]"),
+        ("peft.method=lora2", "peft.method"),
+        ("model.attn_backend=tritn", "model.attn_backend"),
+        ("quant.format=fp3", "quant.format"),
         ("data.train_files=[/no/such/train.jsonl]", "/no/such/train.jsonl"),
     ],
 )
 def test_bad_input_is_one_clear_message(tmp_path, override, expected):
     result = mft_train(override, *SHORT, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, timeout=300)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 15, result.stderr

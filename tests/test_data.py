@@ -133,7 +133,7 @@ def test_collate_flat_batch():
 
 def _cfg(train, valid=(), fraction=0.0, seq_len=64, seed=0, **more):
     return {"train_files": list(train), "valid_files": list(valid), "valid_fraction": fraction,
-            "seq_len": seq_len, "too_long": "truncate", "seed": seed, **more}
+            "seq_len": seq_len, "too_long": "truncate", "seed": seed, "cache_dir": None, **more}
 
 
 @pytest.fixture

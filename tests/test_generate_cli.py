@@ -96,7 +96,7 @@ def test_chat_mode_reads_turns_from_stdin(gen_run_dir, tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["run_dir={run}", "temprature=1"], "temprature"),
     (["base=/no/such/model", "prompt=x"], "/no/such/model does not exist"),
-    (["run_dir={run}", "mode=speak"], "mode='speak'"),
+    (["run_dir={run}", "mode=speak"], "mode=speak"),  # Hydra: one of auto, prompt, chat, batch
     (["run_dir={run}", "input=missing.jsonl"], "missing.jsonl"),
     (["run_dir={run}", "prompt=x", "tools=missing.json"], "missing.json"),
 ])

@@ -16,9 +16,11 @@ ALLOWED = {
     "checkpoint": {"utils", "kernels", "quant", "model", "peft"},
     "build": {"utils", "kernels", "quant", "model", "peft", "checkpoint"},
     "config": {"utils", "model", "data"},
-    "generate": {"utils", "kernels", "quant", "model", "peft", "checkpoint", "build", "data", "config"},
-    "train": {"utils", "kernels", "quant", "model", "peft", "checkpoint", "build", "data", "config"},
-    "cli": {"utils", "kernels", "quant", "model", "peft", "checkpoint", "build", "data", "config", "generate"},
+    "compose": {"utils"},
+    "generate": {"utils", "kernels", "quant", "model", "peft", "checkpoint", "build", "data", "config", "compose"},
+    "train": {"utils", "kernels", "quant", "model", "peft", "checkpoint", "build", "data", "config", "compose"},
+    "cli": {"utils", "kernels", "quant", "model", "peft", "checkpoint", "build", "data", "config", "compose",
+            "generate"},
 }
 ENTRY_POINTS = {"train/cli.py", "generate/cli.py", "data/validate.py", "cli"}  # may compose configs
 

@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
+from mft.compose import compose, to_dataclass
 from mft.config import register_configs
-from mft.data.validate import CONF_DIR, main
+from mft.data.validate import main
 from mft.train.loop import train
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -69,8 +69,7 @@ def composed():
     register_configs()
 
     def make(*overrides):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
+        return to_dataclass(compose("train", overrides))
 
     return make
 

@@ -24,7 +24,7 @@ import mistral_common
 import numpy as np
 import torch
 
-from mft.data.dataset import Part, PackedDataset
+from mft.data.dataset import PackedDataset, Part
 from mft.data.store import EncodeSettings, build_store
 from mft.data.tokenizer import _to_mistral, load_tokenizer
 

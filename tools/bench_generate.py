@@ -37,10 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from mft.build import ModelSpec, Runtime, build_model  # noqa: E402
 from mft.checkpoint.hf import mft_to_hf_name, permute_rotary  # noqa: E402
 from mft.generate.decode import GenerationSettings, Generator  # noqa: E402
 from mft.model.args import ModelArgs  # noqa: E402
-from mft.build import ModelSpec, Runtime, build_model  # noqa: E402
 
 SEVEN_B = ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                     vocab_size=32768, rope_theta=1e6, sliding_window=None)

@@ -22,10 +22,10 @@ from types import SimpleNamespace
 
 import torch
 
-from mft.quant.dequant import dequantize, dequantize_torch
 from mft.build import ModelSpec, Runtime, build_model
 from mft.model.args import ModelArgs
 from mft.peft.lora import LoRASettings
+from mft.quant.dequant import dequantize, dequantize_torch
 from mft.quant.formats import QuantSpec, quantize
 from mft.train.optim import build_optimizer
 

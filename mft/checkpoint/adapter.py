@@ -9,11 +9,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from mft.utils.atomic import atomic_dir
-from mft.utils.jsonfile import read_json_object
-from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules, lora_state_dict
+from mft.utils.atomic import atomic_dir
+from mft.utils.errors import MftError
+from mft.utils.jsonfile import read_json_object
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

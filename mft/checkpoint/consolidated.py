@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from mft.model.args import ModelArgs
+from mft.model.names import canonical_name
 from mft.utils.atomic import atomic_dir
-from mft.utils.jsonfile import read_json_object
 from mft.utils.dtensor import full_tensor
 from mft.utils.errors import MftError
-from mft.model.names import canonical_name
-from mft.model.args import ModelArgs
+from mft.utils.jsonfile import read_json_object
 
 PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "consolidated.safetensors"

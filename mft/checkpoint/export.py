@@ -28,10 +28,10 @@ from torch import nn
 
 from mft.checkpoint import consolidated, hf
 from mft.checkpoint.adapter import ADAPTER_WEIGHTS, read_adapter_config
-from mft.utils.atomic import atomic_dir
 from mft.checkpoint.merge import merged_tensors
-from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
+from mft.utils.atomic import atomic_dir
+from mft.utils.errors import MftError
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MISTRAL_LORA = "lora.safetensors"

@@ -6,9 +6,9 @@ from typing import Any, Optional
 
 import torch
 
-from mft.utils.jsonfile import read_json_object
-from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
+from mft.utils.errors import MftError
+from mft.utils.jsonfile import read_json_object
 
 # (HF name, consolidated name) templates; {i} is the layer index.
 _NAME_PAIRS = [

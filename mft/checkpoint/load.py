@@ -20,8 +20,8 @@ from safetensors import safe_open
 from mft.checkpoint import consolidated, hf, quantized
 from mft.checkpoint.consolidated import save_consolidated
 from mft.checkpoint.quantized import assign_weight_, load_quantized, weight_target
-from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
+from mft.utils.errors import MftError
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 Format = Literal["hf", "consolidated", "quantized"]

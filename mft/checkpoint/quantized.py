@@ -27,16 +27,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mft.checkpoint import consolidated
-from mft.utils.atomic import atomic_dir
-from mft.utils.jsonfile import read_json_object
-from mft.utils.dtensor import copy_full_, full_tensor
-from mft.utils.errors import MftError
-from mft.quant.dequant import dequantize
 from mft.model.args import ModelArgs
 from mft.model.names import canonical_name
+from mft.quant.dequant import dequantize
 from mft.quant.formats import QuantizedTensor, QuantSpec
 from mft.quant.linear import PREFIX, load_dense_weight_
 from mft.quant.model import QUANTIZABLE, model_quant
+from mft.utils.atomic import atomic_dir
+from mft.utils.dtensor import copy_full_, full_tensor
+from mft.utils.errors import MftError
+from mft.utils.jsonfile import read_json_object
 
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -22,11 +22,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
-from mft.utils.errors import MftError
 from mft.model.names import canonical_name
 from mft.utils.distributed import World, barrier
+from mft.utils.errors import MftError
 
 STATE_DIR = "train_state"
 TRAINER_FILE = "trainer.json"

@@ -20,8 +20,8 @@ from pathlib import Path
 from mft.checkpoint.export import export_consolidated, export_hf, export_peft
 from mft.checkpoint.load import read_model_args
 from mft.cli import DTYPES, report_error
-from mft.utils.errors import MftError
 from mft.generate.load import ModelSource, guess_tokenizer, load_model, resolve_source
+from mft.utils.errors import MftError
 
 
 def adapter_arg(text: str) -> tuple[str, float]:
@@ -79,7 +79,9 @@ def resolve(opts: argparse.Namespace) -> ModelSource:
 
 def tokenizer_of(opts: argparse.Namespace, source: ModelSource, vocab_size: int):
     """The tokenizer to ship, or None for --tokenizer none."""
-    from mft.data.tokenizer import load_tokenizer  # mistral-common only for the exports that ship one
+    from mft.data.tokenizer import (
+        load_tokenizer,  # mistral-common only for the exports that ship one
+    )
 
     if opts.tokenizer == "none":
         return None

@@ -16,16 +16,23 @@ import math
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mft.data.batch import Batch
-from mft.data.encode import check_control_policy
+from mft.data.config import AlpacaStyle, DataConfig, DataFormat, OnError, data_config
 from mft.data.mixing import draws_per_epoch, epoch_order
-from mft.data.packing import PackedSequence, PackPlan, PackStats, check_too_long, collate_plan, plan_packing
-from mft.data.samples import ALPACA_STYLES, FORMATS, RowOptions
+from mft.data.packing import (
+    PackedSequence,
+    PackPlan,
+    PackStats,
+    collate_plan,
+    plan_packing,
+)
+from mft.data.samples import RowOptions
 from mft.data.store import EncodeSettings, TokenStore, build_store
 from mft.data.tokenizer import Tokenizer
 from mft.utils.errors import MftError
@@ -36,7 +43,6 @@ log = logging.getLogger(__name__)
 # evaluated on the same samples.
 SPLIT_SEED = 1234
 MAX_REPORTED = 10
-ON_ERROR = ("raise", "skip")
 _SOURCE_KEYS = {"file", "path", "weight", "format", "text_column", "alpaca"}
 
 
@@ -261,15 +267,15 @@ class SourceSpec:
     settings: EncodeSettings
 
 
-def _option(cfg: Mapping[str, Any], key: str, default: Any = ...) -> Any:
-    if key in cfg and cfg[key] is not None:
-        return cfg[key]
-    if default is ...:
-        raise MftError(f"data config: missing key '{key}'")
-    return default
+def _choice(enum: type[Enum], value: Any, what: str) -> Enum:
+    """A per-file option (file entries are free-form, so Hydra does not type them)."""
+    try:
+        return enum(value)
+    except ValueError:
+        raise MftError(f"{what}={value!r}: expected one of {', '.join(c.value for c in enum)}") from None
 
 
-def source_specs(value: Any, key: str, cfg: Mapping[str, Any], tokenizer_version: str) -> list[SourceSpec]:
+def source_specs(value: Any, key: str, cfg: DataConfig, tokenizer_version: str) -> list[SourceSpec]:
     """data.<key>: paths, or mappings {file, weight, format, text_column, alpaca} (per-file options)."""
     entries = [value] if isinstance(value, (str, Mapping)) else list(value or [])
     specs = []
@@ -287,17 +293,12 @@ def source_specs(value: Any, key: str, cfg: Mapping[str, Any], tokenizer_version
         weight = entry.get("weight")
         if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0):
             raise MftError(f"data.{key}: weight {weight!r} of {file}: expected a non-negative number")
-        fmt = entry.get("format", _option(cfg, "format", "auto"))
-        alpaca = entry.get("alpaca", _option(cfg, "alpaca", "chat"))
-        if fmt not in FORMATS:
-            raise MftError(f"data.format={fmt!r} ({file}): expected one of {', '.join(FORMATS)}")
-        if alpaca not in ALPACA_STYLES:
-            raise MftError(f"data.alpaca={alpaca!r} ({file}): expected one of {', '.join(ALPACA_STYLES)}")
-        control = str(_option(cfg, "control_tokens", "warn"))
-        check_control_policy(control)
-        row = RowOptions(format=fmt, text_column=str(entry.get("text_column", _option(cfg, "text_column", "text"))),
-                         alpaca=alpaca, tokenizer_version=tokenizer_version)
-        specs.append(SourceSpec(str(file), None if weight is None else float(weight), EncodeSettings(row, control)))
+        fmt = _choice(DataFormat, entry.get("format", cfg.format), f"data.{key} {file}: format")
+        alpaca = _choice(AlpacaStyle, entry.get("alpaca", cfg.alpaca), f"data.{key} {file}: alpaca")
+        row = RowOptions(format=fmt.value, text_column=str(entry.get("text_column", cfg.text_column)),
+                         alpaca=alpaca.value, tokenizer_version=tokenizer_version)
+        specs.append(SourceSpec(str(file), None if weight is None else float(weight),
+                                EncodeSettings(row, cfg.control_tokens.value)))
     return specs
 
 
@@ -337,11 +338,9 @@ def _build_or_fallback(spec: SourceSpec, tokenizer: Tokenizer, cache_dir: str | 
     return build_store(spec.file, tokenizer, spec.settings, None, workers)
 
 
-def report_problems(stores: Sequence[TokenStore], on_error: str, what: str) -> int:
+def report_problems(stores: Sequence[TokenStore], on_error: OnError, what: str) -> int:
     """Raise on bad rows (on_error=raise) or log every one (skip); warn about control strings.
     Returns the number of skipped rows."""
-    if on_error not in ON_ERROR:
-        raise MftError(f"data.on_error={on_error!r}; expected one of {', '.join(ON_ERROR)}")
     seen, errors = set(), []
     for st in stores:
         if id(st) in seen:
@@ -361,7 +360,7 @@ def report_problems(stores: Sequence[TokenStore], on_error: str, what: str) -> i
                     "%s: %d samples hold literal control strings (%s), tokenized as plain text, e.g. at %s; "
                     "set data.control_tokens=map to turn them into control tokens in text samples",
                     st.path, m["control_rows"], counts, lines)
-    if errors and on_error == "raise":
+    if errors and on_error == OnError["raise"]:
         shown = "; ".join(errors[:MAX_REPORTED])
         more = f" (first {MAX_REPORTED} shown)" if len(errors) > MAX_REPORTED else ""
         raise MftError(
@@ -376,27 +375,22 @@ def report_problems(stores: Sequence[TokenStore], on_error: str, what: str) -> i
 
 
 def build_datasets(
-    cfg: Mapping[str, Any], tokenizer: Tokenizer, cache_dir: str | None = ..., workers: int | None = ...
+    cfg: DataConfig | Mapping[str, Any], tokenizer: Tokenizer, cache_dir: str | None = ..., workers: int | None = ...
 ) -> tuple[PackedDataset, PackedDataset | None]:
-    """(train, valid) from the data config (see conf/data/tiny_chat.yaml for every key)."""
-    seq_len = int(_option(cfg, "seq_len"))
-    too_long = str(_option(cfg, "too_long", "truncate"))
-    seed = int(_option(cfg, "seed", 0))
-    fraction = float(_option(cfg, "valid_fraction", 0.0))
-    on_error = str(_option(cfg, "on_error", "raise"))
-    cache_dir = _option(cfg, "cache_dir", None) if cache_dir is ... else cache_dir
-    workers = _option(cfg, "num_workers", None) if workers is ... else workers
-    train_specs = source_specs(_option(cfg, "train_files"), "train_files", cfg, tokenizer.version)
-    valid_specs = source_specs(_option(cfg, "valid_files", []), "valid_files", cfg, tokenizer.version)
+    """(train, valid) from the data config (mft/data/config.py: every key and its default); a plain
+    mapping is typed into a DataConfig first. cache_dir and workers, when given, override the config's."""
+    cfg = data_config(cfg)
+    seq_len, too_long, seed, fraction, on_error = cfg.seq_len, cfg.too_long.value, cfg.seed, cfg.valid_fraction, cfg.on_error
+    cache_dir = cfg.cache_dir if cache_dir is ... else cache_dir
+    workers = cfg.num_workers if workers is ... else workers
+    train_specs = source_specs(cfg.train_files, "train_files", cfg, tokenizer.version)
+    valid_specs = source_specs(cfg.valid_files, "valid_files", cfg, tokenizer.version)
     if not train_specs:
         raise MftError("data config: 'train_files' is empty; expected at least one data file")
     if not 0.0 <= fraction < 1.0:
         raise MftError(f"data config: valid_fraction={fraction}; expected 0 <= valid_fraction < 1")
     if seq_len < 2:
         raise MftError(f"data config: seq_len={seq_len}; expected at least 2")
-    check_too_long(too_long)
-    if on_error not in ON_ERROR:
-        raise MftError(f"data.on_error={on_error!r}; expected one of {', '.join(ON_ERROR)}")
 
     train_stores = load_stores(train_specs, tokenizer, cache_dir, workers)
     valid_stores = load_stores(valid_specs, tokenizer, cache_dir, workers)

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mft.data.samples import ChatSample, Sample, TextSample
-from mft.data.tokenizer import CONTROL_POLICIES, Tokenizer
-from mft.utils.errors import MftError
+from mft.data.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -54,8 +53,3 @@ def control_strings(sample: Sample, tokenizer: Tokenizer) -> list[str]:
         if m.content:
             found += tokenizer.find_control_strings(m.content)
     return found
-
-
-def check_control_policy(control: str) -> None:
-    if control not in CONTROL_POLICIES:
-        raise MftError(f"data.control_tokens={control!r}; expected one of {', '.join(CONTROL_POLICIES)}")

@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from mft.utils.atomic import atomic_dir
 from mft.data.encode import control_strings, encode_sample
 from mft.data.readers import Record, _BadRow, iter_records
 from mft.data.samples import RowError, RowOptions, parse_row
 from mft.data.tokenizer import Tokenizer, load_tokenizer
+from mft.utils.atomic import atomic_dir
 from mft.utils.errors import MftError
 
 log = logging.getLogger(__name__)

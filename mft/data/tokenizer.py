@@ -23,7 +23,10 @@ from mistral_common.protocol.instruct.messages import (
     UserMessage,
 )
 from mistral_common.protocol.instruct.normalize import get_normalizer
-from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
+from mistral_common.protocol.instruct.request import (
+    ChatCompletionRequest,
+    InstructRequest,
+)
 from mistral_common.protocol.instruct.tool_calls import FunctionCall, Tool, ToolCall
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, SpecialTokens
@@ -47,7 +50,6 @@ _FOLDER_PREFERENCE = ("tekken.json", "tokenizer.model.v7", "tokenizer.model.v3",
 # control tokens depends on the tokenizer (v1 writes "[INST]" as plain text in its own format).
 CONTROL_STRINGS = ("<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                    "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
-CONTROL_POLICIES = ("warn", "map")
 
 
 class Tokenizer:

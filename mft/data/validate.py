@@ -19,13 +19,14 @@ import json
 import math
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mft.data.dataset import Part, PackedDataset, source_specs
+from mft.data.config import AlpacaStyle, ControlTokens, DataConfig, DataFormat, TooLong
+from mft.data.dataset import PackedDataset, Part, source_specs
 from mft.data.encode import encode_sample
 from mft.data.readers import _BadRow, iter_records
 from mft.data.samples import TOOL_CALL_ID, ChatSample, RowError, parse_row
@@ -33,7 +34,7 @@ from mft.data.store import EncodeSettings, TokenStore, build_store
 from mft.data.tokenizer import Tokenizer, load_tokenizer
 from mft.utils.errors import MftError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+DEFAULT_SEQ_LEN = 2048  # files checked without a config: a usual 7B fine-tuning length
 DEFAULT_TOKENS_PER_S = 10_000.0  # one H100 fine-tuning a 7B model, about
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "function": "tool"}
 
@@ -42,12 +43,8 @@ ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model"
 class Settings:
     """What validation needs from a training config."""
 
-    train: list[Any]
-    valid: list[Any] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig
     tokenizer: str = "v3"
-    seq_len: int = 2048
-    too_long: str = "truncate"
     batch_size: int = 8
     grad_accum: int = 1
     max_steps: int | None = None
@@ -68,7 +65,7 @@ class FileReport:
 # ---------------------------------------------------------------- checking
 
 
-def check_file(path: str, tokenizer: Tokenizer, settings: EncodeSettings, seq_len: int, too_long: str) -> FileReport:
+def check_file(path: str, tokenizer: Tokenizer, settings: EncodeSettings, seq_len: int, too_long: TooLong) -> FileReport:
     store = build_store(path, tokenizer, settings, cache_dir=None, workers=None)
     defects = list(store.errors)
     lengths = store.lengths
@@ -111,7 +108,7 @@ def print_report(reports: list[FileReport], valid: list[FileReport], s: Settings
         print("no usable training samples", file=out)
         return
     parts = [Part(r.store, np.arange(len(r.store)), w) for r, w in zip(reports, weights) if len(r.store)]
-    ds = PackedDataset(parts, s.seq_len, tokenizer.eos_id, s.too_long, int(s.data.get("seed") or 0), True, "train")
+    ds = PackedDataset(parts, s.data.seq_len, tokenizer.eos_id, s.data.too_long.value, s.data.seed, True, "train")
     print(f"\ntokenizer {tokenizer.version} ({Path(tokenizer.path).name}); {ds.summary()}", file=out)
     per_step = s.batch_size * s.grad_accum
     steps_per_epoch = max(1, math.ceil(len(ds) / per_step))
@@ -120,9 +117,9 @@ def print_report(reports: list[FileReport], valid: list[FileReport], s: Settings
     else:
         epochs = s.epochs or 1.0
         steps = max(1, math.ceil(epochs * steps_per_epoch))
-    tokens = steps * per_step * s.seq_len
+    tokens = steps * per_step * s.data.seq_len
     print(f"training: batch_size {s.batch_size} x grad_accum {s.grad_accum} = {per_step} sequences "
-          f"({per_step * s.seq_len} tokens) per step; {steps_per_epoch} steps per epoch; {steps} steps = "
+          f"({per_step * s.data.seq_len} tokens) per step; {steps_per_epoch} steps per epoch; {steps} steps = "
           f"{epochs:.2f} epochs; ETA {_fmt_duration(tokens / tokens_per_s)} at {tokens_per_s:,.0f} tokens/s", file=out)
 
 
@@ -250,32 +247,36 @@ def _dump(rec) -> str:
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
+    from mft.compose import compose, to_dataclass
     from mft.config import register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    try:
+        return to_dataclass(compose("train", overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise MftError(str(e)) from None
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    from omegaconf import OmegaConf
-
-    cfg = _compose(args.overrides) if (args.overrides or not args.files) else None
-    if cfg is not None:
-        data = OmegaConf.to_container(cfg.data, resolve=True)
-        s = Settings(train=data["train_files"], valid=data.get("valid_files") or [], data=data,
-                     tokenizer=cfg.model.tokenizer, seq_len=data["seq_len"], too_long=data["too_long"],
-                     batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, max_steps=cfg.max_steps, epochs=cfg.epochs)
+    if args.overrides or not args.files:
+        cfg = _compose(args.overrides)
+        s = Settings(data=cfg.data, tokenizer=cfg.model.tokenizer, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                     max_steps=cfg.max_steps, epochs=cfg.epochs)
     else:
-        s = Settings(train=[], data={})
+        s = Settings(data=DataConfig(train_files=[], seq_len=DEFAULT_SEQ_LEN))
     if args.files:
-        s.train, s.valid = list(args.files), []
-    for key in ("format", "text_column", "alpaca", "control_tokens"):
+        s.data.train_files, s.data.valid_files = list(args.files), []
+    for key, choice in (("format", DataFormat), ("alpaca", AlpacaStyle), ("control_tokens", ControlTokens),
+                        ("too_long", TooLong)):
         if getattr(args, key) is not None:
-            s.data[key] = getattr(args, key)
-    for key in ("tokenizer", "seq_len", "too_long", "batch_size", "grad_accum", "max_steps", "epochs"):
+            setattr(s.data, key, choice(getattr(args, key)))
+    for key in ("text_column", "seq_len"):
+        if getattr(args, key) is not None:
+            setattr(s.data, key, getattr(args, key))
+    for key in ("tokenizer", "batch_size", "grad_accum", "max_steps", "epochs"):
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
     if args.max_steps is not None:
@@ -291,15 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inputs", nargs="*", help="data files, and/or Hydra overrides key=value")
     parser.add_argument("--tokenizer", help="v1 | v3 | v7 | a tokenizer file or model folder (default: the config's, v3)")
     parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--too-long", choices=["truncate", "drop", "split"])
+    parser.add_argument("--too-long", choices=[c.value for c in TooLong])
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--grad-accum", type=int)
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--epochs", type=float)
-    parser.add_argument("--format", choices=["auto", "text", "chat", "alpaca"])
+    parser.add_argument("--format", choices=[c.value for c in DataFormat])
     parser.add_argument("--text-column")
-    parser.add_argument("--alpaca", choices=["chat", "prompt"])
-    parser.add_argument("--control-tokens", choices=["warn", "map"])
+    parser.add_argument("--alpaca", choices=[c.value for c in AlpacaStyle])
+    parser.add_argument("--control-tokens", choices=[c.value for c in ControlTokens])
     parser.add_argument("--tokens-per-s", type=float, default=DEFAULT_TOKENS_PER_S,
                         help=f"training throughput for the ETA (default {DEFAULT_TOKENS_PER_S:,.0f}: a 7B model on one H100)")
     parser.add_argument("--fix", action="store_true", help="write <name>.fixed.jsonl beside each file with defects")
@@ -309,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = settings_from(args)
         tokenizer = load_tokenizer(s.tokenizer)
-        train_specs = source_specs(s.train, "train_files", s.data, tokenizer.version)
-        valid_specs = source_specs(s.valid, "valid_files", s.data, tokenizer.version)
+        train_specs = source_specs(s.data.train_files, "train_files", s.data, tokenizer.version)
+        valid_specs = source_specs(s.data.valid_files, "valid_files", s.data, tokenizer.version)
         if not train_specs:
             raise MftError("no data files: give files or a config whose data.train_files is set")
-        check = lambda spec: check_file(spec.file, tokenizer, spec.settings, s.seq_len, s.too_long)  # noqa: E731
+        check = lambda spec: check_file(spec.file, tokenizer, spec.settings, s.data.seq_len, s.data.too_long)  # noqa: E731
         reports, valid = [check(spec) for spec in train_specs], [check(spec) for spec in valid_specs]
         weights = [spec.weight for spec in train_specs]
         if any(w is not None for w in weights) and any(w is None for w in weights):
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fix:
             print()
             for r, spec in bad:
-                fix_file(r, tokenizer, spec.settings, s.seq_len)
+                fix_file(r, tokenizer, spec.settings, s.data.seq_len)
     except MftError as e:
         print(f"mft-validate-data: error: {e}", file=sys.stderr)
         return 2

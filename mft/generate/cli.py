@@ -1,6 +1,7 @@
 """`mft-generate` and `python -m mft.generate`: chat with, prompt or batch-run a model and its adapters.
 
-Thin like mft-train: compose conf/generate.yaml (typed by mft.generate.config), load the model
+Thin like mft-train: compose conf/generate.yaml (typed by mft.generate.config; converted once
+into the GenerateConfig dataclass), load the model
 (mft.generate.load), then one of three modes over mft.generate.decode.Generator. User errors
 (MftError) print one paragraph and exit 1. Logs go to stderr, answers to stdout.
 """
@@ -17,29 +18,26 @@ from typing import Any, Optional, TextIO
 import hydra
 from omegaconf import DictConfig
 
-from mft.utils.errors import MftError
-from mft.generate.config import register_generate_configs
+from mft.compose import CONFIG_PATH, to_dataclass
+from mft.generate.config import GenerateConfig, Mode, register_generate_configs
 from mft.generate.decode import GenerationSettings, Generator
 from mft.generate.load import guess_tokenizer, load_model, resolve_source
 from mft.generate.sampling import SamplingSettings
 from mft.utils.device import resolve_device, resolve_dtype
+from mft.utils.errors import MftError
 
 log = logging.getLogger("mft.generate")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-MODES = ("prompt", "chat", "batch")
 
 
-def pick_mode(cfg) -> str:
+def pick_mode(cfg: GenerateConfig) -> Mode:
     mode = cfg.mode
-    if mode == "auto":
-        mode = "prompt" if cfg.prompt is not None else "batch" if cfg.input is not None else "chat"
-    if mode not in MODES:
-        raise MftError(f"mode={cfg.mode!r}; expected auto, {', '.join(MODES)}.")
-    if mode == "prompt" and cfg.prompt is None:
+    if mode == Mode.auto:
+        mode = Mode.prompt if cfg.prompt is not None else Mode.batch if cfg.input is not None else Mode.chat
+    if mode == Mode.prompt and cfg.prompt is None:
         raise MftError("mode=prompt needs prompt=\"...\".")
-    if mode == "batch" and cfg.input is None:
+    if mode == Mode.batch and cfg.input is None:
         raise MftError("mode=batch needs input=<requests.jsonl>.")
-    if mode == "batch" and not Path(cfg.input).is_file():
+    if mode == Mode.batch and not Path(cfg.input).is_file():
         raise MftError(f"input={cfg.input}: no such file.")
     return mode
 
@@ -59,7 +57,7 @@ def read_tools(path: Optional[str]) -> Optional[list[dict]]:
 class App:
     """The loaded model, tokenizer and decoding settings, shared by the three modes."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: GenerateConfig):
         from mft.data.tokenizer import check_vocab, load_tokenizer
         from mft.generate.chat import ChatFormat
 
@@ -210,17 +208,17 @@ class App:
         return {"ids": ids, "raw": raw, "index": index, "id": row.get("id")}
 
 
-def run(cfg) -> None:
+def run(cfg: GenerateConfig) -> None:
     mode = pick_mode(cfg)
     app = App(cfg)
-    getattr(app, mode)()
+    getattr(app, mode.value)()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
-def _run(cfg: DictConfig) -> None:
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
+def _run(composed: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     try:
-        run(cfg)
+        run(to_dataclass(composed))
     except MftError as e:
         print(f"mft-generate: error: {e}", file=sys.stderr)
         sys.exit(1)

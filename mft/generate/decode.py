@@ -11,11 +11,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mft.utils.errors import MftError
 from mft.generate.fuse import fuse_projections, still_fused
 from mft.generate.sampling import SamplingSettings, sample
 from mft.model.kv_cache import KVCache, plan_decode, plan_prefill
 from mft.model.transformer import FusedProjections, Transformer
+from mft.utils.errors import MftError
 
 TokenCallback = Callable[[int, int], None]  # (row, token id), called as each row's token is accepted
 

@@ -22,12 +22,12 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from mft.checkpoint.adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from mft.build import Runtime, build_model, checkpoint_spec
+from mft.checkpoint.adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from mft.checkpoint.load import detect_format
 from mft.model.transformer import Transformer
-from mft.utils.errors import MftError
 from mft.peft.lora import merge_and_unload
+from mft.utils.errors import MftError
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,9 @@ def guess_tokenizer(source: ModelSource, vocab_size: int) -> str:
     """The tokenizer: recorded by the run, else the model folder's own file, else by vocab size."""
     if source.tokenizer:
         return source.tokenizer
-    from mft.data.tokenizer import load_tokenizer  # mistral-common only when a tokenizer is needed
+    from mft.data.tokenizer import (
+        load_tokenizer,  # mistral-common only when a tokenizer is needed
+    )
 
     try:
         load_tokenizer(source.base)

@@ -30,10 +30,6 @@ BLOCK_BYTES = 2048
 _OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def triton_available() -> bool:
-    return triton is not None
-
-
 if triton is not None:
 
     @triton.jit

@@ -15,10 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mft.model.names import canonical_name
+from mft.quant.linear import (
+    QuantizedLinear,
+    quantized_linear,
+    quantized_weight_of,
+    register_quantized_weight,
+)
 from mft.utils.dtensor import copy_full_, full_tensor
 from mft.utils.errors import MftError
-from mft.model.names import canonical_name
-from mft.quant.linear import QuantizedLinear, quantized_linear, quantized_weight_of, register_quantized_weight
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 

@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from mft.utils.errors import MftError
 from mft.quant.formats import QuantSpec
 from mft.quant.linear import QuantizedLinear, quantized_layers
+from mft.utils.errors import MftError
 
 LINEAR_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 QUANTIZABLE = LINEAR_TARGETS + ("output",)

@@ -1,8 +1,9 @@
 """`mft-train`, `python -m mft.train` and `torchrun -m mft.train`: the Hydra entry point.
 
 Thin on purpose: join the process group when launched by torchrun (before Hydra, so that all
-ranks agree on one run dir), compose the config (conf/train.yaml, typed by mft.config), hand
-it to mft.train.loop.train, and turn user errors (MftError) into one paragraph and exit 1.
+ranks agree on one run dir), compose the config (conf/train.yaml, typed by mft.config), convert
+it once into the TrainConfig dataclass and hand that to mft.train.loop.train, and turn user errors
+(MftError) into one paragraph and exit 1.
 """
 
 import shlex
@@ -13,23 +14,27 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mft.config import register_configs
-from mft.utils.errors import MftError
-from mft.utils.distributed import init_distributed, quiet_overrides, shutdown, world_from_env
+from mft.compose import CONFIG_PATH, to_dataclass
+from mft.config import TrainConfig, register_configs
 from mft.train.loop import RunResult, train
+from mft.utils.distributed import (
+    init_distributed,
+    quiet_overrides,
+    shutdown,
+    world_from_env,
+)
+from mft.utils.errors import MftError
 
-# The repository's top-level conf/ (the package is installed editable: pip install -e .).
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def _run(cfg: DictConfig) -> None:
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def _run(composed: DictConfig) -> None:
     world = world_from_env()
     init_distributed(world)  # a no-op unless several processes (SLURM tasks under submitit, say)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        cfg: TrainConfig = to_dataclass(composed)
         if world.is_main:
-            (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg))
         result = train(cfg, run_dir, world)
     except MftError as e:
         print(f"mft-train: error: {e}", file=sys.stderr)

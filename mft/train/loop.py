@@ -9,15 +9,14 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mft.build import build_model
 from mft.checkpoint.adapter import write_adapter
 from mft.checkpoint.consolidated import consolidated_state, write_consolidated
-from mft.utils.dtensor import full_tensor
 from mft.checkpoint.train_state import load_checkpoint, resolve_resume, save_checkpoint
+from mft.config import TrainConfig, plain
 from mft.data.batch import Batch
 from mft.data.dataset import build_datasets
 from mft.data.tokenizer import check_vocab, load_tokenizer
@@ -29,6 +28,7 @@ from mft.train.optim import build_optimizer, build_scheduler, trainable_paramete
 from mft.train.setup import describe_base, model_spec, save_base_model, train_runtime
 from mft.utils.device import resolve_device, resolve_dtype
 from mft.utils.distributed import World, all_reduce_sum, gather_objects
+from mft.utils.dtensor import full_tensor
 from mft.utils.errors import MftError
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(cfg, run_dir: Path, world: World = World()) -> RunResult:
+def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     run_dir = Path(run_dir)
     if cfg.batch_size <= 0 or cfg.grad_accum <= 0:
         raise MftError(f"batch_size and grad_accum must be positive, got {cfg.batch_size} and {cfg.grad_accum}.")
@@ -126,7 +126,7 @@ def train(cfg, run_dir: Path, world: World = World()) -> RunResult:
     steps = total_steps(cfg, len(train_set) // world.size)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
-    metrics = MetricsLogger(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True), enabled=world.is_main)
+    metrics = MetricsLogger(run_dir, cfg.logger, plain(cfg), enabled=world.is_main)
     base = describe_base(cfg.model, args, base_checkpoint, spec.quant)
     batches = train_set.iterator(cfg.batch_size, world.rank, world.size)
 

@@ -5,18 +5,17 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from mft.config import LoggerConfig, LoggerName, WandbMode
 from mft.utils.errors import MftError
 
 
 class MetricsLogger:
     """Appends one JSON object per record to <run_dir>/metrics.jsonl and mirrors it to W&B."""
 
-    def __init__(self, run_dir: Path, cfg, resolved_config: Dict[str, Any], enabled: bool = True):
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, resolved_config: Dict[str, Any], enabled: bool = True):
         """`enabled=False` (ranks other than 0 under torchrun) records nothing."""
-        if cfg.name not in ("console", "wandb"):
-            raise MftError(f"logger.name={cfg.name!r}; expected 'console' or 'wandb'.")
         self.enabled = enabled
-        self._wandb = _start_wandb(run_dir, cfg, resolved_config) if enabled and cfg.name == "wandb" else None
+        self._wandb = _start_wandb(run_dir, cfg, resolved_config) if enabled and cfg.name == LoggerName.wandb else None
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a", buffering=1) if enabled else None
 
@@ -41,23 +40,20 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def _wandb_mode(mode: str) -> str:
-    if mode != "auto":
-        return mode
+def _wandb_mode(mode: WandbMode) -> str:
+    if mode != WandbMode.auto:
+        return mode.value
     netrc = Path.home() / ".netrc"
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
     return "online" if has_key else "offline"
 
 
-def _start_wandb(run_dir: Path, cfg, resolved_config: Dict[str, Any]) -> Optional[Any]:
+def _start_wandb(run_dir: Path, cfg: LoggerConfig, resolved_config: Dict[str, Any]) -> Optional[Any]:
     try:
         import wandb
     except ImportError:
         raise MftError('logger=wandb needs the wandb package: pip install -e ".[wandb]"') from None
-    mode = _wandb_mode(cfg.mode)
-    if mode not in ("online", "offline", "disabled"):
-        raise MftError(f"logger.mode={cfg.mode!r}; expected auto, online, offline or disabled.")
     return wandb.init(
-        project=cfg.project, entity=cfg.entity, dir=str(run_dir), config=resolved_config, mode=mode,
+        project=cfg.project, entity=cfg.entity, dir=str(run_dir), config=resolved_config, mode=_wandb_mode(cfg.mode),
         name=Path(run_dir).name,
     )

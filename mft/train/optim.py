@@ -6,12 +6,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from mft.config import OptimConfig, Schedule
 from mft.utils.errors import MftError
 
-SCHEDULES = ("cosine", "linear", "constant")
 
-
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on 1-D tensors (norm scales)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
@@ -26,7 +25,7 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     )
 
 
-def warmup_steps(cfg, total_steps: int) -> int:
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     if cfg.warmup_steps and cfg.warmup_ratio:
         raise MftError(
             f"optim.warmup_steps={cfg.warmup_steps} and optim.warmup_ratio={cfg.warmup_ratio} are both set; set one."
@@ -36,27 +35,25 @@ def warmup_steps(cfg, total_steps: int) -> int:
     return cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
 
 
-def lr_multiplier(cfg, total_steps: int) -> Callable[[int], float]:
+def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     """The factor applied to optim.lr at each step (step counts from 0)."""
-    if cfg.schedule not in SCHEDULES:
-        raise MftError(f"optim.schedule={cfg.schedule!r}; expected one of {list(SCHEDULES)}.")
     warmup = warmup_steps(cfg, total_steps)
     floor = cfg.min_lr_ratio
 
     def multiplier(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if cfg.schedule == "constant":
+        if cfg.schedule == Schedule.constant:
             return 1.0
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        if cfg.schedule == "linear":
+        if cfg.schedule == Schedule.linear:
             return floor + (1.0 - floor) * (1.0 - progress)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return multiplier
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
 
 

@@ -46,7 +46,7 @@ def resolve_quant(qcfg, pcfg) -> Optional[QuantSpec]:
     """The base's QuantSpec (None for quant=none), refusing set-ups that cannot train."""
     if qcfg.format == "none":
         return None
-    spec = QuantSpec(format=qcfg.format, block_size=qcfg.block_size, double_quant=bool(qcfg.double_quant),
+    spec = QuantSpec(format=str(qcfg.format), block_size=qcfg.block_size, double_quant=bool(qcfg.double_quant),
                      dq_block_size=qcfg.double_quant_block_size)
     if pcfg.method != "lora":
         raise MftError(f"quant={spec.format} freezes the base: it needs peft=lora (got peft.method={pcfg.method!r}).")
