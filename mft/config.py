@@ -151,7 +151,7 @@ class TrainConfig:
     peft: PeftConfig = MISSING
     logger: LoggerConfig = MISSING
     quant: QuantConfig = field(default_factory=QuantConfig)
-    # Seeds model init, LoRA init, dropout and data order.
+    # Seeds the random base (when there is no checkpoint), LoRA init (seed + 1) and dropout; data.seed orders the data.
     seed: int = 0
     # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
     device: str = "auto"

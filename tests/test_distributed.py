@@ -42,7 +42,7 @@ def test_two_ranks_match_one_process(tmp_path, peft):
     # The whole validation set: 49 batches of 2 at seq_len 64, so one rank repeats a batch and drops it.
     args = [*BASE, f"peft={peft}", "max_steps=4", "eval_batches=null"]
     run([*args, "batch_size=4", f"hydra.run.dir={tmp_path}/single"], tmp_path)
-    # The sharded run also checkpoints every block (the wrapper goes on after fully_shard) and
+    # The sharded run also checkpoints every block (the wrapper goes on before fully_shard) and
     # takes the head + loss in checkpointed chunks of 16 supervised tokens inside FSDP's root
     # forward; the single process does neither.
     run([*args, "batch_size=2", "activation_checkpointing=true", "loss_chunk_tokens=16",

@@ -30,8 +30,23 @@ def parallelize(model: nn.Module, runtime, param_dtype: torch.dtype) -> None:
     if runtime.world.distributed:
         shard(model, runtime.world.size, device, runtime.dtype)
     elif param_dtype != runtime.dtype:
-        # Instance attribute: nn.Module.__call__ runs it, so every caller computes in runtime.dtype.
-        model.forward = torch.autocast(device.type, dtype=runtime.dtype)(model.forward)
+        compute_under_autocast(model, device.type, runtime.dtype)
+
+
+def compute_under_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> None:
+    """Every forward of `model` runs under autocast to `dtype`: hooks, not a wrapped `forward`, so
+    the model keeps its own forward (and a deepcopy of it runs its own parameters)."""
+    contexts: list[torch.autocast] = []
+
+    def enter(module, args):
+        contexts.append(torch.autocast(device_type, dtype=dtype))
+        contexts[-1].__enter__()
+
+    def leave(module, args, output):
+        contexts.pop().__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)  # also when forward raises
 
 
 def shard(model: nn.Module, world_size: int, device: torch.device, compute_dtype: torch.dtype) -> None:

@@ -10,8 +10,9 @@
 
 Precision: the frozen base is held in the compute dtype. Parameters that train keep fp32 masters
 and compute in `Runtime.dtype`: LoRA factors always; for full fine-tuning the whole model, cast
-per forward by FSDP2's mixed precision policy under torchrun and by autocast in one process, so
-an update smaller than bf16's spacing is applied, not rounded away, on one GPU as on many.
+per forward by FSDP2's mixed precision policy under torchrun (every parameter in bf16) and by
+autocast in one process (matmuls in bf16, norms in fp32), so an update smaller than bf16's
+spacing is applied, not rounded away, on one GPU as on many.
 """
 
 from dataclasses import dataclass, field

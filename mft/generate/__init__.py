@@ -1,8 +1,9 @@
-"""Generation: KV cache with a rolling buffer (cache.py), cached forward (forward.py), sampling,
-batched decoding (decode.py), Mistral chat and tool calls (chat.py), loading (load.py), the
+"""Generation: batched decoding through the model's own forward over its KV cache (decode.py; the
+cache is mft/model/kv_cache.py), fused projections (fuse.py), sampling, Mistral chat and tool calls
+(chat.py), loading through the build pipeline (load.py), int4 decoding kernels (int4.py), the
 mft-generate app (cli.py).
 
-The decoding modules need only torch and mft.model; chat, load and cli add mistral-common and
+The decoding modules need only torch and mft.model; chat and cli add mistral-common and
 Hydra. Nothing is imported here, so `import mft.generate.decode` stays light (the GPU benchmark
 imports it on machines without Hydra or mistral-common).
 """

@@ -126,6 +126,8 @@ class Transformer(nn.Module):
         fused: Optional[Sequence[FusedProjections]] = None,
     ) -> torch.Tensor:
         """Final normed hidden states (T, dim), T = tokens.numel(): the input of `output`."""
+        if cache is None and cu_seqlens is None:
+            raise ValueError("packed tokens need cu_seqlens (their document boundaries), or pass a cache plan")
         tokens, positions = tokens.reshape(-1), positions.reshape(-1)
         docs = None if cache is not None else PackedDocs.from_cu_seqlens(cu_seqlens, max_seqlen, tokens.shape[0])
         cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)

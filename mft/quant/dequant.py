@@ -6,7 +6,6 @@ The kernels module (and so triton) is imported on first use, not with mft.quant:
 process never loads triton, and tests can still choose Triton's interpreter before it loads.
 """
 
-import importlib.util
 from typing import Dict, Optional
 
 import torch
@@ -15,7 +14,6 @@ from mft.quant.formats import QuantizedTensor, nf4_levels
 from mft.quant.formats import dequantize as dequantize_torch
 
 _LEVELS: Dict[torch.device, torch.Tensor] = {}  # the NF4 table, once per device
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def dequantize_triton(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, block: Optional[int] = None
@@ -40,9 +38,16 @@ def dequantize_triton(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Dense weight in `dtype`: the Triton kernel on CUDA, the torch reference elsewhere."""
-    if qt.device.type == "cuda" and _TRITON_INSTALLED:
+    if qt.device.type == "cuda" and _triton_imports():
         return dequantize_triton(qt, dtype)
     return dequantize_torch(qt, dtype)
+
+
+def _triton_imports() -> bool:
+    """Whether mft's kernels module found a working triton (imported once, on the first CUDA call)."""
+    from mft.kernels import dequant as kernels
+
+    return kernels.triton is not None
 
 
 __all__ = ["dequantize", "dequantize_torch", "dequantize_triton"]
