@@ -166,6 +166,8 @@ class TrainConfig:
     epochs: Optional[float] = 1.0
     # Gradient clipping by global norm; 0 disables it.
     max_grad_norm: float = 1.0
+    # A step whose loss or gradient norm is NaN/inf is skipped (no update); stop after this many in a row.
+    max_nonfinite_steps: int = 3
     # Recompute each block's activations in backward (saves memory, costs a forward).
     activation_checkpointing: bool = False
     # torch.compile each transformer block (first steps slower while it compiles; attention runs eagerly).

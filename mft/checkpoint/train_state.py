@@ -4,23 +4,36 @@ step, schedule, data position and RNG, in one folder that appears atomically.
     checkpoints/step_000100/
         adapter.safetensors, adapter_config.json   (or consolidated.safetensors + params.json)
         train_state/            DCP shards of the trainable parameters and their AdamW states
-        train_state/trainer.json   step, world size, scheduler, data iterator state
+        train_state/trainer.json   step, world size, seed, base, scheduler, data iterator state
         train_state/rng_<rank>.safetensors
 
 Only trainable parameters are saved (a LoRA run does not copy its frozen 7B base every time).
-DCP re-shards on load, so a run resumes under a different number of GPUs. No pickle anywhere:
-DCP's tensor files, JSON and safetensors.
+DCP re-shards on load, so a run resumes under a different number of GPUs.
+
+Reading a checkpoint runs nothing from it. DCP's index (`.metadata`) is a pickle: it is read by
+an unpickler that builds only DCP's own metadata classes. Only tensors are saved (the optimizer's
+hyper-parameters come from the config, its learning rate from the schedule), and tensors are read
+with `torch.load(weights_only=True)`; an entry of any other kind is refused rather than unpickled.
 """
 
+import dataclasses
 import json
+import logging
 import os
+import pickle
 import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -31,16 +44,38 @@ from torch.distributed.checkpoint.state_dict import (
 from mft.model.names import canonical_name
 from mft.utils.distributed import World, barrier
 from mft.utils.errors import MftError
+from mft.utils.jsonfile import read_json_object
+
+log = logging.getLogger(__name__)
 
 STATE_DIR = "train_state"
 TRAINER_FILE = "trainer.json"
+METADATA_FILE = ".metadata"
+
+
+@dataclass
+class TrainerState:
+    """trainer.json: where the run stood when the checkpoint was written."""
+
+    step: int
+    world_size: int  # processes that wrote it (the RNG files are per rank)
+    scheduler: Dict[str, Any]  # the LR scheduler's state_dict
+    data: List[Dict[str, Any]]  # one data-iterator state per rank
+    seed: Optional[int] = None  # the run's seed (absent in checkpoints from before it was recorded)
+    base: Optional[str] = None  # the base weights it trained on: a folder, or null for a random init
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
 
+def trainer_file(folder: Path) -> Path:
+    """A checkpoint folder's trainer.json."""
+    return Path(folder) / STATE_DIR / TRAINER_FILE
+
+
 def _trainable_state(model, optimizer):
+    """The trainable parameters and their optimizer state, as DCP saves and loads them: tensors only."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     trainable = {name for name, p in _canonical_parameters(model) if p.requires_grad}
     return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd
@@ -48,6 +83,14 @@ def _trainable_state(model, optimizer):
 
 def _canonical_parameters(model):
     return ((canonical_name(n), p) for n, p in model.named_parameters())
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every call without a process group, which one process never has."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def save_checkpoint(
@@ -62,27 +105,39 @@ def save_checkpoint(
     """Write checkpoints/step_N atomically; every rank calls it (it holds collectives).
 
     `export(folder)` writes the user-facing files (adapter or model) and must itself gather on
-    every rank and write on rank 0.
+    every rank and write on rank 0. A failed write (a full disk, say) leaves no partial folder.
     """
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
     if world.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    export(tmp)  # rank 0 creates tmp with the exported files (atomic_dir)
-    barrier()  # ... before any rank's DCP writer creates tmp/train_state
-    model_sd, optim_sd = _trainable_state(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / STATE_DIR), no_dist=not world.distributed)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / STATE_DIR / f"rng_{world.rank}.safetensors"))
-    if world.is_main:
-        state = {"step": step, "world_size": world.size, **trainer_state}
-        with open(tmp / STATE_DIR / TRAINER_FILE, "w") as f:
-            f.write(json.dumps(state, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # trainer.json marks the checkpoint complete: it must be on disk first
+    try:
+        export(tmp)  # rank 0 creates tmp with the exported files (atomic_dir)
+        barrier()  # ... before any rank's DCP writer creates tmp/train_state
+        model_sd, optim_sd = _trainable_state(model, optimizer)
+        with _quiet_single_process():
+            dcp.save({"model": model_sd, "optim": {"state": optim_sd["state"]}},
+                     checkpoint_id=str(tmp / STATE_DIR), no_dist=not world.distributed)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / STATE_DIR / f"rng_{world.rank}.safetensors"))
+        if world.is_main:
+            state = TrainerState(step=step, world_size=world.size, **trainer_state)
+            with open(tmp / STATE_DIR / TRAINER_FILE, "w") as f:
+                f.write(json.dumps(dataclasses.asdict(state), indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # trainer.json marks the checkpoint complete: it must be on disk first
+    except (OSError, CheckpointException) as e:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise MftError(f"writing the checkpoint {final} failed: {_os_error_text(e)}. The partial folder was "
+                       f"removed; the latest complete checkpoint is {latest_checkpoint(run_dir)}.") from None
+    except BaseException:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier()
     if world.is_main:
         old = final.with_name(f".{final.name}.old")
@@ -94,10 +149,50 @@ def save_checkpoint(
     return final
 
 
+def _os_error_text(e: BaseException) -> str:
+    """'no space left on device (/path/file)' for an OSError, also one DCP wrapped per rank."""
+    if isinstance(e, CheckpointException):
+        wrapped = [failure[0] if isinstance(failure, tuple) else failure for failure in e.failures.values()]
+        e = next((w for w in wrapped if isinstance(w, OSError)), wrapped[0] if wrapped else e)
+    if isinstance(e, OSError) and e.errno is not None:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{os.strerror(e.errno).lower()}{where}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _step_folders(run_dir: Path) -> List[Path]:
+    """checkpoints/step_N folders by step (a save in progress has a dotted name and is not one)."""
+    folders = [p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(folders, key=lambda p: int(p.name[5:]))
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / STATE_DIR / TRAINER_FILE).is_file() and (folder / STATE_DIR / METADATA_FILE).is_file()
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint in run_dir (half-written ones never carry a final name)."""
-    folders = sorted((run_dir / "checkpoints").glob("step_*/" + STATE_DIR + "/" + TRAINER_FILE))
-    return folders[-1].parent.parent if folders else None
+    """The newest complete checkpoint in run_dir, or None when there is none."""
+    complete = [p for p in _step_folders(run_dir) if _is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def _checkpoint_to_resume(run_dir: Path, resume: str) -> Optional[Path]:
+    """The newest checkpoint of run_dir; a damaged newest one is an error, not a silent step back."""
+    folders = _step_folders(run_dir)
+    if not folders:
+        return None
+    newest = folders[-1]
+    if not _is_complete(newest):
+        missing = [name for name in (TRAINER_FILE, METADATA_FILE) if not (newest / STATE_DIR / name).is_file()]
+        older = latest_checkpoint(run_dir)
+        instead = (f"resume=<that folder> to continue from the previous complete one, {older}" if older
+                   else "no older complete checkpoint exists")
+        raise MftError(
+            f"resume={resume}: the newest checkpoint {newest} is damaged ({STATE_DIR}/{' and '.join(missing)} "
+            f"missing; mft writes checkpoints atomically, so something removed it). Continuing from an older "
+            f"one would silently repeat steps: move {newest} away and resume again, or pass {instead}."
+        )
+    return newest
 
 
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
@@ -106,11 +201,14 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     if not resume:
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
+        return _checkpoint_to_resume(run_dir, resume)
     path = Path(resume)
-    if (path / STATE_DIR / TRAINER_FILE).is_file():
+    if (path / STATE_DIR).is_dir():
+        if not _is_complete(path):
+            raise MftError(f"resume={resume}: {path / STATE_DIR} lacks {TRAINER_FILE} or {METADATA_FILE}; "
+                           "the checkpoint is incomplete.")
         return path
-    found = latest_checkpoint(path) if path.is_dir() else None
+    found = _checkpoint_to_resume(path, resume) if path.is_dir() else None
     if found is None:
         raise MftError(
             f"resume={resume}: no complete checkpoint there (expected a run dir with checkpoints/step_N/"
@@ -119,28 +217,148 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return found
 
 
-def load_checkpoint(folder: Path, world: World, model, optimizer) -> Dict[str, Any]:
-    """Restore trainable weights, optimizer and RNG from `folder`; returns trainer.json's content."""
-    state_dir = folder / STATE_DIR
-    try:
-        trainer = json.loads((state_dir / TRAINER_FILE).read_text())
-        model_sd, optim_sd = _trainable_state(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(state_dir), no_dist=not world.distributed)
-        set_state_dict(
-            model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-            options=StateDictOptions(strict=False),
-        )
-    except (CheckpointException, RuntimeError, ValueError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+def read_trainer_state(path: Path) -> TrainerState:
+    """trainer.json, every field checked for its type."""
+    raw = read_json_object(path, "trainer state")
+    kinds = {"step": int, "world_size": int, "scheduler": dict, "data": list, "seed": (int, type(None)),
+             "base": (str, type(None))}
+    for key, kind in kinds.items():
+        required = key not in ("seed", "base")
+        if key not in raw and required:
+            raise MftError(f"{path}: the key {key!r} is missing; the checkpoint is damaged.")
+        value = raw.get(key)
+        if key in raw and (not isinstance(value, kind) or isinstance(value, bool)):
+            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise MftError(f"{path}: {key!r} should be {expected}, got {value!r}; the checkpoint is damaged.")
+    state = TrainerState(**{key: raw[key] for key in kinds if key in raw})
+    if state.step < 1 or state.world_size < 1 or not all(isinstance(d, dict) for d in state.data):
+        raise MftError(f"{path}: step and world_size must be positive and data a list of objects; "
+                       "the checkpoint is damaged.")
+    return state
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's own metadata classes, torch sizes, dtypes and paths; anything else is refused."""
+
+    _ALLOWED = {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
+        if isinstance(found, type) and found.__module__ == module:
+            return found
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not part of a checkpoint index")
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader, with the index read by _MetadataUnpickler instead of pickle.load."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        path = Path(self.path) / METADATA_FILE
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except Exception as e:  # a damaged pickle can raise nearly anything: none of it runs code
+            raise MftError(f"{path} is not a checkpoint index that mft wrote ({type(e).__name__}: "
+                           f"{_os_error_text(e)}); the checkpoint is damaged or was not written by mft.") from None
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise MftError(f"{path} holds a {type(metadata).__name__}, not a checkpoint index.")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class _TensorsOnlyPlanner(DefaultLoadPlanner):
+    """mft saves only tensors; a non-tensor entry would be unpickled by DCP, so it is refused."""
+
+    def load_bytes(self, read_item, value) -> None:
+        raise MftError(f"the checkpoint stores {read_item.dest_index.fqn} as a pickled object; mft never "
+                       "writes one and does not unpickle it.")
+
+
+def _flatten(state: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """DCP's key for every leaf of a nested state dict: the path joined with dots."""
+    flat = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_fits(metadata: dcp_metadata.Metadata, wanted: Dict[str, Any], folder: Path) -> None:
+    """Every tensor this run needs is in the checkpoint with the same shape."""
+    saved = metadata.state_dict_metadata
+    problems = []
+    for key, tensor in _flatten(wanted).items():
+        entry = saved.get(key)
+        if entry is None:
+            problems.append(f"{key} is missing")
+        elif not isinstance(entry, dcp_metadata.TensorStorageMetadata):
+            problems.append(f"{key} is not a tensor")
+        elif tuple(entry.size) != tuple(tensor.shape):
+            problems.append(f"{key} has shape {tuple(entry.size)}, this run needs {tuple(tensor.shape)}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise MftError(
-            f"resume from {folder} failed: the checkpoint does not fit this run ({first_line}). The model, "
-            "peft and quant settings must be those the checkpoint was trained with."
-        ) from None
-    rng_file = state_dir / f"rng_{world.rank}.safetensors"
-    if rng_file.is_file() and trainer.get("world_size") == world.size:
-        rng = load_file(str(rng_file))
+            f"resume from {folder} failed: the checkpoint does not fit this run ({shown}). The model, peft and "
+            "quant settings must be those the checkpoint was trained with."
+        )
+
+
+def load_checkpoint(folder: Path, world: World, model, optimizer) -> TrainerState:
+    """Restore trainable weights, optimizer and RNG from `folder`; returns its trainer.json."""
+    state_dir = folder / STATE_DIR
+    trainer = read_trainer_state(trainer_file(folder))
+    model_sd, optim_sd = _trainable_state(model, optimizer)
+    wanted = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
+    reader = _SafeReader(str(state_dir))
+    _check_fits(reader.read_metadata(), wanted, folder)
+    try:
+        with _quiet_single_process():
+            dcp.load(wanted, storage_reader=reader, planner=_TensorsOnlyPlanner(), no_dist=not world.distributed)
+    except MftError:
+        raise
+    except (CheckpointException, Exception) as e:
+        raise MftError(f"resume from {folder} failed: the files in {state_dir} are damaged "
+                       f"({_os_error_text(e)}).") from None
+    optim_sd["state"] = wanted["optim"]["state"]
+    set_state_dict(model, optimizer, model_state_dict=wanted["model"], optim_state_dict=optim_sd,
+                   options=StateDictOptions(strict=False))
+    _restore_rng(state_dir / f"rng_{world.rank}.safetensors", trainer, world)
+    return trainer
+
+
+def _restore_rng(path: Path, trainer: TrainerState, world: World) -> None:
+    """The random state (dropout) this rank had; one saved by a different number of ranks does not fit."""
+    if trainer.world_size != world.size:
+        log.warning("resume: the checkpoint was written by %d process(es), this run has %d; the random state "
+                    "(dropout) starts afresh, so the run will not repeat the uninterrupted one exactly.",
+                    trainer.world_size, world.size)
+        return
+    if not path.is_file():
+        raise MftError(f"resume: {path} is missing; the checkpoint is incomplete (every rank writes its random "
+                       "state there).")
+    try:
+        rng = load_file(str(path))
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return trainer
+    except (SafetensorError, OSError, KeyError, RuntimeError, TypeError) as e:
+        raise MftError(f"resume: {path} is not a random state mft wrote ({_os_error_text(e)}); "
+                       "the checkpoint is damaged.") from None
+

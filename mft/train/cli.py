@@ -6,9 +6,11 @@ it once into the TrainConfig dataclass and hand that to mft.train.loop.train, an
 (MftError) into one paragraph and exit 1.
 """
 
+import os
 import shlex
 import sys
 from pathlib import Path
+from typing import List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -37,21 +39,56 @@ def _run(composed: DictConfig) -> None:
             (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg))
         result = train(cfg, run_dir, world)
     except MftError as e:
-        print(f"mft-train: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(e))
+    except OSError as e:  # a full disk, a read-only run dir: the file and the reason, not a traceback
+        _fail(f"{e.strerror or e} ({e.filename})" if e.filename else str(e))
+    except KeyboardInterrupt:
+        print(f"mft-train: interrupted (a second Ctrl-C, or one before training began): nothing more was saved; "
+              f"the run dir is {run_dir}", file=sys.stderr)
+        sys.exit(130)
     if world.is_main:
         _report(result)
+
+
+def _fail(message: str) -> None:
+    print(f"mft-train: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def launch_command() -> List[str]:
+    """How this process was started, up to the overrides: mft-train, python -m mft.train, or the
+    torchrun command line that started it (read from the launcher's /proc entry where there is one)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        try:
+            parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+            program = parent[parent.index("mft.train")] if "mft.train" in parent else None
+        except (OSError, UnicodeDecodeError):
+            program = None
+        if program is not None:
+            launcher = parent[: parent.index(program) + 1]
+            tool = next((i for i, arg in enumerate(launcher) if Path(arg).name in ("torchrun", "torch.distributed.run")), 0)
+            return ["torchrun", *launcher[tool + 1:]]
+        nodes = int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return ["torchrun", f"--nnodes={nodes}", f"--nproc-per-node={os.environ.get('LOCAL_WORLD_SIZE', '1')}",
+                "-m", "mft.train"]
+    if Path(sys.argv[0]).name == "mft-train":
+        return ["mft-train"]
+    return ["python", "-m", "mft.train"]
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run: as it was launched, its overrides, its run dir, resume=auto."""
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.run.dir=", "resume="))]
+    return shlex.join([*launch_command(), *overrides, f"hydra.run.dir={run_dir}", "resume=auto"])
 
 
 def _report(result: RunResult) -> None:
     run_dir = result.run_dir
     print(f"\nRun dir: {run_dir}")
     print(f"Metrics: {run_dir / 'metrics.jsonl'}")
-    if result.preempted:
-        overrides = " ".join(shlex.quote(o) for o in HydraConfig.get().overrides.task
-                             if not o.startswith(("hydra.run.dir=", "resume=")))
-        print(f"Stopped by SIGTERM at step {result.metrics['step']}; checkpoint: {result.checkpoint}")
-        print(f"Resume with: mft-train {overrides} hydra.run.dir={shlex.quote(str(run_dir))} resume=auto")
+    if result.stopped_by:
+        print(f"Stopped by {result.stopped_by} at step {result.metrics['step']}; checkpoint: {result.checkpoint}")
+        print(f"Resume with: {resume_command(run_dir)}")
         return
     if result.first_valid_loss is not None and "valid_loss" in result.metrics:
         print(f"valid_loss: {result.first_valid_loss:.4f} at step 0 -> {result.metrics['valid_loss']:.4f} "
@@ -62,9 +99,26 @@ def _report(result: RunResult) -> None:
     print(f"Chat with it: mft-generate run_dir={shlex.quote(str(run_dir))}")
 
 
+def check_output_dir(argv: List[str]) -> None:
+    """Fail in one line where Hydra would fail with a traceback: its run (or sweep) dir cannot be
+    created or written. The folder is hydra.run.dir / hydra.sweep.dir when given, else under the
+    working directory."""
+    sweep = "-m" in argv or "--multirun" in argv
+    key = "hydra.sweep.dir=" if sweep else "hydra.run.dir="
+    given = [arg.split("=", 1)[1] for arg in argv if arg.startswith(key)]
+    folder = Path(given[-1]) if given else Path.cwd() / "outputs"
+    existing = next(p for p in [folder, *folder.parents] if os.path.lexists(p))
+    if not existing.is_dir():
+        _fail(f"cannot create the run dir {folder}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _fail(f"cannot write the run dir {folder}: {existing} is not writable (permissions or a read-only file "
+              "system). Choose another folder with hydra.run.dir=...")
+
+
 def main() -> None:
     world = world_from_env()
     init_distributed(world)
+    check_output_dir(sys.argv[1:])
     sys.argv += quiet_overrides(world)
     register_configs()
     try:

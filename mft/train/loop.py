@@ -1,5 +1,6 @@
 """The training loop: one flat function from a composed config to a finished run dir."""
 
+import dataclasses
 import logging
 import math
 import signal
@@ -15,7 +16,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mft.build import build_model
 from mft.checkpoint.adapter import write_adapter
 from mft.checkpoint.consolidated import consolidated_state, write_consolidated
-from mft.checkpoint.train_state import load_checkpoint, resolve_resume, save_checkpoint
+from mft.checkpoint.train_state import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+    trainer_file,
+)
 from mft.config import TrainConfig, plain
 from mft.data.batch import Batch
 from mft.data.dataset import build_datasets
@@ -41,7 +50,7 @@ class RunResult:
     is_adapter: bool
     first_valid_loss: Optional[float]
     metrics: Dict[str, Any]
-    preempted: bool = False  # stopped by SIGTERM after saving a checkpoint
+    stopped_by: Optional[str] = None  # "SIGTERM" or "SIGINT" when a signal stopped the run after saving
 
 
 def accumulate_gradients(model, group: list[Batch], device: torch.device, world: World = World(),
@@ -76,22 +85,114 @@ def total_steps(cfg, num_sequences: int) -> int:
     return max(1, math.ceil(cfg.epochs * per_epoch))
 
 
-class Preemption:
-    """SIGTERM (a scheduler's preemption or time limit) asks the loop to save and stop."""
+class StopSignals:
+    """SIGTERM (a scheduler's preemption or time limit) and Ctrl-C ask the loop to save and stop.
+
+    A second Ctrl-C aborts at once (KeyboardInterrupt), without saving.
+    """
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.received: Optional[str] = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt
+        self.received = self.received or signal.Signals(signum).name
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank got the signal."""
-        return all_reduce_sum(float(self.requested), device) > 0
+        """True on every rank once any rank got a signal."""
+        return all_reduce_sum(float(self.received is not None), device) > 0
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class StepWindow:
+    """The optimizer steps since the last train record: their loss, tokens and skipped updates."""
+
+    def __init__(self) -> None:
+        self.loss, self.supervised, self.inputs, self.steps, self.skipped = 0.0, 0, 0, 0, 0
+        self.started = time.perf_counter()
+
+    def add(self, loss_sum: float, supervised: int, inputs: int, applied: bool) -> None:
+        self.steps += 1
+        self.inputs += inputs
+        if applied:
+            self.loss += loss_sum
+            self.supervised += supervised
+        else:
+            self.skipped += 1
+
+    def record(self, lr: float, grad_norm: float) -> Dict[str, Any]:
+        """train_loss is over the applied steps (null when every step was skipped)."""
+        record = {
+            "train_loss": self.loss / self.supervised if self.supervised else None,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": self.inputs / (time.perf_counter() - self.started),
+        }
+        if self.skipped:
+            record["skipped_steps"] = self.skipped
+        return record
+
+
+def check_run_dir(run_dir: Path, resuming: bool) -> None:
+    """A fresh run must not mix its files into another run's (or replace its base_model/)."""
+    existing = [name for name in ("checkpoints", "base_model") if (run_dir / name).exists()]
+    if existing and not resuming:
+        raise MftError(
+            f"the run dir {run_dir} already holds a run ({', '.join(n + '/' for n in existing)}). Continue it with "
+            "resume=auto, or start this run in a new folder (leave hydra.run.dir at its default)."
+        )
+
+
+def base_weights(cfg: TrainConfig, run_dir: Path, resume_from: Optional[Path]) -> Optional[Path]:
+    """The random base an earlier start of this run drew and saved, which a resume must train on again."""
+    if cfg.model.checkpoint is not None or not cfg.resume:
+        return None
+    source = resume_from.parents[1] if resume_from is not None else run_dir
+    folder = source / "base_model"
+    if resume_from is not None and not folder.is_dir():
+        raise MftError(f"resume from {resume_from}: its run trained on a random base, but {folder} is missing; "
+                       "without it the adapters cannot be continued.")
+    return folder if folder.is_dir() else None
+
+
+def check_resume_fits(trainer: TrainerState, cfg: TrainConfig, folder: Path) -> None:
+    """The resumed run must train on the base the checkpoint trained on; a new seed changes nothing."""
+    base = cfg.model.checkpoint
+    if trainer.seed is None:
+        return  # written before mft recorded seed and base
+    if (trainer.base is None) != (base is None):
+        raise MftError(f"resume from {folder}: it was trained on {trainer.base or 'a random base (model.checkpoint=null)'}"
+                       f", this run sets model.checkpoint={base}. Resume with the base it was trained on.")
+    if base is not None and Path(base).resolve() != Path(trainer.base).resolve():
+        log.warning("resume from %s: it was trained on the base %s, this run loads %s; continuing on the "
+                    "assumption that they hold the same weights.", folder, trainer.base, base)
+    if trainer.seed != cfg.seed:
+        log.warning("resume from %s: seed=%d is ignored; the run continues with the checkpoint's random state "
+                    "(seed=%d) and base.", folder, cfg.seed, trainer.seed)
+
+
+def check_finite_weights(model, device: torch.device, step: int) -> None:
+    """Never write a checkpoint holding NaN or inf."""
+    bad = sum(int(not torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all())
+              for p in trainable_parameters(model))
+    if all_reduce_sum(float(bad), device) > 0:
+        raise MftError(f"step {step}: the trained weights hold NaN or inf, so no checkpoint was written. "
+                       "Lower optim.lr, or check the data and precision.")
+
+
+def nonfinite_stop(step: int, count: int, loss: float, grad_norm: float, cfg: TrainConfig, run_dir: Path) -> MftError:
+    last = latest_checkpoint(run_dir)
+    return MftError(
+        f"step {step}: the loss ({loss}) or gradient norm ({grad_norm}) was NaN or inf in {count} steps in a row "
+        f"(max_nonfinite_steps={cfg.max_nonfinite_steps}); those updates were skipped and training stopped. "
+        f"Usual causes: a learning rate too high (optim.lr={cfg.optim.lr:g}), fp16 overflow (use precision=bf16), "
+        f"or corrupt data. Nothing non-finite was saved; the latest checkpoint is {last or 'none (none was written)'}."
+    )
 
 
 def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
@@ -100,9 +201,18 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
         raise MftError(f"batch_size and grad_accum must be positive, got {cfg.batch_size} and {cfg.grad_accum}.")
     if cfg.loss_chunk_tokens < 0:
         raise MftError(f"loss_chunk_tokens must be >= 0 (0 = the whole head at once), got {cfg.loss_chunk_tokens}.")
+    if cfg.max_nonfinite_steps < 1:
+        raise MftError(f"max_nonfinite_steps must be at least 1, got {cfg.max_nonfinite_steps}.")
     device = resolve_device(cfg.device, world.local_rank)
     dtype = resolve_dtype(cfg.precision, device)
     spec = model_spec(cfg)  # checks the config against the checkpoint before any data is read
+    resume_from = resolve_resume(cfg.resume, run_dir)
+    check_run_dir(run_dir, resuming=bool(cfg.resume))
+    if resume_from is not None:
+        check_resume_fits(read_trainer_state(trainer_file(resume_from)), cfg, resume_from)
+    saved_base = base_weights(cfg, run_dir, resume_from)
+    if saved_base is not None:
+        spec = dataclasses.replace(spec, weights=str(saved_base))
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     check_vocab(tokenizer, spec.args.vocab_size, cfg.model.name, cfg.model.tokenizer)
@@ -112,10 +222,14 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
         log.info("valid data: %s", valid_set.summary())
 
     model = build_model(spec, train_runtime(cfg, device, dtype, world))
-    base_checkpoint = cfg.model.checkpoint
-    if base_checkpoint is None:
+    if saved_base is not None:
+        base_checkpoint = str(saved_base)
+        log.info("the random base drawn when this run started: %s", saved_base)
+    elif cfg.model.checkpoint is None:
         # A randomly initialised base is part of the result: keep it so the adapter stays usable.
         base_checkpoint = str(save_base_model(model, run_dir / "base_model", world))
+    else:
+        base_checkpoint = cfg.model.checkpoint
     lora, args = spec.lora, spec.args
     torch.manual_seed(cfg.seed)  # dropout; the weights were drawn from their own generators
     n_train = sum(p.numel() for p in trainable_parameters(model))  # DTensor.numel() is the global size
@@ -126,9 +240,26 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     steps = total_steps(cfg, len(train_set) // world.size)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
-    metrics = MetricsLogger(run_dir, cfg.logger, plain(cfg), enabled=world.is_main)
     base = describe_base(cfg.model, args, base_checkpoint, spec.quant)
     batches = train_set.iterator(cfg.batch_size, world.rank, world.size)
+
+    start = 0
+    if resume_from is not None:
+        trainer = load_checkpoint(resume_from, world, model, optimizer)
+        scheduler.load_state_dict(trainer.scheduler)
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the checkpoint holds tensors only: the rate comes back from the schedule
+        # Same world size: each rank continues exactly where it was; otherwise from rank 0's position.
+        batches.load_state_dict(trainer.data[world.rank] if len(trainer.data) == world.size else trainer.data[0])
+        start = trainer.step
+        if start >= steps:
+            raise MftError(f"resume: the checkpoint {resume_from} is at step {start}, already at or past the "
+                           f"{steps} steps this run is set to train (raise max_steps or epochs).")
+        log.info("resumed from %s at step %d", resume_from, start)
+    elif cfg.resume == "auto":
+        log.warning("resume=auto: no complete checkpoint in %s yet, starting from step 0", run_dir)
+    # A resumed run's metrics read as one run: what the interrupted start logged after its checkpoint goes.
+    metrics = MetricsLogger(run_dir, cfg.logger, plain(cfg), enabled=world.is_main, start_step=start)
 
     def run_eval(step: int) -> Dict[str, float]:
         if valid_set is None:
@@ -151,77 +282,79 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                 write_consolidated(state, args, folder)
 
     def save(step: int) -> Path:
+        check_finite_weights(model, device, step)
         # Each rank's data position: ranks can be in different epochs when batches do not divide evenly.
-        trainer_state = {"scheduler": scheduler.state_dict(), "data": gather_objects(batches.state_dict())}
+        trainer_state = {"scheduler": scheduler.state_dict(), "data": gather_objects(batches.state_dict()),
+                         "seed": cfg.seed, "base": cfg.model.checkpoint}
         return save_checkpoint(run_dir, step, world, lambda folder: export(folder, step), model, optimizer,
                                trainer_state)
 
-    start = 0
-    resume_from = resolve_resume(cfg.resume, run_dir)
-    if resume_from is not None:
-        trainer = load_checkpoint(resume_from, world, model, optimizer)
-        scheduler.load_state_dict(trainer["scheduler"])
-        data_states = trainer["data"]
-        # Same world size: each rank continues exactly where it was; otherwise from rank 0's position.
-        batches.load_state_dict(data_states[world.rank] if len(data_states) == world.size else data_states[0])
-        start = trainer["step"]
-        if start >= steps:
-            raise MftError(f"resume: the checkpoint {resume_from} is at step {start}, already at or past the "
-                           f"{steps} steps this run is set to train (raise max_steps or epochs).")
-        log.info("resumed from %s at step %d", resume_from, start)
-    elif cfg.resume == "auto":
-        log.warning("resume=auto: no complete checkpoint in %s yet, starting from step 0", run_dir)
+    def log_window(step: int, grad_norm: float) -> Dict[str, Any]:
+        record = window.record(scheduler.get_last_lr()[0], grad_norm)
+        metrics.log(step, record)
+        log.info("step %d: train_loss %s, lr %.3g, grad_norm %.4g, %.0f tokens/s%s", step,
+                 "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}", record["lr"],
+                 record["grad_norm"], record["tokens_per_s"],
+                 f", {window.skipped} non-finite step(s) skipped" if window.skipped else "")
+        return record
 
     model.train()
     first_valid = run_eval(0).get("valid_loss") if start == 0 else None
     last_eval: Dict[str, float] = {}
-    record: Dict[str, float] = {}
-    window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
-    checkpoint, preempted, step = None, False, start
-    preemption = Preemption()
+    record: Dict[str, Any] = {}
+    window = StepWindow()
+    checkpoint, stopped_by, step, skipped, nonfinite_in_a_row = None, None, start, 0, 0
+    signals = StopSignals()
     bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and world.is_main), dynamic_ncols=True, desc="train")
     try:
         with logging_redirect_tqdm():
             for step in range(start + 1, steps + 1):
                 group = [next(batches) for _ in range(cfg.grad_accum)]
                 step_loss, supervised = accumulate_gradients(model, group, device, world, cfg.loss_chunk_tokens)
-                window_inputs += sum(b.num_tokens for b in group) * world.size
-                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
+                grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(
                     list(trainable_parameters(model)), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                ))
-                optimizer.step()
+                )))
+                finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+                if finite:  # every rank sees the same all-reduced loss and norm, so all skip together
+                    optimizer.step()
+                    nonfinite_in_a_row = 0
+                else:
+                    skipped += 1
+                    nonfinite_in_a_row += 1
+                    log.warning("step %d: loss %s, gradient norm %s: update skipped", step, step_loss / supervised,
+                                grad_norm)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                window_loss += step_loss
-                window_tokens += supervised
+                window.add(step_loss, supervised, sum(b.num_tokens for b in group) * world.size, applied=finite)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss / supervised:.3f}", refresh=False)
+                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    log_window(step, grad_norm)
+                    raise nonfinite_stop(step, nonfinite_in_a_row, step_loss / supervised, grad_norm, cfg, run_dir)
 
                 if step % cfg.logger.log_every == 0 or step == steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "train_loss": window_loss / window_tokens,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "tokens_per_s": window_inputs / elapsed,
-                    }
-                    metrics.log(step, record)
-                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    window_loss, window_tokens, window_inputs, window_start = 0.0, 0, 0, time.perf_counter()
+                    record = log_window(step, grad_norm)
+                    bar.set_postfix(loss="n/a" if record["train_loss"] is None else f"{record['train_loss']:.3f}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                    window = StepWindow()
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
                     last_eval = run_eval(step)
-                preempted = preemption.agreed(device)
-                if (cfg.save_every and step % cfg.save_every == 0) or step == steps or preempted:
+                stopping = signals.agreed(device)
+                if (cfg.save_every and step % cfg.save_every == 0) or step == steps or stopping:
+                    if window.steps:  # the steps a checkpoint holds are all in metrics.jsonl
+                        record = log_window(step, grad_norm)
+                        window = StepWindow()
                     checkpoint = save(step)
-                if preempted:
-                    log.warning("SIGTERM: saved %s at step %d and stopped", checkpoint, step)
+                if stopping:
+                    stopped_by = signals.received or "a signal on another rank"
+                    log.warning("%s: saved %s at step %d and stopped", stopped_by, checkpoint, step)
                     break
+        summary = {"step": step, "train_loss": record.get("train_loss"), **last_eval, "stopped_by": stopped_by,
+                   "skipped_nonfinite_steps": skipped, "train_data": train_set.report(),
+                   "valid_data": valid_set.report() if valid_set else None}
+        metrics.summary(summary)
     finally:
         bar.close()
-        preemption.restore()
-
-    summary = {"step": step, "train_loss": record.get("train_loss"), **last_eval, "preempted": preempted,
-               "train_data": train_set.report(), "valid_data": valid_set.report() if valid_set else None}
-    metrics.summary(summary)
-    metrics.close()
-    return RunResult(run_dir, checkpoint, lora is not None, first_valid, summary, preempted)
+        signals.restore()
+        metrics.close()
+    return RunResult(run_dir, checkpoint, lora is not None, first_valid, summary, stopped_by)

@@ -1,6 +1,7 @@
 """Where metrics go: metrics.jsonl in the run dir always, W&B when logger=wandb."""
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -12,32 +13,69 @@ from mft.utils.errors import MftError
 class MetricsLogger:
     """Appends one JSON object per record to <run_dir>/metrics.jsonl and mirrors it to W&B."""
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, resolved_config: Dict[str, Any], enabled: bool = True):
-        """`enabled=False` (ranks other than 0 under torchrun) records nothing."""
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, resolved_config: Dict[str, Any], enabled: bool = True,
+                 start_step: int = 0):
+        """`enabled=False` (ranks other than 0 under torchrun) records nothing. A run resumed at
+        `start_step` keeps the records up to that step and drops the rest (what an interrupted start
+        logged after its checkpoint, and its summary), so the file reads as one run."""
         self.enabled = enabled
-        self._wandb = _start_wandb(run_dir, cfg, resolved_config) if enabled and cfg.name == LoggerName.wandb else None
         self.path = Path(run_dir) / "metrics.jsonl"
+        if enabled:
+            _keep_records_up_to(self.path, start_step)
+        self._wandb = _start_wandb(run_dir, cfg, resolved_config) if enabled and cfg.name == LoggerName.wandb else None
         self._file = open(self.path, "a", buffering=1) if enabled else None
 
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._write({"step": step, **metrics})
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 
     def summary(self, values: Dict[str, Any]) -> None:
+        """The run's outcome: one last record in metrics.jsonl, W&B's run summary (not charts)."""
         if not self.enabled:
             return
-        self.log(values.get("step", 0), {"summary": True, **values})
+        self._write({"step": values.get("step", 0), "summary": True, **values})
         if self._wandb is not None:
             self._wandb.summary.update(values)
+
+    def _write(self, record: Dict[str, Any]) -> None:
+        self._file.write(json.dumps(_finite(record), allow_nan=False) + "\n")
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _finite(value: Any) -> Any:
+    """NaN and inf as null: JSON has no such numbers (json.dumps would write bare NaN, invalid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl with only the records of steps <= `step` (none for a fresh start), summaries dropped."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if isinstance(record, dict) and not record.get("summary") and 0 < step and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _wandb_mode(mode: WandbMode) -> str:
