@@ -83,10 +83,14 @@ def _run_tokenizer(run_dir: Path) -> Optional[str]:
     if not path.is_file():
         return None
     try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        config = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise MftError(f"{path}: not readable YAML ({e})") from None
-    return (config.get("model") or {}).get("tokenizer")
+    model = config.get("model") if isinstance(config, dict) else None
+    tokenizer = model.get("tokenizer") if isinstance(model, dict) else None
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise MftError(f"{path}: model.tokenizer must be a string, got {tokenizer!r}")
+    return tokenizer
 
 
 def _adapter_base(adapter: Path) -> tuple[Path, Optional[str]]:
