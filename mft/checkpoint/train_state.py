@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from mft.model.names import canonical_name
 from mft.utils.distributed import World, barrier
 from mft.utils.errors import MftError
+from mft.utils.tensorfile import save_safetensors
 
 STATE_DIR = "train_state"
 TRAINER_FILE = "trainer.json"
@@ -76,7 +77,7 @@ def save_checkpoint(
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / STATE_DIR / f"rng_{world.rank}.safetensors"))
+    save_safetensors(rng, tmp / STATE_DIR / f"rng_{world.rank}.safetensors")  # 0644, not safetensors' 0600
     if world.is_main:
         state = {"step": step, "world_size": world.size, **trainer_state}
         with open(tmp / STATE_DIR / TRAINER_FILE, "w") as f:
