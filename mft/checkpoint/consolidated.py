@@ -92,7 +92,7 @@ def weight_files(folder: Path) -> list[Path]:
 def find_weights_file(folder: Path) -> Path:
     files = weight_files(folder)
     if not files:
-        raise MftError(f"{folder}: no {WEIGHTS_FILE} found next to {PARAMS_FILE}")
+        raise MftError(f"{folder}: {WEIGHTS_FILE} is missing (next to {PARAMS_FILE})")
     if len(files) > 1:
         raise MftError(
             f"{folder}: {len(files)} tensor-parallel shards ({files[0].name}, ...) are not supported; "

@@ -112,7 +112,8 @@ def _hf_weight_files(folder: Path) -> list[Path]:
         return [folder / HF_WEIGHTS]
     index_path = folder / HF_INDEX
     if not index_path.is_file():
-        raise MftError(f"{folder}: no {HF_WEIGHTS} nor {HF_INDEX} (only safetensors checkpoints are supported)")
+        raise MftError(f"{folder}: {HF_WEIGHTS} (or the {HF_INDEX} of its shards) is missing; "
+                       "only safetensors checkpoints are supported")
     weight_map = read_json_object(index_path, "shard index").get("weight_map")
     names = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
     # A shard is a plain file name in this folder: the index may not point anywhere else.

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from mft.build import Runtime, build_model, checkpoint_spec
-from mft.checkpoint.adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config
+from mft.checkpoint.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter_config
 from mft.checkpoint.load import detect_format
 from mft.model.transformer import Transformer
 from mft.peft.lora import merge_and_unload
@@ -136,6 +136,8 @@ def _from_folder(path: Path, step: Optional[int]) -> ModelSource:
     if is_adapter_dir(path):
         base, tokenizer = _adapter_base(path)
         return ModelSource(base, [AdapterRef(path)], tokenizer)
+    if (path / ADAPTER_WEIGHTS).is_file():
+        raise MftError(f"{path}: {ADAPTER_CONFIG} is missing next to {ADAPTER_WEIGHTS}; an mft adapter folder needs both.")
     try:
         detect_format(path)
     except MftError as e:
