@@ -23,7 +23,12 @@ import torch
 import yaml
 
 from mft.build import Runtime, build_model, checkpoint_spec
-from mft.checkpoint.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_adapter_config
+from mft.checkpoint.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    load_adapter,
+    read_adapter_config,
+)
 from mft.checkpoint.load import detect_format
 from mft.model.transformer import Transformer
 from mft.peft.lora import merge_and_unload
