@@ -170,7 +170,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_message_and_leaves_no_partial_fo
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), args[1] if len(args) > 1 else None)
 
-    monkeypatch.setattr(train_state, "save_file", full)
+    monkeypatch.setattr(train_state, "save_safetensors", full)
     with pytest.raises(MftError, match=r"checkpoint .*step_000002 failed: no space left on device"):
         run(tmp_path / "run", "max_steps=2")
     assert not list((tmp_path / "run" / "checkpoints").iterdir())

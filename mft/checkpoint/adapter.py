@@ -5,18 +5,46 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from mft.checkpoint.consolidated import PARAMS_FIELDS
 from mft.model.args import ModelArgs
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules, lora_state_dict
 from mft.utils.atomic import atomic_dir
 from mft.utils.errors import MftError
-from mft.utils.jsonfile import read_json_object
+from mft.utils.jsonfile import (
+    COUNT,
+    FRACTION,
+    OBJECT,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    STRING,
+    STRINGS,
+    Field,
+    check_fields,
+    read_json_object,
+)
+from mft.utils.tensorfile import (
+    FLOATING,
+    open_safetensors,
+    read_header,
+    save_safetensors,
+)
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# adapter_config.json's keys and their types (write_adapter writes them all).
+CONFIG_FIELDS = {
+    "format": Field(STRING, required=True),
+    "version": Field(POSITIVE_INT),
+    "r": Field(POSITIVE_INT, required=True),
+    "alpha": Field(POSITIVE_NUMBER, required=True),
+    "dropout": Field(FRACTION),
+    "target_modules": Field(STRINGS, required=True),
+    "base_model": Field(OBJECT),
+    "step": Field(COUNT),
+}
+BASE_FIELDS = {"name": Field(STRING), "checkpoint": Field(STRING), "tokenizer": Field(STRING), "args": Field(OBJECT)}
 
 
 def save_adapter(
@@ -33,18 +61,29 @@ def write_adapter(
     state = {k: v.contiguous().cpu() for k, v in state.items()}
     config = {"format": "mft-lora", "version": 1, **asdict(settings), "base_model": base, "step": step}
     with atomic_dir(folder) as tmp:
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(state, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return Path(folder)
 
 
 def read_adapter_config(folder: str | Path) -> Dict[str, Any]:
-    path = Path(folder) / ADAPTER_CONFIG
+    """The adapter's settings, each of its type, once the folder is known to be whole.
+
+    The weights file's header is read too (not its tensors), so a folder whose adapter.safetensors
+    is missing, cut short or not safetensors fails here, before any model is built for it.
+    """
+    folder = Path(folder)
+    path = folder / ADAPTER_CONFIG
     if not path.is_file():
         raise MftError(f"{folder}: not an mft adapter folder (expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}).")
     config = read_json_object(path, "adapter config")
     if config.get("format") != "mft-lora":
         raise MftError(f"{path}: 'format' is {config.get('format')!r}, expected 'mft-lora'.")
+    check_fields(config, CONFIG_FIELDS, path)
+    base = config.get("base_model") or {}
+    check_fields(base, BASE_FIELDS, path, within="base_model.")
+    check_fields(base.get("args") or {}, PARAMS_FIELDS, path, within="base_model.args.", only_known=True)
+    read_header(folder / ADAPTER_WEIGHTS, "adapter weights")
     return config
 
 
@@ -57,31 +96,35 @@ def load_adapter(
     It changes the loaded layers only, never the adapter files.
     """
     config = read_adapter_config(folder)
-    saved_args = config.get("base_model", {}).get("args")
+    saved_args = (config.get("base_model") or {}).get("args")
     if args is not None and saved_args is not None:
         diff = {k: (v, getattr(args, k)) for k, v in saved_args.items() if getattr(args, k, v) != v}
         if diff:
             details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diff.items())
             raise MftError(f"{folder}: adapter was trained on a different model shape ({details}).")
     settings = LoRASettings(
-        r=config["r"], alpha=config["alpha"], dropout=config["dropout"], target_modules=config["target_modules"]
+        r=config["r"], alpha=config["alpha"], dropout=config.get("dropout") or 0.0,
+        target_modules=config["target_modules"],
     )
     if not lora_modules(model):
         apply_lora(model, settings)
     params = {f"{name}.{p}": getattr(m, p) for name, m in lora_modules(model).items() for p in ("lora_a", "lora_b")}
-    with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), framework="pt", device="cpu") as f:
-        keys = set(f.keys())
-        missing, unexpected = sorted(set(params) - keys), sorted(keys - set(params))
-        if missing or unexpected:
-            raise MftError(
-                f"{folder}/{ADAPTER_WEIGHTS}: keys do not match the model "
-                f"(missing {len(missing)}: {missing[:5]}; unexpected {len(unexpected)}: {unexpected[:5]})."
-            )
+    path = Path(folder) / ADAPTER_WEIGHTS
+    header = read_header(path, "adapter weights")
+    missing, unexpected = sorted(set(params) - set(header)), sorted(set(header) - set(params))
+    if missing or unexpected:
+        raise MftError(
+            f"{path}: keys do not match the model "
+            f"(missing {len(missing)}: {missing[:5]}; unexpected {len(unexpected)}: {unexpected[:5]})."
+        )
+    wrong = [f"{key} {header[key].dtype}{list(header[key].shape)} (expected float{list(param.shape)})"
+             for key, param in params.items()
+             if header[key].shape != tuple(param.shape) or header[key].dtype not in FLOATING]
+    if wrong:
+        raise MftError(f"{path}: tensors of the wrong shape or dtype ({len(wrong)}): {', '.join(wrong[:5])}.")
+    with open_safetensors(path, "adapter weights") as f:
         for key, param in params.items():
-            tensor = f.get_tensor(key)
-            if tensor.shape != param.shape:
-                raise MftError(f"{folder}/{ADAPTER_WEIGHTS}: {key} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}.")
-            param.data.copy_(tensor)
+            param.data.copy_(f.get_tensor(key))
     for module in lora_modules(model).values():
         module.scale = settings.scale * scale
     return settings

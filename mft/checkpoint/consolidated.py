@@ -7,17 +7,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from mft.model.args import ModelArgs
 from mft.model.names import canonical_name
 from mft.utils.atomic import atomic_dir
 from mft.utils.dtensor import full_tensor
 from mft.utils.errors import MftError
-from mft.utils.jsonfile import read_json_object
+from mft.utils.jsonfile import (
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    Field,
+    check_fields,
+    read_json_object,
+)
+from mft.utils.tensorfile import save_safetensors
 
 PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "consolidated.safetensors"
+# params.json's keys (ModelArgs' names) and their types; older files lack the optional ones.
+PARAMS_FIELDS = {
+    "dim": Field(POSITIVE_INT, required=True),
+    "n_layers": Field(POSITIVE_INT, required=True),
+    "head_dim": Field(POSITIVE_INT),
+    "hidden_dim": Field(POSITIVE_INT, required=True),
+    "n_heads": Field(POSITIVE_INT, required=True),
+    "n_kv_heads": Field(POSITIVE_INT),
+    "vocab_size": Field(POSITIVE_INT, required=True),
+    "norm_eps": Field(POSITIVE_NUMBER),
+    "rope_theta": Field(POSITIVE_NUMBER),
+    "sliding_window": Field(POSITIVE_INT),
+}
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -48,13 +67,7 @@ def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
     """ModelArgs from params.json; older files lack head_dim, n_kv_heads, rope_theta, sliding_window."""
     if params.get("moe"):
         raise MftError(f"{path}: mixture-of-experts checkpoints ('moe' key) are not supported yet")
-    required = ["dim", "n_layers", "n_heads", "hidden_dim", "vocab_size"]
-    missing = [key for key in required if params.get(key) is None]
-    if missing:
-        raise MftError(f"{path}: missing required keys {missing}")
-    window = params.get("sliding_window")
-    if window is not None and not isinstance(window, int):
-        raise MftError(f"{path}: sliding_window must be an integer or null, got {window!r}")
+    check_fields(params, PARAMS_FIELDS, path)
     return ModelArgs(
         dim=params["dim"],
         n_layers=params["n_layers"],
@@ -63,9 +76,9 @@ def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
         n_heads=params["n_heads"],
         n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
         vocab_size=params["vocab_size"],
-        norm_eps=params.get("norm_eps", 1e-5),
+        norm_eps=params.get("norm_eps") or 1e-5,
         rope_theta=float(params.get("rope_theta") or 10000.0),
-        sliding_window=window,
+        sliding_window=params.get("sliding_window"),
     )
 
 
@@ -79,7 +92,7 @@ def weight_files(folder: Path) -> list[Path]:
 def find_weights_file(folder: Path) -> Path:
     files = weight_files(folder)
     if not files:
-        raise MftError(f"{folder}: no {WEIGHTS_FILE} found next to {PARAMS_FILE}")
+        raise MftError(f"{folder}: {WEIGHTS_FILE} is missing (next to {PARAMS_FILE})")
     if len(files) > 1:
         raise MftError(
             f"{folder}: {len(files)} tensor-parallel shards ({files[0].name}, ...) are not supported; "
@@ -117,5 +130,5 @@ def write_consolidated(state: dict[str, torch.Tensor], args: ModelArgs, folder: 
     tensors = {name: t.to("cpu").contiguous() for name, t in state.items()}
     with atomic_dir(folder) as tmp:
         (tmp / PARAMS_FILE).write_text(json.dumps(asdict(args), indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
     return Path(folder)

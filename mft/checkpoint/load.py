@@ -7,7 +7,6 @@ its own device and quantises it there, one tensor at a time; mft's quantised che
 (mft/checkpoint/quantized.py) load without any dense pass.
 """
 
-import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,16 +14,46 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from safetensors import safe_open
 
 from mft.checkpoint import consolidated, hf, quantized
 from mft.checkpoint.consolidated import save_consolidated
 from mft.checkpoint.quantized import assign_weight_, load_quantized, weight_target
 from mft.model.args import ModelArgs
 from mft.utils.errors import MftError
+from mft.utils.jsonfile import (
+    BOOL,
+    OBJECT,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    STRING,
+    STRINGS,
+    Field,
+    check_fields,
+    read_json_object,
+)
+from mft.utils.tensorfile import FLOATING, TensorInfo, open_safetensors, read_header
 
 HF_CONFIG, HF_WEIGHTS, HF_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 Format = Literal["hf", "consolidated", "quantized"]
+# The config.json keys mft reads (hf.hf_config_to_args) and their types, checked before any is used.
+HF_CONFIG_FIELDS = {
+    "model_type": Field(STRING),
+    "architectures": Field(STRINGS),
+    "hidden_size": Field(POSITIVE_INT, required=True),
+    "num_hidden_layers": Field(POSITIVE_INT, required=True),
+    "num_attention_heads": Field(POSITIVE_INT, required=True),
+    "num_key_value_heads": Field(POSITIVE_INT),
+    "head_dim": Field(POSITIVE_INT),
+    "intermediate_size": Field(POSITIVE_INT, required=True),
+    "vocab_size": Field(POSITIVE_INT, required=True),
+    "hidden_act": Field(STRING),
+    "rms_norm_eps": Field(POSITIVE_NUMBER),
+    "rope_theta": Field(POSITIVE_NUMBER),
+    "rope_parameters": Field(OBJECT),
+    "rope_scaling": Field(OBJECT),
+    "sliding_window": Field(POSITIVE_INT),
+    "tie_word_embeddings": Field(BOOL),
+}
 __all__ = ["detect_format", "read_model_args", "load_weights", "save_consolidated"]
 
 
@@ -38,6 +67,9 @@ def detect_format(folder: str | os.PathLike) -> Format:
         return "quantized"
     has_params = (folder / consolidated.PARAMS_FILE).is_file()
     has_config = (folder / HF_CONFIG).is_file()
+    if has_params and not has_config and not consolidated.weight_files(folder) and (folder / quantized.WEIGHTS_FILE).is_file():
+        raise MftError(f"{folder} has {consolidated.PARAMS_FILE} and {quantized.WEIGHTS_FILE} but no "
+                       f"{quantized.QUANT_CONFIG}: an mft quantised checkpoint whose quantisation config is missing")
     # Mistral's HF repos ship both layouts; the native one needs no renaming or permutation.
     if has_params and (consolidated.weight_files(folder) or not has_config):
         return "consolidated"
@@ -55,7 +87,13 @@ def read_model_args(folder: str | os.PathLike) -> ModelArgs:
         path = folder / consolidated.PARAMS_FILE
         return consolidated.params_to_args(consolidated.read_params(path), path)
     path = folder / HF_CONFIG
-    return hf.hf_config_to_args(hf.read_hf_config(path), path)
+    return hf.hf_config_to_args(_read_hf_config(path), path)
+
+
+def _read_hf_config(path: Path) -> dict:
+    config = hf.read_hf_config(path)
+    check_fields(config, HF_CONFIG_FIELDS, path)
+    return config
 
 
 @dataclass(frozen=True)
@@ -65,6 +103,7 @@ class _Source:
     file: Path
     key: str  # the name in the file
     shape: tuple[int, ...]
+    dtype: str  # safetensors' name of the stored dtype ("BF16", ...)
     rotary_heads: Optional[int] = None  # HF wq/wk: undo the rotary permutation over this many heads
 
 
@@ -73,26 +112,23 @@ def _hf_weight_files(folder: Path) -> list[Path]:
         return [folder / HF_WEIGHTS]
     index_path = folder / HF_INDEX
     if not index_path.is_file():
-        raise MftError(f"{folder}: no {HF_WEIGHTS} nor {HF_INDEX} (only safetensors checkpoints are supported)")
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MftError(f"{index_path}: expected a JSON object with a 'weight_map' ({e})") from e
-    files = [folder / name for name in sorted(set(weight_map.values()))]
+        raise MftError(f"{folder}: {HF_WEIGHTS} (or the {HF_INDEX} of its shards) is missing; "
+                       "only safetensors checkpoints are supported")
+    weight_map = read_json_object(index_path, "shard index").get("weight_map")
+    names = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
+    # A shard is a plain file name in this folder: the index may not point anywhere else.
+    if not all(isinstance(name, str) and name and Path(name).name == name for name in names):
+        raise MftError(f"{index_path}: expected 'weight_map' to map tensor names to shard file names in this folder")
+    files = [folder / name for name in sorted(names)]
     absent = [f.name for f in files if not f.is_file()]
     if absent:
-        raise MftError(f"{index_path} lists shards that are not in the folder: {', '.join(absent)}")
+        raise MftError(f"{index_path} lists shards that are missing from the folder: {', '.join(absent)}")
     return files
 
 
-def _file_shapes(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """Every key of every file with its shape, read from the headers only."""
-    found = {}
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                found[key] = (path, tuple(f.get_slice(key).get_shape()))
-    return found
+def _file_tensors(files: list[Path]) -> dict[str, tuple[Path, TensorInfo]]:
+    """Every key of every file with its shape and dtype, read from the headers only."""
+    return {key: (path, info) for path in files for key, info in read_header(path).items()}
 
 
 def _sources(folder: Path, fmt: Format, args: ModelArgs) -> tuple[dict[str, _Source], list[str], dict[str, str]]:
@@ -105,7 +141,7 @@ def _sources(folder: Path, fmt: Format, args: ModelArgs) -> tuple[dict[str, _Sou
         display = {name: hf.mft_to_hf_name(name) for name in expected}
     heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
     sources, unexpected = {}, []
-    for key, (path, shape) in _file_shapes(files).items():
+    for key, (path, info) in _file_tensors(files).items():
         if fmt == "hf" and hf.is_ignored_hf_name(key):
             continue
         name = rename(key)
@@ -113,9 +149,9 @@ def _sources(folder: Path, fmt: Format, args: ModelArgs) -> tuple[dict[str, _Sou
             unexpected.append(key)
             continue
         suffix = name.split(".", 2)[-1]  # "attention.wq.weight" for "layers.3.attention.wq.weight"
-        sources[name] = _Source(path, key, shape, heads.get(suffix) if fmt == "hf" else None)
+        sources[name] = _Source(path, key, info.shape, info.dtype, heads.get(suffix) if fmt == "hf" else None)
     if fmt == "hf" and "output.weight" not in sources and "tok_embeddings.weight" in sources:
-        if hf.read_hf_config(folder / HF_CONFIG).get("tie_word_embeddings", False):
+        if _read_hf_config(folder / HF_CONFIG).get("tie_word_embeddings", False):
             sources["output.weight"] = sources["tok_embeddings.weight"]  # our head stays untied: a copy
     return sources, unexpected, display
 
@@ -126,7 +162,7 @@ def _listing(title: str, items: list[str], limit: int = 8) -> str:
 
 
 def _check(folder: Path, args: ModelArgs, sources: dict[str, _Source], unexpected: list[str], display: dict) -> None:
-    """One MftError naming every missing, unexpected and mis-shaped tensor."""
+    """One MftError naming every missing, unexpected, mis-shaped and non-floating tensor."""
     expected = consolidated.expected_shapes(args)
     missing = [display[name] for name in expected if name not in sources]
     misshaped = [
@@ -134,12 +170,15 @@ def _check(folder: Path, args: ModelArgs, sources: dict[str, _Source], unexpecte
         for name, src in sources.items()
         if src.shape != expected[name]
     ]
-    if missing or unexpected or misshaped:
+    # Any floating dtype is cast on load; integers or booleans are not weights of this model.
+    mistyped = sorted({f"{src.key} {src.dtype}" for src in sources.values() if src.dtype not in FLOATING})
+    if missing or unexpected or misshaped or mistyped:
         raise MftError(
             f"Checkpoint {folder} does not fit the model ({args}):"
             + (_listing("missing tensors", missing) if missing else "")
             + (_listing("unexpected tensors", sorted(unexpected)) if unexpected else "")
             + (_listing("tensors with the wrong shape", misshaped) if misshaped else "")
+            + (_listing(f"tensors not stored as floats ({'/'.join(FLOATING)})", mistyped) if mistyped else "")
         )
 
 
@@ -175,7 +214,7 @@ def load_weights(model: torch.nn.Module, folder: str | os.PathLike, *, dtype: Op
     for name, src in sources.items():
         by_file[src.file].append((name, src))
     for path, items in by_file.items():
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             for name, src in items:
                 target = targets[name]
                 tensor = f.get_tensor(src.key)

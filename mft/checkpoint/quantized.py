@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mft.checkpoint import consolidated
 from mft.model.args import ModelArgs
@@ -36,11 +34,30 @@ from mft.quant.model import QUANTIZABLE, model_quant
 from mft.utils.atomic import atomic_dir
 from mft.utils.dtensor import copy_full_, full_tensor
 from mft.utils.errors import MftError
-from mft.utils.jsonfile import read_json_object
+from mft.utils.jsonfile import (
+    BOOL,
+    OBJECT,
+    POSITIVE_INT,
+    STRING,
+    STRINGS,
+    Field,
+    check_fields,
+    read_json_object,
+)
+from mft.utils.tensorfile import (
+    FLOATING,
+    TORCH_DTYPES,
+    open_safetensors,
+    read_header,
+    save_safetensors,
+)
 
 QUANT_CONFIG = "quant_config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_NAME = "mft-quantized"
+# quant_config.json's "quant" entry: QuantSpec's fields.
+_SPEC_FIELDS = {"format": Field(STRING, required=True), "block_size": Field(POSITIVE_INT, required=True),
+                "double_quant": Field(BOOL), "dq_block_size": Field(POSITIVE_INT)}
 PACKING = ("4-bit codes, two per uint8 byte, the even column in the high nibble; tensors row-major "
            "(out, in // 2) with one set of block constants per block_size elements of a row")
 
@@ -56,11 +73,13 @@ def read_quant_config(folder: str | os.PathLike) -> Tuple[QuantSpec, list, Dict[
     if config.get("format") != FORMAT_NAME or config.get("version") != 1:
         raise MftError(f"{path}: expected format {FORMAT_NAME!r} version 1, got {config.get('format')!r} "
                        f"version {config.get('version')!r}.")
+    check_fields(config, {"quant": Field(OBJECT, required=True), "modules": Field(STRINGS, required=True)}, path)
+    check_fields(config["quant"], _SPEC_FIELDS, path, within="quant.", only_known=True)
     try:
         spec = QuantSpec(**config["quant"])
-        modules = list(config["modules"])
-    except (KeyError, TypeError) as e:
-        raise MftError(f"{path}: malformed 'quant' or 'modules' entry ({e}).") from None
+    except MftError as e:  # its message names the setting; say which file holds it
+        raise MftError(f"{path}: {e}") from None
+    modules = config["modules"]
     if set(modules) - set(QUANTIZABLE):
         raise MftError(f"{path}: unknown quantised modules {sorted(set(modules) - set(QUANTIZABLE))}.")
     return spec, modules, config
@@ -133,7 +152,7 @@ def write_quantized(tensors: Dict[str, torch.Tensor], model: torch.nn.Module, fo
     with atomic_dir(folder) as tmp:
         (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(asdict(model.args), indent=2) + "\n")
         (tmp / QUANT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
     return Path(folder)
 
 
@@ -146,12 +165,13 @@ def _model_spec(model: torch.nn.Module) -> Tuple[QuantSpec, list]:
 
 
 def _check_file(folder: Path, expected: dict, found: dict) -> None:
+    """`found`: the file's header, name -> TensorInfo. Dense tensors may be any float (cast on load)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = [
-        f"{name} {found[name][1]}{list(found[name][0])} (expected {dtype or 'float'}{list(shape)})"
+        f"{name} {found[name].dtype}{list(found[name].shape)} (expected {dtype or 'float'}{list(shape)})"
         for name, (shape, dtype) in expected.items()
-        if name in found and (found[name][0] != shape or (dtype is not None and found[name][1] != dtype))
+        if name in found and (found[name].shape != shape or not _dtype_fits(found[name].dtype, dtype))
     ]
     if missing or unexpected or wrong:
         raise MftError(
@@ -190,15 +210,8 @@ def load_quantized(model: torch.nn.Module, folder: str | os.PathLike, dtype: Opt
             raise ValueError(f"load_weights(dtype={dtype}): the model's parameters are {target.dtype}")
 
     path = folder / WEIGHTS_FILE
-    if not path.is_file():
-        raise MftError(f"{folder}: no {WEIGHTS_FILE} next to {QUANT_CONFIG}")
-    expected = expected_tensors(args, spec, modules)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        found = {}
-        for key in f.keys():
-            sl = f.get_slice(key)
-            found[key] = (tuple(sl.get_shape()), getattr(torch, _SAFETENSORS_DTYPES.get(sl.get_dtype(), "float32")))
-        _check_file(folder, expected, found)
+    _check_file(folder, expected_tensors(args, spec, modules), read_header(path, "quantised weights"))
+    with open_safetensors(path, "quantised weights") as f:
         for name, target in targets.items():
             stored_quantized = _layer_kind(name) in modules and name.endswith(".weight")
             if isinstance(target, torch.Tensor):
@@ -217,6 +230,7 @@ def load_quantized(model: torch.nn.Module, folder: str | os.PathLike, dtype: Opt
                 load_dense_weight_(target, f.get_tensor(name).to(target.weight_q.device))
 
 
-# safetensors' dtype names -> torch attribute names
-_SAFETENSORS_DTYPES = {"U8": "uint8", "I8": "int8", "F32": "float32", "BF16": "bfloat16", "F16": "float16",
-                       "F64": "float64", "I16": "int16", "I32": "int32", "I64": "int64"}
+
+def _dtype_fits(stored: str, expected: Optional[torch.dtype]) -> bool:
+    """A packed part must have its exact dtype; a dense tensor (expected None) any float."""
+    return stored in FLOATING if expected is None else TORCH_DTYPES.get(stored) == expected

@@ -32,7 +32,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as dcp_metadata
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -45,6 +45,7 @@ from mft.model.names import canonical_name
 from mft.utils.distributed import World, barrier
 from mft.utils.errors import MftError
 from mft.utils.jsonfile import read_json_object
+from mft.utils.tensorfile import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def save_checkpoint(
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, str(tmp / STATE_DIR / f"rng_{world.rank}.safetensors"))
+        save_safetensors(rng, tmp / STATE_DIR / f"rng_{world.rank}.safetensors")  # 0644, not safetensors' 0600
         if world.is_main:
             state = TrainerState(step=step, world_size=world.size, **trainer_state)
             with open(tmp / STATE_DIR / TRAINER_FILE, "w") as f:

@@ -23,7 +23,12 @@ import torch
 import yaml
 
 from mft.build import Runtime, build_model, checkpoint_spec
-from mft.checkpoint.adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config
+from mft.checkpoint.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    load_adapter,
+    read_adapter_config,
+)
 from mft.checkpoint.load import detect_format
 from mft.model.transformer import Transformer
 from mft.peft.lora import merge_and_unload
@@ -83,10 +88,14 @@ def _run_tokenizer(run_dir: Path) -> Optional[str]:
     if not path.is_file():
         return None
     try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        config = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise MftError(f"{path}: not readable YAML ({e})") from None
-    return (config.get("model") or {}).get("tokenizer")
+    model = config.get("model") if isinstance(config, dict) else None
+    tokenizer = model.get("tokenizer") if isinstance(model, dict) else None
+    if tokenizer is not None and not isinstance(tokenizer, str):
+        raise MftError(f"{path}: model.tokenizer must be a string, got {tokenizer!r}")
+    return tokenizer
 
 
 def _adapter_base(adapter: Path) -> tuple[Path, Optional[str]]:
@@ -132,6 +141,8 @@ def _from_folder(path: Path, step: Optional[int]) -> ModelSource:
     if is_adapter_dir(path):
         base, tokenizer = _adapter_base(path)
         return ModelSource(base, [AdapterRef(path)], tokenizer)
+    if (path / ADAPTER_WEIGHTS).is_file():
+        raise MftError(f"{path}: {ADAPTER_CONFIG} is missing next to {ADAPTER_WEIGHTS}; an mft adapter folder needs both.")
     try:
         detect_format(path)
     except MftError as e:

@@ -3,9 +3,9 @@
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 @contextmanager
@@ -13,20 +13,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
 
     An existing `path` is moved aside first and deleted only after the new folder is in place;
-    on error the temporary folder is removed and `path` is left as it was.
+    on error the temporary folder is removed and `path` is left as it was. What was written in
+    it gets the permissions of any new file or folder (0644 / 0755 under umask 022) and is on
+    disk before the rename.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
     try:
         yield tmp
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        _normalise_and_sync(tmp)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -37,3 +33,29 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def normal_mode(is_dir: bool) -> int:
+    """The mode open() or mkdir() gives under the current umask (0644 / 0755 under umask 022)."""
+    umask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
+def _normalise_and_sync(folder: Path) -> None:
+    """Give everything under `folder` (itself included) the umask's mode, and fsync each file.
+
+    mkdtemp makes the folder 0700 and safetensors writes its files 0600 (through a private
+    temporary file); a checkpoint others read (a shared cluster, a serving process) needs more.
+    """
+    file_mode, dir_mode = normal_mode(is_dir=False), normal_mode(is_dir=True)
+    folder.chmod(dir_mode)
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(dir_mode)
+        else:
+            path.chmod(file_mode)
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
