@@ -18,7 +18,7 @@ from mft.checkpoint.export import MISTRAL_LORA, export_consolidated, export_hf, 
 from mft.checkpoint.load import load_weights, read_model_args
 from mft.cli.export import main as mft_export
 from mft.generate.load import AdapterRef, ModelSource, load_model
-from conftest import build
+from conftest import build, tiny_args
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 
 transformers = pytest.importorskip("transformers")
@@ -195,3 +195,103 @@ def test_save_consolidated_round_trip_keeps_generation(tmp_path, gen_export_setu
     save_consolidated(base, tmp_path / "c")
     again = load_model(ModelSource(tmp_path / "c"), device="cpu", dtype=torch.float32)
     assert torch.equal(logits_of(again, ids), logits_of(base, ids))
+
+
+@pytest.fixture(scope="module")
+def random_base_run(tmp_path_factory):
+    """A run dir as mft-train leaves it on a random base: base_model/ (consolidated, fp32) and a
+    LoRA checkpoint whose config names it (tokenizer v3)."""
+    run = tmp_path_factory.mktemp("random_run") / "run"
+    model = build(tiny_args(vocab_size=VOCAB), device="cpu", dtype=torch.float32, std=0.2)
+    base = save_consolidated(model, run / "base_model")
+    settings = LoRASettings(r=4, alpha=8, target_modules=["wq", "wk", "w1"])
+    torch.manual_seed(3)
+    apply_lora(model, settings)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_b.normal_(std=0.1)
+    describe = {"name": "tiny", "checkpoint": str(base), "tokenizer": "v3", "args": vars(model.args)}
+    save_adapter(model, run / "checkpoints" / "step_000002", settings, describe, step=2)
+    (run / "resolved_config.yaml").write_text("model:\n  tokenizer: v3\n")
+    ids = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(4))
+    return run, model.eval(), ids
+
+
+V3_HELLO = [1, 7080, 29477]  # mistral-common's v3 ids of "hello" (BOS first)
+# Strings whose ids transformers' own conversion of a SentencePiece model gets wrong (runs of spaces).
+TOKENIZER_TEXTS = ["Anagrams of listen: silent, enlist.", "  What's the weather in Oslo?\n", "a\tb  c   d",
+                   "héllo wörld 日本 🙂", "def f(x):\n    return x  # ok", " ", ""]
+
+
+def test_hf_export_defaults_to_the_base_dtype_and_ships_a_tokenizer(random_base_run, tmp_path, capsys):
+    """mft-export hf of a run on a random fp32 base: fp32 weights (said, and in config.json), mft's
+    logits, and a tokenizer AutoTokenizer loads with mistral-common's ids."""
+    from mft.data.tokenizer import load_tokenizer
+
+    run, model, ids = random_base_run
+    assert mft_export(["hf", str(run), str(tmp_path / "hf")]) == 0
+    assert "fp32" in capsys.readouterr().out
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "float32"
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert merged.dtype == torch.float32
+    diff = (hf_logits(merged, ids) - logits_of(model, ids)).abs().max().item()
+    assert diff <= 1e-4, diff
+    reference = load_tokenizer("v3")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in TOKENIZER_TEXTS:
+        assert hf_tokenizer(text).input_ids == reference.encode_text(text, bos=True, eos=False), text
+        assert hf_tokenizer.decode(hf_tokenizer(text).input_ids, skip_special_tokens=True) == text
+    # A bf16 base exports in bf16 unless --dtype says otherwise.
+    bf16_base = tmp_path / "bf16_base"
+    save_consolidated(load_model(ModelSource(run / "base_model"), device="cpu", dtype=torch.bfloat16), bf16_base)
+    assert mft_export(["hf", str(bf16_base), str(tmp_path / "hf16"), "--tokenizer", "v3"]) == 0
+    assert "bf16" in capsys.readouterr().out
+    assert json.loads((tmp_path / "hf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("spec", ["v1", "v7", "v3-tekken"])
+def test_merged_consolidated_export_tokenizer_loads_in_transformers(random_base_run, tmp_path, spec):
+    """consolidated --merge: one Mistral tokenizer file (mistral-inference) and AutoTokenizer's files."""
+    from mft.data.tokenizer import load_tokenizer
+
+    run, _, _ = random_base_run
+    out = tmp_path / "merged"
+    assert mft_export(["consolidated", str(run), str(out), "--merge", "--tokenizer", spec]) == 0
+    mistral_files = [p.name for p in out.iterdir() if p.name == "tekken.json" or p.name.startswith("tokenizer.model")]
+    assert len(mistral_files) == 1, mistral_files
+    reference, hf_tokenizer = load_tokenizer(spec), transformers.AutoTokenizer.from_pretrained(out)
+    for text in TOKENIZER_TEXTS:
+        assert hf_tokenizer(text).input_ids == reference.encode_text(text, bos=True, eos=False), (spec, text)
+
+
+def test_hf_export_copies_a_hf_base_tokenizer(gen_export_setup, tmp_path):
+    """A Hugging Face base's own tokenizer files (chat template included) go with the export as they are."""
+    from mft.checkpoint.hf_tokenizer import write_sentencepiece_as_hf
+    from mft.data.tokenizer import load_tokenizer
+
+    root, _, _ = gen_export_setup
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in (root / "base").iterdir():
+        (base / f.name).symlink_to(f)
+    write_sentencepiece_as_hf(load_tokenizer("v3").path, base)  # as Mistral's repos: HF files + tokenizer.model.v3
+    (base / "tokenizer.model.v3").symlink_to(load_tokenizer("v3").path)
+    (base / "chat_template.jinja").write_text("{{ messages }}")
+    assert mft_export(["hf", str(base), str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("hello").input_ids == V3_HELLO
+
+
+def test_peft_export_of_a_random_base_run_loads_with_transformers(random_base_run, tmp_path, capsys):
+    """The PEFT export of an adapter on a consolidated (random) base names a base transformers reads
+    (OUT/base, written in Hugging Face format), and peft on it gives mft's logits."""
+    run, model, ids = random_base_run
+    out = tmp_path / "peft"
+    assert mft_export(["peft", str(run), str(out)]) == 0
+    assert "fp32" in capsys.readouterr().out
+    config = json.loads((out / "adapter_config.json").read_text())
+    base = transformers.AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"])
+    adapted = peft.PeftModel.from_pretrained(base, out).eval()
+    diff = (hf_logits(adapted, ids) - logits_of(model, ids)).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert transformers.AutoTokenizer.from_pretrained(config["base_model_name_or_path"])("hello").input_ids == V3_HELLO

@@ -23,7 +23,7 @@ from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 ARGS = tiny_args(hidden_dim=128, vocab_size=32768, rope_theta=1e6, sliding_window=16)
 
 
-def mft_generate(*args, cwd, stdin=None, timeout=120):
+def mft_generate(*args, cwd, stdin=None, timeout=None):
     exe = shutil.which("mft-generate")
     cmd = [exe] if exe else [sys.executable, "-m", "mft.generate"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
@@ -99,9 +99,80 @@ def test_chat_mode_reads_turns_from_stdin(gen_run_dir, tmp_path):
     (["run_dir={run}", "mode=speak"], "mode=speak"),  # Hydra: one of auto, prompt, chat, batch
     (["run_dir={run}", "input=missing.jsonl"], "missing.jsonl"),
     (["run_dir={run}", "prompt=x", "tools=missing.json"], "missing.json"),
+    (["run_dir={run}", "prompt=x", "prompt_file=p.txt"], "not both"),
+    (["run_dir={run}", "prompt_file=missing.txt"], "prompt_file=missing.txt: cannot read it"),
 ])
 def test_errors_are_one_clear_message(gen_run_dir, tmp_path, args, expected):
     result = mft_generate(*(a.format(run=gen_run_dir) for a in args), cwd=tmp_path)
     assert result.returncode != 0
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 12, result.stderr
+
+
+# Text Hydra's override grammar cannot parse: each must reach the model as written.
+NASTY_PROMPTS = [
+    "What's the weather in Oslo?",
+    "Hello, how are you",
+    "Translate: bonjour (hello)",
+    'She said "hi" [twice] {maybe}',
+    "a=b, c=d",
+    "line one\nline two\n\n  indented",
+    "Ünïcödé: 日本語, emoji 🙂, Ελληνικά",
+    "${oc.env:HOME} \\ backslash $PATH ~tilde 'quoted' * ? |pipe| #hash",
+    "  leading and trailing spaces  ",
+    "",
+]
+
+
+def prompt_tokens(user: str) -> int:
+    return len(ChatFormat(load_tokenizer("v3")).encode([{"role": "user", "content": user}]))
+
+
+@pytest.mark.parametrize("prompt", NASTY_PROMPTS)
+def test_any_text_is_a_prompt(gen_run_dir, tmp_path, monkeypatch, capsys, caplog, prompt):
+    """The real CLI (in process): `prompt=<any text>` answers as the library does for that exact text."""
+    from mft.generate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["mft-generate", f"run_dir={gen_run_dir}", f"prompt={prompt}",
+                                      "max_new_tokens=4", "stream=false"])
+    with caplog.at_level("INFO", logger="mft.generate"):
+        main()
+    assert f"{prompt_tokens(prompt)} prompt tokens" in caplog.text
+    answer = reference_answer(gen_run_dir, prompt, 4)
+    assert capsys.readouterr().out == (answer + "\n" if answer else "")
+
+
+def test_text_overrides_are_taken_verbatim():
+    from mft.generate.cli import split_text_overrides
+
+    argv = ["run_dir=r", "prompt=a=b, (c): 'd'", "system=Be \"brief\".", "max_new_tokens=4", "prompt=last wins"]
+    rest, texts = split_text_overrides(argv)
+    assert rest == ["run_dir=r", "max_new_tokens=4"]
+    assert texts == {"prompt": "last wins", "system": 'Be "brief".'}
+
+
+def test_prompt_file_and_standard_input(gen_run_dir, tmp_path, monkeypatch, capsys):
+    """prompt_file=PATH reads UTF-8 text (one final line break dropped); prompt_file=- reads stdin."""
+    from mft.generate.cli import main
+
+    prompt = "What's the weather in Oslo?\nHello, how are you\nTranslate: bonjour (hello) 🙂"
+    expected = reference_answer(gen_run_dir, prompt, 4) + "\n"
+    piped = mft_generate(f"run_dir={gen_run_dir}", "prompt_file=-", "max_new_tokens=4", cwd=tmp_path,
+                         stdin=prompt + "\n")
+    assert piped.returncode == 0, piped.stderr[-3000:]
+    assert piped.stdout == expected and f"{prompt_tokens(prompt)} prompt tokens" in piped.stderr
+
+    (tmp_path / "prompt.txt").write_bytes((prompt + "\r\n").encode())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["mft-generate", f"run_dir={gen_run_dir}", "prompt_file=prompt.txt",
+                                      "max_new_tokens=4", "stream=false"])
+    main()
+    assert capsys.readouterr().out == expected
+
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    monkeypatch.setattr(sys, "argv", ["mft-generate", f"run_dir={gen_run_dir}", "prompt_file=latin1.txt"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 1
+    assert "prompt_file=latin1.txt: not UTF-8 text (byte 3" in capsys.readouterr().err

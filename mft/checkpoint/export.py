@@ -2,11 +2,13 @@
 
 - `export_peft`: adapter_model.safetensors + adapter_config.json that peft loads onto
   transformers' MistralForCausalLM (module names of transformers; wq/wk rows in HF's rotary
-  layout).
+  layout); given the base model, also `base/`, that base as a Hugging Face folder, which
+  adapter_config.json then names (for a base transformers cannot read: consolidated, random, 4-bit).
 - `export_hf`: config.json, sharded model-*.safetensors + index, generation_config.json and
   tokenizer files, loadable by transformers' from_pretrained; LoRA layers are merged on the fly.
 - `export_consolidated`: params.json + consolidated.safetensors (+ the tokenizer file), the
   layout of mistral-inference and of mft's own loader.
+Model folders also get the files `AutoTokenizer.from_pretrained` reads (`_copy_tokenizer`).
 - `export_mistral_lora`: lora.safetensors with mistral-inference's names, for its load_lora.
 
 Every folder is written atomically (a temporary folder, then one rename).
@@ -28,6 +30,12 @@ from torch import nn
 
 from mft.checkpoint import consolidated, hf
 from mft.checkpoint.adapter import ADAPTER_WEIGHTS, read_adapter_config
+from mft.checkpoint.hf_tokenizer import (
+    HF_TOKENIZER,
+    HF_TOKENIZER_CONFIG,
+    write_sentencepiece_as_hf,
+    write_tekken_config,
+)
 from mft.checkpoint.merge import merged_tensors
 from mft.model.args import ModelArgs
 from mft.utils.atomic import atomic_dir
@@ -39,6 +47,12 @@ MISTRAL_LORA = "lora.safetensors"
 MISTRAL_LORA_SCALING = 2.0
 _LORA_KEY = re.compile(r"^(?P<module>layers\.\d+\.(?:attention|feed_forward)\.(?P<leaf>w[qkvo123]))\.lora_(?P<ab>[ab])$")
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# safetensors' names of the floating dtypes a checkpoint's weights are stored in.
+_STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+PEFT_BASE = "base"  # the HF copy of a base transformers cannot read, inside a PEFT export
+# A Hugging Face model folder's tokenizer files (besides Mistral's own), copied as they are.
+HF_TOKENIZER_FILES = (HF_TOKENIZER, HF_TOKENIZER_CONFIG, "special_tokens_map.json", "tokenizer.model",
+                      "chat_template.jinja", "chat_template.json")
 
 
 def parse_size(size: str | int) -> int:
@@ -50,6 +64,28 @@ def parse_size(size: str | int) -> int:
         raise MftError(f"max_shard_size {size!r}: expected e.g. 5GB, 500MB or a number of bytes.")
     unit = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1, None: 1}[match.group(2)]
     return int(float(match.group(1)) * unit)
+
+
+def stored_dtype(folder: str | Path) -> torch.dtype:
+    """The dtype a checkpoint folder stores its weights in: the floating dtype holding the most
+    elements over its safetensors files (a 4-bit checkpoint: that of its dense tensors)."""
+    folder = Path(folder)
+    counts: dict[torch.dtype, int] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                dtype = _STORED_DTYPES.get(tensor.get_dtype())
+                if dtype is not None:
+                    counts[dtype] = counts.get(dtype, 0) + int(torch.Size(tensor.get_shape()).numel())
+    if not counts:
+        raise MftError(f"{folder}: no floating-point tensors in its safetensors files; pass --dtype.")
+    return max(counts, key=counts.get)
+
+
+def has_hf_tokenizer(folder: str | Path) -> bool:
+    """Whether a model folder carries Hugging Face tokenizer files of its own."""
+    return any((Path(folder) / name).is_file() for name in (HF_TOKENIZER, HF_TOKENIZER_CONFIG))
 
 
 # -- adapters ---------------------------------------------------------------------------------
@@ -80,11 +116,14 @@ def _rotary_heads(module: str, args: ModelArgs) -> Optional[int]:
 
 
 def export_peft(adapter_folder: str | Path, out: str | Path, *, scale: float = 1.0,
-                base_name_or_path: Optional[str] = None) -> Path:
+                base_name_or_path: Optional[str] = None, base_model: Optional[nn.Module] = None,
+                **base_options) -> Path:
     """Write an mft adapter as a PEFT LoRA adapter for transformers' MistralForCausalLM.
 
     peft computes W x + (lora_alpha / r) B A x, as mft does; `scale` is folded into B. B of
     q_proj/k_proj gets HF's rotary row permutation, as HF's q_proj/k_proj weights have it.
+    With `base_model`, that model is written to <out>/base as a Hugging Face folder
+    (`base_options`: write_hf's keywords) and base_model_name_or_path is its absolute path.
     """
     config, args, pairs = _adapter(adapter_folder)
     tensors, targets = {}, set()
@@ -115,9 +154,14 @@ def export_peft(adapter_folder: str | Path, out: str | Path, *, scale: float = 1
         "rank_pattern": {},
         "alpha_pattern": {},
     }
+    if base_model is not None:
+        peft_config["base_model_name_or_path"] = str(Path(out).resolve() / PEFT_BASE)
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+        if base_model is not None:
+            (tmp / PEFT_BASE).mkdir()
+            write_hf(base_model, tmp / PEFT_BASE, **base_options)
     return Path(out)
 
 
@@ -183,12 +227,15 @@ def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_id: int 
     }
 
 
-def _copy_tokenizer(folder: Path, tokenizer_file: Optional[str | Path], hf_files: bool) -> None:
-    """The Mistral tokenizer file under its Mistral name; with hf_files also what AutoTokenizer reads.
+def _copy_tokenizer(folder: Path, tokenizer_file: Optional[str | Path], hf_from: Optional[Path] = None,
+                    sentencepiece_copy: bool = True) -> None:
+    """The Mistral tokenizer file under its Mistral name, and the files AutoTokenizer reads.
 
-    tekken.json is read by transformers itself (through mistral-common). For a SentencePiece
-    file transformers needs tokenizer.model + tokenizer_config.json, and, for a Mistral
-    config.json, a tokenizer.json: converted here by transformers when it is installed.
+    Those are `hf_from`'s own (a Hugging Face base's tokenizer files, copied as they are), else,
+    for a SentencePiece file, tokenizer.json + tokenizer_config.json built from it
+    (mft/checkpoint/hf_tokenizer.py); transformers reads a tekken.json itself, through
+    mistral-common, as tokenizer_config.json says. `sentencepiece_copy=False` leaves out a base's tokenizer.model: a consolidated
+    folder holds one SentencePiece file, as mistral-inference expects.
     """
     if tokenizer_file is None:
         return
@@ -198,27 +245,32 @@ def _copy_tokenizer(folder: Path, tokenizer_file: Optional[str | Path], hf_files
     # Mistral's own names: tekken.json, tokenizer.model.vN (mistral-common reads the version from it).
     name = "tekken.json" if src.suffix == ".json" else f"tokenizer.model{suffix}"
     shutil.copyfile(src, folder / name)
-    if not hf_files or src.suffix == ".json":
-        return
-    if name != "tokenizer.model":
-        shutil.copyfile(src, folder / "tokenizer.model")
-    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-              "add_bos_token": True, "add_eos_token": False, "legacy": False, "clean_up_tokenization_spaces": False}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    try:
-        from transformers import LlamaTokenizer
-    except ImportError:
-        return
-    LlamaTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+    if hf_from is not None and has_hf_tokenizer(hf_from):
+        for hf_name in HF_TOKENIZER_FILES:
+            if (hf_from / hf_name).is_file() and (sentencepiece_copy or hf_name != "tokenizer.model"):
+                shutil.copyfile(hf_from / hf_name, folder / hf_name)
+    elif src.suffix == ".json":
+        write_tekken_config(folder)
+    else:
+        write_sentencepiece_as_hf(src, folder)
 
 
-def export_hf(model: nn.Module, out: str | Path, *, tokenizer_file: Optional[str | Path] = None,
-              dtype: Optional[torch.dtype] = None, max_shard_size: str | int = "5GB",
-              bos_id: int = 1, eos_id: int = 2) -> Path:
-    """Write `model` (adapters merged) as a Hugging Face MistralForCausalLM folder.
+def export_hf(model: nn.Module, out: str | Path, **options) -> Path:
+    """Write `model` (adapters merged) as a Hugging Face MistralForCausalLM folder, atomically
+    (`options`: write_hf's keywords)."""
+    with atomic_dir(out) as tmp:
+        write_hf(model, tmp, **options)
+    return Path(out)
+
+
+def write_hf(model: nn.Module, folder: Path, *, tokenizer_file: Optional[str | Path] = None,
+             hf_tokenizer_from: Optional[Path] = None, dtype: Optional[torch.dtype] = None,
+             max_shard_size: str | int = "5GB", bos_id: int = 1, eos_id: int = 2) -> None:
+    """The files of export_hf in the existing folder `folder`.
 
     Shards hold whole tensors, in order, up to max_shard_size each; a single shard is named
     model.safetensors (no index), as transformers does. One shard is in host memory at a time.
+    The weights are written in `dtype` (default: the model's), which config.json records.
     """
     args: ModelArgs = model.args
     limit = parse_size(max_shard_size)
@@ -239,36 +291,35 @@ def export_hf(model: nn.Module, out: str | Path, *, tokenizer_file: Optional[str
     ]
     shard_of = {name: i for i, shard in enumerate(plan) for name in shard}
     heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
-    with atomic_dir(out) as tmp:
-        shard: dict[str, torch.Tensor] = {}
-        current = 0
-        weight_map = {}
-        for name, tensor in merged_tensors(model, dtype):
-            if shard_of[name] != current:
-                save_file(shard, str(tmp / names[current]), metadata={"format": "pt"})
-                shard, current = {}, shard_of[name]
-            rotary = heads.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
-            if rotary is not None:
-                tensor = hf.permute_rotary(tensor, rotary).contiguous()
-            hf_name = hf.mft_to_hf_name(name)
-            shard[hf_name] = tensor
-            weight_map[hf_name] = names[current]
-        save_file(shard, str(tmp / names[current]), metadata={"format": "pt"})
-        if len(plan) > 1:
-            total = sum(itemsize * int(torch.Size(s).numel()) for s in shapes.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(hf_config(args, dtype, bos_id, eos_id), indent=2) + "\n")
-        generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        _copy_tokenizer(tmp, tokenizer_file, hf_files=True)
-    return Path(out)
+    shard: dict[str, torch.Tensor] = {}
+    current = 0
+    weight_map = {}
+    for name, tensor in merged_tensors(model, dtype):
+        if shard_of[name] != current:
+            save_file(shard, str(folder / names[current]), metadata={"format": "pt"})
+            shard, current = {}, shard_of[name]
+        rotary = heads.get(name.split(".", 2)[-1]) if name.startswith("layers.") else None
+        if rotary is not None:
+            tensor = hf.permute_rotary(tensor, rotary).contiguous()
+        hf_name = hf.mft_to_hf_name(name)
+        shard[hf_name] = tensor
+        weight_map[hf_name] = names[current]
+    save_file(shard, str(folder / names[current]), metadata={"format": "pt"})
+    if len(plan) > 1:
+        total = sum(itemsize * int(torch.Size(s).numel()) for s in shapes.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(hf_config(args, dtype, bos_id, eos_id), indent=2) + "\n")
+    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    _copy_tokenizer(folder, tokenizer_file, hf_tokenizer_from)
 
 
 def export_consolidated(model: nn.Module, out: str | Path, *, tokenizer_file: Optional[str | Path] = None,
-                        dtype: Optional[torch.dtype] = None, lora_from: Optional[str | Path] = None,
-                        lora_scale: float = 1.0) -> Path:
-    """params.json + consolidated.safetensors of `model` (LoRA layers merged) + the tokenizer file.
+                        hf_tokenizer_from: Optional[Path] = None, dtype: Optional[torch.dtype] = None,
+                        lora_from: Optional[str | Path] = None, lora_scale: float = 1.0) -> Path:
+    """params.json + consolidated.safetensors of `model` (LoRA layers merged) + the tokenizer file
+    (and AutoTokenizer's files).
 
     With `lora_from` (an mft adapter folder), also lora.safetensors for mistral-inference's
     load_lora (its default scaling, 2.0, reproduces the adapter at `lora_scale`); `model` is then
@@ -278,7 +329,7 @@ def export_consolidated(model: nn.Module, out: str | Path, *, tokenizer_file: Op
     with atomic_dir(out) as tmp:
         (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(asdict(model.args), indent=2) + "\n")
         save_file(dict(merged_tensors(model, dtype)), str(tmp / consolidated.WEIGHTS_FILE), metadata={"format": "pt"})
-        _copy_tokenizer(tmp, tokenizer_file, hf_files=False)
+        _copy_tokenizer(tmp, tokenizer_file, hf_tokenizer_from, sentencepiece_copy=False)
         if lora_from is not None:
             export_mistral_lora(lora_from, tmp / MISTRAL_LORA, scale=lora_scale, dtype=dtype)
     return Path(out)

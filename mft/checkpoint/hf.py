@@ -74,6 +74,12 @@ def permute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def is_hf_folder(folder: Path) -> bool:
+    """Whether transformers' from_pretrained can read `folder`'s weights: config.json + safetensors."""
+    return (folder / "config.json").is_file() and any(
+        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def read_hf_config(path: Path) -> dict[str, Any]:
     return read_json_object(path, "Hugging Face config")
 

@@ -11,13 +11,32 @@ consolidated or mft quantised). One adapter is merged tensor by tensor as W + sc
 fp32 over the base (a quantised base dequantised to fp32) and rounded once to --dtype. Several
 adapters (--adapter) are merged into the loaded model one after the other, each rounded to
 --dtype, over a quantised base first dequantised into --dtype.
+
+--dtype defaults to the dtype the base checkpoint stores (fp32 for a random base saved by
+mft-train on CPU, bf16 for Mistral's releases); the dtype written is printed and recorded in
+config.json's torch_dtype. hf and consolidated folders ship the tokenizer for mistral-common and
+for transformers' AutoTokenizer (a Hugging Face base's own tokenizer files, else files built from
+the Mistral tokenizer). A peft export of an adapter whose base transformers cannot read
+(consolidated, a run's random base_model/, 4-bit) also writes OUT/base, that base as a Hugging
+Face folder in --dtype, and adapter_config.json names it.
 """
 
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
 
-from mft.checkpoint.export import export_consolidated, export_hf, export_peft
+import torch
+
+from mft.checkpoint.export import (
+    PEFT_BASE,
+    export_consolidated,
+    export_hf,
+    export_peft,
+    has_hf_tokenizer,
+    stored_dtype,
+)
+from mft.checkpoint.hf import is_hf_folder
 from mft.checkpoint.load import read_model_args
 from mft.cli import DTYPES, report_error
 from mft.generate.load import ModelSource, guess_tokenizer, load_model, resolve_source
@@ -46,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=1.0, help="scale of SOURCE's adapter")
     parser.add_argument("--adapter", action="append", default=[], type=adapter_arg, metavar="PATH[:SCALE]",
                         help="another adapter (folder or run dir) merged on top, in order (hf, consolidated --merge)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="dtype of the written weights")
+    parser.add_argument("--dtype", choices=list(DTYPES),
+                        help="dtype of the written weights (default: the dtype the base checkpoint stores)")
     parser.add_argument("--device", default="cpu", help="where to load and merge (cuda is faster; the output goes to disk)")
     parser.add_argument("--tokenizer", help="tokenizer to ship: a file, a folder holding one, v1/v3/v7/v3-tekken, "
                         "or none (default: the run's, the base folder's, else by vocabulary size)")
@@ -93,17 +113,38 @@ def tokenizer_of(opts: argparse.Namespace, source: ModelSource, vocab_size: int)
     return load_tokenizer(spec)
 
 
+def export_dtype(opts: argparse.Namespace, source: ModelSource) -> tuple[torch.dtype, str]:
+    """(dtype, its --dtype name): --dtype, else the dtype the base stores its weights in."""
+    dtype = DTYPES[opts.dtype] if opts.dtype else stored_dtype(source.base)
+    return dtype, next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def hf_tokenizer_from(opts: argparse.Namespace, source: ModelSource) -> Optional[Path]:
+    """The base folder whose own Hugging Face tokenizer files to ship, unless --tokenizer chose another."""
+    return source.base if opts.tokenizer is None and has_hf_tokenizer(source.base) else None
+
+
 def write_peft(opts: argparse.Namespace, source: ModelSource) -> str:
     if len(source.adapters) != 1:
         raise MftError(f"peft export needs exactly one adapter; {opts.source} gives {len(source.adapters)}.")
     adapter = source.adapters[0]
-    out = export_peft(adapter.path, opts.out, scale=adapter.scale, base_name_or_path=str(source.base.resolve()))
-    return f"PEFT adapter: {out} (base: {source.base})"
+    if is_hf_folder(source.base):
+        out = export_peft(adapter.path, opts.out, scale=adapter.scale, base_name_or_path=str(source.base.resolve()))
+        return f"PEFT adapter: {out} (base: {source.base})"
+    # transformers reads only its own layout: the base goes with the adapter as a Hugging Face folder.
+    base = ModelSource(source.base, [], source.tokenizer)
+    dtype, name = export_dtype(opts, base)
+    tokenizer = tokenizer_of(opts, base, read_model_args(base.base).vocab_size)
+    model = load_model(base, device=opts.device, dtype=dtype, dense=True)
+    ids = {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id} if tokenizer else {}
+    out = export_peft(adapter.path, opts.out, scale=adapter.scale, base_model=model, dtype=dtype,
+                      tokenizer_file=tokenizer.path if tokenizer else None, max_shard_size=opts.max_shard_size, **ids)
+    return f"PEFT adapter: {out} (base: {out / PEFT_BASE}, {source.base} as a Hugging Face model in {name})"
 
 
 def write_model(opts: argparse.Namespace, source: ModelSource) -> str:
     """hf, or consolidated: the merged model, or the base + lora.safetensors of its one adapter."""
-    dtype = DTYPES[opts.dtype]
+    dtype, name = export_dtype(opts, source)
     lora = None
     if opts.format == "consolidated" and not opts.merge and source.adapters:
         if len(source.adapters) > 1:
@@ -114,16 +155,16 @@ def write_model(opts: argparse.Namespace, source: ModelSource) -> str:
     # rounds once. Several can only be merged into the model as it loads, which needs a dense base.
     several = len(source.adapters) > 1
     model = load_model(source, device=opts.device, dtype=dtype, merge=several, dense=several)
-    tokenizer_file = tokenizer.path if tokenizer else None
+    files = {"tokenizer_file": tokenizer.path if tokenizer else None,
+             "hf_tokenizer_from": hf_tokenizer_from(opts, source) if tokenizer else None}
     if opts.format == "hf":
         ids = {"bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id} if tokenizer else {}
-        out = export_hf(model, opts.out, tokenizer_file=tokenizer_file, dtype=dtype,
-                        max_shard_size=opts.max_shard_size, **ids)
-        return f"Hugging Face model: {out} ({source.describe()}, {opts.dtype})"
-    out = export_consolidated(model, opts.out, tokenizer_file=tokenizer_file, dtype=dtype,
-                              lora_from=lora.path if lora else None, lora_scale=lora.scale if lora else 1.0)
+        out = export_hf(model, opts.out, dtype=dtype, max_shard_size=opts.max_shard_size, **files, **ids)
+        return f"Hugging Face model: {out} ({source.describe()}, {name})"
+    out = export_consolidated(model, opts.out, dtype=dtype, lora_from=lora.path if lora else None,
+                              lora_scale=lora.scale if lora else 1.0, **files)
     extra = f" + lora.safetensors of {lora.path} (mistral-inference scaling 2.0)" if lora else ""
-    return f"Consolidated model: {out} ({source.describe()}, {opts.dtype}){extra}"
+    return f"Consolidated model: {out} ({source.describe()}, {name}){extra}"
 
 
 def main(argv=None) -> int:

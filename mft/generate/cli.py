@@ -4,10 +4,15 @@ Thin like mft-train: compose conf/generate.yaml (typed by mft.generate.config; c
 into the GenerateConfig dataclass), load the model
 (mft.generate.load), then one of three modes over mft.generate.decode.Generator. User errors
 (MftError) print one paragraph and exit 1. Logs go to stderr, answers to stdout.
+
+`prompt=`, `system=` and `prompt_file=` take free text, which Hydra's override grammar cannot
+(an apostrophe, a comma, parentheses or a colon break it): main() takes them out of the command
+line before Hydra parses it and sets them on the composed config, verbatim.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -29,12 +34,68 @@ from mft.utils.errors import MftError
 log = logging.getLogger("mft.generate")
 
 
+# Keys whose value is free text, taken verbatim from the command line instead of through Hydra.
+TEXT_KEYS = ("prompt", "prompt_file", "system")
+
+
+def split_text_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(the arguments for Hydra, {key: text} of every `key=text` argument for a key in TEXT_KEYS).
+
+    Everything after the first `=` is the value, as the shell passed it; a key given twice keeps
+    its last value, as Hydra does.
+    """
+    rest, texts = [], {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in TEXT_KEYS:
+            texts[key] = value
+        else:
+            rest.append(arg)
+    return rest, texts
+
+
+def check_text(key: str, text: str) -> str:
+    """`text` if it can be encoded: bytes that are not UTF-8 reach Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MftError(f"{key}=: the text is not valid UTF-8 (character {e.start} is a byte that is not); "
+                       "pass UTF-8 text.") from None
+    return text
+
+
+def read_prompt_file(path: str, stdin: TextIO) -> str:
+    """The prompt in `path` (`-`: standard input) as UTF-8, less one final line break."""
+    try:
+        if path == "-":
+            text = stdin.buffer.read().decode("utf-8") if hasattr(stdin, "buffer") else stdin.read()
+        else:
+            text = Path(path).expanduser().read_bytes().decode("utf-8")
+    except OSError as e:
+        raise MftError(f"prompt_file={path}: cannot read it ({e.strerror or e}).") from None
+    except UnicodeDecodeError as e:
+        raise MftError(f"prompt_file={path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                       "save it as UTF-8.") from None
+    # Editors end a file with a line break; it is not part of the prompt.
+    ending = "\r\n" if text.endswith("\r\n") else "\n"
+    return check_text("prompt_file", text.removesuffix(ending))
+
+
+def with_prompt_file(cfg: GenerateConfig, stdin: Optional[TextIO] = None) -> GenerateConfig:
+    """`cfg` with `prompt` read from `prompt_file` when that is set."""
+    if cfg.prompt_file is None:
+        return cfg
+    if cfg.prompt is not None:
+        raise MftError("give prompt=TEXT or prompt_file=PATH, not both.")
+    return dataclasses.replace(cfg, prompt=read_prompt_file(cfg.prompt_file, stdin or sys.stdin))
+
+
 def pick_mode(cfg: GenerateConfig) -> Mode:
     mode = cfg.mode
     if mode == Mode.auto:
         mode = Mode.prompt if cfg.prompt is not None else Mode.batch if cfg.input is not None else Mode.chat
     if mode == Mode.prompt and cfg.prompt is None:
-        raise MftError("mode=prompt needs prompt=\"...\".")
+        raise MftError("mode=prompt needs prompt=\"...\" or prompt_file=PATH (- for standard input).")
     if mode == Mode.batch and cfg.input is None:
         raise MftError("mode=batch needs input=<requests.jsonl>.")
     if mode == Mode.batch and not Path(cfg.input).is_file():
@@ -96,10 +157,10 @@ class App:
                                        reuse_prefix=reuse_prefix)[0]
 
     # -- modes --------------------------------------------------------------------------------
-    def prompt(self, out: TextIO = sys.stdout) -> None:
+    def prompt(self, out: Optional[TextIO] = None) -> None:
         from mft.generate.chat import TextStreamer
 
-        cfg = self.cfg
+        cfg, out = self.cfg, out or sys.stdout  # looked up now: a caller may have replaced sys.stdout
         ids = self.fmt.encode_text(cfg.prompt) if cfg.raw else self.fmt.encode(self.messages(cfg.prompt), self.tools)
         streamer = TextStreamer(self.fmt, out, stop_strings=cfg.stop) if cfg.stream else None
         result = self.generate_one(ids, streamer)
@@ -209,23 +270,26 @@ class App:
 
 
 def run(cfg: GenerateConfig) -> None:
+    cfg = with_prompt_file(cfg)
     mode = pick_mode(cfg)
     app = App(cfg)
     getattr(app, mode.value)()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
-def _run(composed: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    try:
-        run(to_dataclass(composed))
-    except MftError as e:
-        print(f"mft-generate: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
 def main() -> None:
     register_generate_configs()
+    sys.argv[1:], texts = split_text_overrides(sys.argv[1:])
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
+    def _run(composed: DictConfig) -> None:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+        try:
+            run(dataclasses.replace(to_dataclass(composed),
+                                    **{key: check_text(key, text) for key, text in texts.items()}))
+        except MftError as e:
+            print(f"mft-generate: error: {e}", file=sys.stderr)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
     _run()

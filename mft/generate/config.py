@@ -15,7 +15,7 @@ from mft.utils.choice import Choice, Precision
 
 
 class Mode(Choice):
-    auto = "auto"  # prompt if `prompt` is set, batch if `input` is, else chat
+    auto = "auto"  # prompt if `prompt` or `prompt_file` is set, batch if `input` is, else chat
     prompt = "prompt"  # one answer to `prompt`, streamed
     chat = "chat"  # interactive (/reset, /exit)
     batch = "batch"  # JSONL requests in `input`, JSONL answers to `output`
@@ -45,9 +45,11 @@ class GenerateConfig:
 
     # What to do
     mode: Mode = Mode.auto
-    # Prompt mode: the user message (or the text to complete with raw=true).
+    # Prompt mode: the user message (or the text to complete with raw=true), any text, taken verbatim.
     prompt: Optional[str] = None
-    # System prompt (chat, prompt and batch modes).
+    # Prompt mode: read the prompt from this UTF-8 file (- : standard input), less one final line break.
+    prompt_file: Optional[str] = None
+    # System prompt (chat, prompt and batch modes), any text, taken verbatim.
     system: Optional[str] = None
     # JSON file with a list of tool definitions ({"type": "function", "function": {...}}).
     tools: Optional[str] = None
