@@ -55,11 +55,11 @@ def test_fix_writes_a_copy_that_validates_clean(capsys, tmp_path):
 
 
 def test_statistics_and_config_mode(capsys):
-    code, out, _ = _run(capsys, "+experiment=chat_sft", "max_steps=40", "--tokens-per-s", 2000)
+    code, out, _ = _run(capsys, "+experiment=chat_sft", "max_steps=40", "--tflops", 2000)
     assert code == 0
     assert "tiny_chat_train.jsonl: 2000 rows, 2000 samples, 0 defects" in out
     assert "[tiny_chat_train.jsonl 75%, tiny_alpaca.jsonl 25%]" in out  # share per source (weights 3:1)
-    assert "40 steps = " in out and "at 2,000 tokens/s" in out
+    assert "40 steps = " in out and "(model tiny)" in out and "at 2000 TFLOP/s (--tflops)" in out
     code, _, err = _run(capsys, "/no/such.jsonl")
     assert code == 2 and "not found" in err
 
