@@ -142,7 +142,7 @@ def column_problem(columns: list[str], opts: RowOptions) -> str | None:
 def parse_row(row: Any, source: str, opts: RowOptions = RowOptions()) -> Sample:
     """One decoded row -> a Sample, or RowError saying what is wrong with it."""
     if not isinstance(row, Mapping):
-        raise RowError("not_object", f"expected a JSON object, got {type(row).__name__}")
+        raise RowError("not_object", f"expected a JSON object, got {_type(row)}")
     kind = row_kind(row, opts)
     if kind == "text":
         text = row.get(opts.text_column)

@@ -224,7 +224,7 @@ def repair_row(row: Any, where: str) -> tuple[Any, list[str]]:
                 m["role"] = fixed
                 changes.append(f"message {i}: role {role!r} -> {fixed!r}")
         role = m.get("role")
-        if role in allowed:
+        if isinstance(role, str) and role in allowed:
             for key in sorted(set(m) - allowed[role]):
                 del m[key]
                 changes.append(f"message {i}: removed unsupported key {key!r}")
@@ -247,7 +247,7 @@ def repair_row(row: Any, where: str) -> tuple[Any, list[str]]:
                 renamed[call["id"]] = new
                 changes.append(f"message {i}: tool call id {call['id']!r} -> {new!r}")
                 call["id"] = new
-        if role == "tool" and m.get("tool_call_id") in renamed:
+        if role == "tool" and isinstance(m.get("tool_call_id"), str) and m["tool_call_id"] in renamed:
             m["tool_call_id"] = renamed[m["tool_call_id"]]
     roles = [m.get("role") if isinstance(m, dict) else None for m in row["messages"]]
     if roles and roles[-1] != "assistant" and "assistant" in roles:
