@@ -126,6 +126,29 @@ def test_duplicate_keys_are_a_defect(tmp_path, capsys):
     assert code == 1 and _reported(out, path) == skipped and "duplicate_key 2" in out
 
 
+def test_tables_and_json_arrays(tmp_path):
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("text,label\nfine,1\ntoo,many,fields\n\nfine again,2\n")
+    assert _skipped(ragged, tmp_path) == {3: "3 fields, the header has 2"}
+    twice = tmp_path / "twice.csv"
+    twice.write_text("text,label,text\na,1,b\n")
+    with pytest.raises(MftError, match=rf"{re.escape(str(twice))}:1: the header names column\(s\) \['text'\] more than once"):
+        _datasets(twice, tmp_path)
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes(f"{CHAT}\n".encode("utf-16"))
+    with pytest.raises(MftError, match=rf"{re.escape(str(utf16))}: the file is UTF-16"):
+        _datasets(utf16, tmp_path)
+    array = tmp_path / "rows.json"
+    array.write_text(f'[\n{CHAT},\n{{"text": "a",\n "text": "b"}},\n{CHAT}\n]\n')
+    assert _skipped(array, tmp_path) == {3: "key 'text' appears twice in one object; JSON readers silently keep only the last one"}
+    array.write_text(f'[\n{CHAT},\n' + "[" * 5000 + "]" * 5000 + "\n]\n")
+    with pytest.raises(MftError, match=rf"{re.escape(str(array))}:3: this element of the JSON array is nested too deeply"):
+        _datasets(array, tmp_path)
+    stray_cr = tmp_path / "cr.jsonl"  # lines are counted as grep -n counts them: at "\n" only
+    stray_cr.write_bytes(b'{"text": "a"}\r\n{"text":\r "b"}\r\n{"x": 1}\r\n')
+    assert list(_skipped(stray_cr, tmp_path)) == [3]
+
+
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_an_empty_file_fails_validation_and_training(tmp_path, capsys, content, suffix):

@@ -88,9 +88,10 @@ def columns(path: str | Path) -> list[str] | None:
     return None
 
 
-def _open_text(path: Path, **kwargs):
-    """utf-8-sig drops a leading BOM (editors on Windows write one); bad bytes reach `decode`."""
-    return path.open(encoding="utf-8-sig", errors="surrogateescape", **kwargs)
+def _open_text(path: Path, newline: str = "\n"):
+    """utf-8-sig drops a leading BOM (editors on Windows write one); bad bytes reach `decode`.
+    Lines end at "\n" only, so line numbers are those of grep -n and sed (a stray "\r" splits nothing)."""
+    return path.open(encoding="utf-8-sig", errors="surrogateescape", newline=newline)
 
 
 def _first_char(path: Path) -> str:

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -240,7 +241,8 @@ def repair_row(row: Any, where: str) -> tuple[Any, list[str]]:
             else:
                 del m["weight"]
             changes.append(f"message {i}: weight {w!r} -> {m.get('weight', 'removed (trained on)')}")
-        for j, call in enumerate(m.get("tool_calls") or []):
+        calls = m.get("tool_calls")
+        for j, call in enumerate(calls if isinstance(calls, list) else []):
             if isinstance(call, dict) and isinstance(call.get("id"), str) and call["id"] != "null" \
                     and not TOOL_CALL_ID.match(call["id"]):
                 new = _new_id(f"{where}:{i}:{j}:{call['id']}")
@@ -413,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     except MftError as e:
         print(f"mft-validate-data: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the report piped into `head`: stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     n = sum(len(r.defects) for r, _ in bad)
     print(f"\n{n} defect(s) in {len(bad)} file(s)" if n else "\nall rows valid")
     return 1 if n else 0
