@@ -61,7 +61,7 @@ def test_deep_nesting_is_a_defect_of_its_line(tmp_path, capsys):
     path = tmp_path / "deep.jsonl"
     too_deep_for_python = "[" * 5000 + "]" * 5000  # json's decoder raises RecursionError
     deeper_than_allowed = json.dumps({"messages": [{"role": "user", "content": "x", "k": json.loads("[" * 80 + "]" * 80)}]})
-    path.write_text("\n".join([CHAT, too_deep_for_python, CHAT, deeper_than_allowed, CHAT]) + "\n")
+    path.write_text(f"{CHAT}\n{too_deep_for_python}\n{CHAT}\n{deeper_than_allowed}\n{CHAT}\n")
     skipped = _skipped(path, tmp_path)
     assert sorted(skipped) == [2, 4] and all("nested deeper than 64 levels" in m for m in skipped.values())
     with pytest.raises(MftError, match=rf"{re.escape(str(path))}:2: JSON nested deeper"):
@@ -93,7 +93,7 @@ def test_mft_train_reports_bad_rows_without_a_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mft.train", f"data.train_files=[{fixture}]", "data.seq_len=256",
          "data.cache_dir=null", f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'launch'}"},
+        check=False, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'launch'}"},
     )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
@@ -118,7 +118,7 @@ def test_duplicate_keys_are_a_defect(tmp_path, capsys):
     path = tmp_path / "dup.jsonl"
     twice = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "messages": []}'
     nested = '{"messages": [{"role": "user", "role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]}'
-    path.write_text("\n".join([CHAT, twice, nested]) + "\n")
+    path.write_text(f"{CHAT}\n{twice}\n{nested}\n")
     skipped = _skipped(path, tmp_path)
     assert sorted(skipped) == [2, 3]
     assert skipped[2].startswith("key 'messages' appears twice in one object") and "'role' appears twice" in skipped[3]
@@ -192,7 +192,7 @@ def test_validator_verdicts_are_what_training_does(tmp_path, capsys, too_long):
         placed = pieces.get(line, [])
         trained[line] = ("drop" if not placed else "split" if len(placed) > 1 or placed[0][0] > 0
                          else "truncate" if placed[0][1] < length else "keep")
-    code, out, _ = _validate(capsys, path, "--seq-len", seq_len, "--too-long", too_long)
+    _, out, _ = _validate(capsys, path, "--seq-len", seq_len, "--too-long", too_long)
     verdicts = {line: re.search(r"training would (\w+) it", message)[1] for line, message in _reported(out, path).items()}
     said = {line: verdicts.get(line, "keep") for line in lengths}
     assert said == trained
@@ -216,10 +216,10 @@ def test_valid_files_are_reported_apart(tmp_path, capsys):
 
 
 def test_eta_comes_from_the_model_flops_and_the_stated_speed(tmp_path, capsys):
+    from conftest import TINY, build
+
     from mft.data.validate import flop_parameters
     from mft.model.args import ModelArgs
-
-    from conftest import TINY, build
 
     # The parameters a token is multiplied by: all but the input embedding, counted on a real model.
     model = build(TINY)
@@ -242,7 +242,7 @@ def test_invalid_json_messages_read_once(tmp_path, capsys):
     path = tmp_path / "cut.jsonl"
     path.write_text('{"messages": "unterminated\n{"a": 1,}\n')
     code, out, _ = _validate(capsys, path)
-    assert _reported(out, path) == {1: "invalid JSON (Unterminated string starting at column 14)",
+    assert code == 1 and _reported(out, path) == {1: "invalid JSON (Unterminated string starting at column 14)",
                                     2: "invalid JSON (Expecting property name enclosed in double quotes at column 9)"}
 
 
