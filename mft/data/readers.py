@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", 
 # jsonschema, mistral-common) recurses, so a deeper one would end in a RecursionError.
 MAX_DEPTH = 64
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: only these can decode to a lone surrogate
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ def decode(rec: Record) -> Any:
         raise RowError("too_deep", f"JSON nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as e:  # e.g. an integer of more than 4300 digits
         raise RowError("invalid_json", f"invalid JSON ({_first_clause(e)})") from None
-    if "\\u" in text or text.count("[") + text.count("{") > MAX_DEPTH:
+    if _SURROGATE_ESCAPE.search(text) or text.count("[") + text.count("{") > MAX_DEPTH:
         _check_values(row)
     return row
 
