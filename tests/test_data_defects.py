@@ -144,6 +144,10 @@ def test_tables_and_json_arrays(tmp_path):
     array.write_text(f'[\n{CHAT},\n' + "[" * 5000 + "]" * 5000 + "\n]\n")
     with pytest.raises(MftError, match=rf"{re.escape(str(array))}:3: this element of the JSON array is nested too deeply"):
         _datasets(array, tmp_path)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(MftError, match=rf"{re.escape(str(broken))}: not a readable Parquet file"):
+        _datasets(broken, tmp_path)
     stray_cr = tmp_path / "cr.jsonl"  # lines are counted as grep -n counts them: at "\n" only
     stray_cr.write_bytes(b'{"text": "a"}\r\n{"text":\r "b"}\r\n{"x": 1}\r\n')
     assert list(_skipped(stray_cr, tmp_path)) == [3]

@@ -34,7 +34,6 @@ TOO_LONG = ("truncate", "drop", "split")
 # What became of each document (PackPlan.fate): mft-validate-data reports these very values, so its
 # verdict on a row is what training does with it.
 PACKED, TRUNCATED, DROPPED, SPLIT, UNSUPERVISED = range(5)
-FATES = ("packed", "truncated", "dropped", "split", "unsupervised")
 
 
 @dataclass
@@ -59,7 +58,7 @@ class PackStats:
 class PackPlan:
     """Where every piece goes. Piece j is ids[start[j]:end[j]] of document doc[j] (doc -1 is
     padding of end[j] - start[j] - 1 positions); sequence i holds pieces seq[i]:seq[i + 1].
-    fate[k] is what became of document k (an index into FATES)."""
+    fate[k] is what became of document k: PACKED, TRUNCATED, DROPPED, SPLIT or UNSUPERVISED."""
 
     doc: np.ndarray
     start: np.ndarray

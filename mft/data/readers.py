@@ -82,11 +82,7 @@ def columns(path: str | Path) -> list[str] | None:
                 return None  # the reader reports it at its line
         return None if header is None else [h.strip() for h in header]
     if kind == "parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            return None  # the reader says pyarrow is needed
-        return list(pq.ParquetFile(path).schema_arrow.names)
+        return list(_parquet_file(path).schema_arrow.names)
     return None
 
 
@@ -159,13 +155,13 @@ def _csv(path: Path) -> Iterator[Record]:
                 return
             header = [h.strip() for h in header]
             if problem := _header_problem(header):
-                raise MftError(f"{path}:1: the header {problem}")
+                raise MftError(f"{path}:{reader.line_num}: the header {problem}")
             start = reader.line_num + 1
             for values in reader:
                 if values and any(v.strip() for v in values):
                     yield Record(start, row=_csv_row(header, values))
                 start = reader.line_num + 1
-        except csv.Error as e:  # a quoted field left open at the end of the file
+        except csv.Error as e:  # e.g. a field over the size limit
             raise MftError(f"{path}:{reader.line_num}: not valid {path.suffix[1:].upper()}: {e}") from None
 
 
@@ -187,13 +183,21 @@ def _csv_row(header: list[str], values: list[str]) -> Any:
     return dict(zip(header, values))
 
 
-def _parquet(path: Path) -> Iterator[Record]:
+def _parquet_file(path: Path):
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
         raise MftError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        return pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise MftError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _parquet(path: Path) -> Iterator[Record]:
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    for batch in _parquet_file(path).iter_batches(batch_size=1024):
         for row in batch.to_pylist():
             n += 1
             yield Record(n, row=row)
