@@ -33,7 +33,7 @@ from mft.data.packing import (
     plan_packing,
 )
 from mft.data.samples import RowOptions
-from mft.data.store import EncodeSettings, TokenStore, build_store
+from mft.data.store import EncodeSettings, TokenStore, build_store, no_rows
 from mft.data.tokenizer import Tokenizer
 from mft.utils.errors import MftError
 
@@ -394,6 +394,9 @@ def build_datasets(
 
     train_stores = load_stores(train_specs, tokenizer, cache_dir, workers)
     valid_stores = load_stores(valid_specs, tokenizer, cache_dir, workers)
+    for st in train_stores + valid_stores:
+        if problem := no_rows(st):
+            raise MftError(f"{st.path}: {problem}; every data file needs at least one sample")
     skipped_train = report_problems(train_stores, on_error, "train_files")
     skipped_valid = report_problems(valid_stores, on_error, "valid_files") if valid_stores else 0
     for spec, st in zip(train_specs, train_stores):

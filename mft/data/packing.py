@@ -31,6 +31,9 @@ from mft.data.encode import Encoded
 from mft.utils.errors import MftError
 
 TOO_LONG = ("truncate", "drop", "split")
+# What became of each document (PackPlan.fate): mft-validate-data reports these very values, so its
+# verdict on a row is what training does with it.
+PACKED, TRUNCATED, DROPPED, SPLIT, UNSUPERVISED = range(5)
 
 
 @dataclass
@@ -54,13 +57,15 @@ class PackStats:
 @dataclass
 class PackPlan:
     """Where every piece goes. Piece j is ids[start[j]:end[j]] of document doc[j] (doc -1 is
-    padding of end[j] - start[j] - 1 positions); sequence i holds pieces seq[i]:seq[i + 1]."""
+    padding of end[j] - start[j] - 1 positions); sequence i holds pieces seq[i]:seq[i + 1].
+    fate[k] is what became of document k: PACKED, TRUNCATED, DROPPED, SPLIT or UNSUPERVISED."""
 
     doc: np.ndarray
     start: np.ndarray
     end: np.ndarray
     seq: np.ndarray
     stats: PackStats
+    fate: np.ndarray
 
     @property
     def num_sequences(self) -> int:
@@ -86,6 +91,7 @@ def plan_packing(
         raise MftError(f"seq_len={seq_len}: expected a positive number of tokens")
     stats = PackStats(samples=len(lengths))
     doc, start, end, seq = [], [], [], [0]
+    fate = np.full(len(lengths), PACKED, dtype=np.int8)
     room = seq_len
 
     def close() -> None:
@@ -111,6 +117,7 @@ def plan_packing(
         n, text = lengths[k] - 1, is_text[k]
         if n < 1 or supervised[k] == 0:
             stats.unsupervised += 1
+            fate[k] = UNSUPERVISED
             continue
         if n <= room or (n <= seq_len and not text):  # fits here, or a chat that fits a fresh sequence
             if n > room:
@@ -132,20 +139,25 @@ def plan_packing(
                     stats.unsupervised += 1
                 pos += take
             stats.split += pieces > 1
+            if pieces > 1 or not text:  # a chat over seq_len is cut into pieces, even if only one has an answer
+                fate[k] = SPLIT
         elif too_long == "truncate":
             n_sup = int(np.asarray(mask_of(k))[1 : seq_len + 1].sum())
             stats.truncated += 1
-            if n_sup == 0:
+            if n_sup == 0:  # nothing to learn from what truncation keeps: left out, like any unsupervised piece
                 stats.unsupervised += 1
+                fate[k] = UNSUPERVISED
                 continue
             close()
             place(k, 0, seq_len + 1, n_sup)
+            fate[k] = TRUNCATED
         else:
             stats.dropped += 1
+            fate[k] = DROPPED
     close()
     stats.sequences = len(seq) - 1
     as_array = lambda x: np.array(x, dtype=np.int64)  # noqa: E731
-    return PackPlan(as_array(doc), as_array(start), as_array(end), as_array(seq), stats)
+    return PackPlan(as_array(doc), as_array(start), as_array(end), as_array(seq), stats, fate)
 
 
 def collate_plan(

@@ -120,19 +120,34 @@ def row_kind(row: Mapping[str, Any], opts: RowOptions) -> str:
     raise RowError(
         "unknown_format",
         f"expected 'messages' (chat), '{opts.text_column}' (text) or 'instruction' + 'output' (Alpaca), "
-        f"got keys {sorted(row)}",
+        f"got keys {_show(sorted(row), 200)}",
     )
+
+
+def column_problem(columns: list[str], opts: RowOptions) -> str | None:
+    """Why no row of a table with these columns (a CSV header, a Parquet schema) can be read with
+    these options, or None: said once for the file rather than once per row."""
+    have, text = set(columns), opts.text_column
+    alpaca = {"instruction", "output"} <= have
+    missing = {
+        "text": None if text in have else f"no column '{text}' (data.text_column / --text-column)",
+        "chat": None if "messages" in have else "no column 'messages'",
+        "alpaca": None if alpaca else "Alpaca rows need the columns 'instruction' and 'output'",
+        "auto": None if text in have or "messages" in have or alpaca
+        else f"no column '{text}' (data.text_column / --text-column), 'messages', or 'instruction' + 'output'",
+    }.get(opts.format)
+    return f"{missing}; its columns are {', '.join(map(repr, columns))}" if missing else None
 
 
 def parse_row(row: Any, source: str, opts: RowOptions = RowOptions()) -> Sample:
     """One decoded row -> a Sample, or RowError saying what is wrong with it."""
     if not isinstance(row, Mapping):
-        raise RowError("not_object", f"expected a JSON object, got {type(row).__name__}")
+        raise RowError("not_object", f"expected a JSON object, got {_type(row)}")
     kind = row_kind(row, opts)
     if kind == "text":
         text = row.get(opts.text_column)
         if opts.text_column not in row:
-            raise RowError("missing_key", f"missing '{opts.text_column}'")
+            raise RowError("missing_key", f"missing '{opts.text_column}' (data.text_column), got keys {_show(sorted(row), 200)}")
         if not isinstance(text, str):
             raise RowError("wrong_type", f"'{opts.text_column}' must be a string, got {_type(text)}")
         if not text.strip():
@@ -147,6 +162,12 @@ def parse_row(row: Any, source: str, opts: RowOptions = RowOptions()) -> Sample:
 
 def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value quoted into a message, cut short: a row may hold megabytes where a name belongs."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 # ---------------------------------------------------------------- Alpaca
@@ -215,9 +236,9 @@ def _parse_tools(raw: Any, version: str) -> tuple[Any, ...]:
             raise RowError("bad_tool_schema", f"{where}.function: unsupported key(s) {extra}")
         name = fn.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
-            raise RowError("bad_tool_schema", f"{where}.function.name {name!r}: expected 1-64 of a-z A-Z 0-9 _ -")
+            raise RowError("bad_tool_schema", f"{where}.function.name {_show(name)}: expected 1-64 of a-z A-Z 0-9 _ -")
         if name in names:
-            raise RowError("bad_tool_schema", f"{where}: function {name!r} is defined twice")
+            raise RowError("bad_tool_schema", f"{where}: function {_show(name)} is defined twice")
         names.add(name)
         if not isinstance(fn.get("description", ""), str):
             raise RowError("bad_tool_schema", f"{where}.function.description must be a string")
@@ -249,8 +270,10 @@ def _parse_messages(raw: Any, version: str) -> tuple[Message, ...]:
         if not isinstance(m, dict):
             raise RowError("wrong_type", f"{where}: expected an object with 'role' and 'content', got {_type(m)}")
         role = m.get("role")
-        if role not in _MESSAGE_KEYS:
-            raise RowError("unknown_role", f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if role is None:
+            raise RowError("unknown_role", f"{where}: missing 'role' (expected one of {', '.join(ROLES)})")
+        if not isinstance(role, str) or role not in _MESSAGE_KEYS:
+            raise RowError("unknown_role", f"{where}: unknown role {_show(role)} (expected one of {', '.join(ROLES)})")
         if extra := sorted(set(m) - _MESSAGE_KEYS[role]):
             raise RowError("unknown_key", f"{where} ({role}): unsupported key(s) {extra}")
         where = f"{where} ({role})"
@@ -265,7 +288,7 @@ def _parse_messages(raw: Any, version: str) -> tuple[Message, ...]:
             if not isinstance(call_id, str) or not call_id:
                 raise RowError("bad_tool_call_id", f"{where}: 'tool_call_id' must name the tool call it answers")
             if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
-                raise RowError("wrong_type", f"{where}: 'name' {name!r}: expected 1-64 of a-z A-Z 0-9 _ -")
+                raise RowError("wrong_type", f"{where}: 'name' {_show(name)}: expected 1-64 of a-z A-Z 0-9 _ -")
             messages.append(Message("tool", content, tool_call_id=call_id, name=name))
         else:
             messages.append(Message(role, content))
@@ -284,7 +307,7 @@ def _check_content(content: Any, where: str) -> None:
 def _parse_assistant(m: dict, where: str, version: str, is_last: bool) -> Message:
     content, raw_calls, weight = m.get("content"), m.get("tool_calls"), m.get("weight")
     if weight is not None and (isinstance(weight, bool) or weight not in (0, 1)):
-        raise RowError("bad_weight", f"{where}: 'weight' must be 0 or 1, got {weight!r}")
+        raise RowError("bad_weight", f"{where}: 'weight' must be 0 or 1, got {_show(weight)}")
     calls: tuple[ToolCall, ...] = ()
     if raw_calls is not None:
         calls = _parse_tool_calls(raw_calls, where, version, is_last)
@@ -316,13 +339,13 @@ def _parse_tool_calls(raw: Any, where: str, version: str, is_last: bool) -> tupl
         if extra := sorted(set(call) - {"id", "type", "function"}):
             raise RowError("unknown_key", f"{here}: unsupported key(s) {extra}")
         if call.get("type", "function") != "function":
-            raise RowError("wrong_type", f"{here}: 'type' must be \"function\", got {call.get('type')!r}")
+            raise RowError("wrong_type", f"{here}: 'type' must be \"function\", got {_show(call.get('type'))}")
         fn = call["function"]
         if extra := sorted(set(fn) - {"name", "arguments"}):
             raise RowError("unknown_key", f"{here}.function: unsupported key(s) {extra}")
         name = fn.get("name")
         if not isinstance(name, str) or not _NAME.match(name):
-            raise RowError("bad_tool_call", f"{here}: function name {name!r}: expected 1-64 of a-z A-Z 0-9 _ -")
+            raise RowError("bad_tool_call", f"{here}: function name {_show(name)}: expected 1-64 of a-z A-Z 0-9 _ -")
         args = fn.get("arguments")
         if isinstance(args, dict):
             args = json.dumps(args)  # what mistral-common's FunctionCall does with an object
@@ -341,7 +364,7 @@ def _parse_tool_calls(raw: Any, where: str, version: str, is_last: bool) -> tupl
         if call_id == NULL_ID and not is_last:
             raise RowError("bad_tool_call_id", f"{here}: missing 'id' (only the final assistant message may omit it)")
         if call_id != NULL_ID and not TOOL_CALL_ID.match(call_id):
-            raise RowError("bad_tool_call_id", f"{here}: id {call_id!r} must be 9 characters of a-z, A-Z, 0-9")
+            raise RowError("bad_tool_call_id", f"{here}: id {_show(call_id)} must be 9 characters of a-z, A-Z, 0-9")
         calls.append(ToolCall(call_id, name, args))
     return tuple(calls)
 
@@ -372,7 +395,7 @@ def _check_structure(messages: tuple[Message, ...], tool_names: set[str] | None)
             if m.tool_call_id not in pending:
                 if roles[i - 1] not in ("assistant", "tool") or pending_at < 0:
                     raise RowError("orphan_tool_result", f"message {i} (tool): a tool result must follow an assistant message with tool_calls")
-                raise RowError("bad_tool_call_id", f"message {i} (tool): tool_call_id {m.tool_call_id!r} answers no open tool call of message {pending_at}")
+                raise RowError("bad_tool_call_id", f"message {i} (tool): tool_call_id {_show(m.tool_call_id)} answers no open tool call of message {pending_at}")
             del pending[m.tool_call_id]
             continue
         if pending:
@@ -387,6 +410,6 @@ def _check_structure(messages: tuple[Message, ...], tool_names: set[str] | None)
                 raise RowError("bad_tool_call_id", f"message {i}: tool call ids repeat: {ids}")
             for c in m.tool_calls:
                 if tool_names is not None and c.name not in tool_names:
-                    raise RowError("bad_tool_call", f"message {i}: calls {c.name!r}, which 'tools' does not define (defined: {sorted(tool_names)})")
+                    raise RowError("bad_tool_call", f"message {i}: calls {_show(c.name)}, which 'tools' does not define (defined: {sorted(tool_names)})")
             pending, pending_at = {c.id: c.name for c in m.tool_calls}, i
     # The final assistant message may end on tool calls without results (train on the call).

@@ -35,15 +35,15 @@ from typing import Any
 import numpy as np
 
 from mft.data.encode import control_strings, encode_sample
-from mft.data.readers import Record, _BadRow, iter_records
-from mft.data.samples import RowError, RowOptions, parse_row
+from mft.data.readers import Record, columns, decode, file_type, iter_records
+from mft.data.samples import RowError, RowOptions, column_problem, parse_row
 from mft.data.tokenizer import Tokenizer, load_tokenizer
 from mft.utils.atomic import atomic_dir
 from mft.utils.errors import MftError
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 1  # bump when the encoding or the layout changes: old entries are then ignored
+STORE_VERSION = 2  # bump when the encoding or the layout changes: old entries are then ignored
 CHUNK_ROWS = 256  # rows per unit of work
 AUTO_WORKERS_MIN_BYTES = 16 << 20  # files smaller than this are tokenized in-process by default
 MAX_CONTROL_EXAMPLES = 5
@@ -85,21 +85,12 @@ def encode_records(records: Iterable[Record], path: str, tokenizer: Tokenizer, s
     control_rows, control_counts, control_lines = 0, {}, []
     for rec in records:
         try:
-            if rec.is_raw:
-                try:
-                    row = json.loads(rec.raw)
-                except json.JSONDecodeError as e:
-                    raise RowError("invalid_json", f"invalid JSON ({e.msg} at character {e.pos + 1})") from None
-            else:
-                row = rec.row
-                if isinstance(row, _BadRow):
-                    raise RowError("bad_row", row.reason)
-            sample = parse_row(row, f"{path}:{rec.line}", settings.row)
+            sample = parse_row(decode(rec), f"{path}:{rec.line}", settings.row)
             literal = control_strings(sample, tokenizer)
             try:
                 enc = encode_sample(sample, tokenizer, settings.control)
             except Exception as e:  # noqa: BLE001 - mistral-common's own checks, as a row error
-                raise RowError("cannot_encode", f"mistral-common cannot encode this sample: {e}") from None
+                raise RowError("cannot_encode", cannot_encode(e)) from None
         except RowError as e:
             errors.append((rec.line, e.code, str(e)))
             continue
@@ -127,6 +118,20 @@ def encode_records(records: Iterable[Record], path: str, tokenizer: Tokenizer, s
         control_counts=control_counts,
         control_lines=control_lines,
     )
+
+
+def no_rows(store: TokenStore) -> str | None:
+    """Why a file gave no row at all (training and mft-validate-data both refuse it), or None."""
+    if store.meta["rows"]:
+        return None
+    kind = file_type(store.path)
+    return "no rows: the file " + {"csv": "is empty or has only a header", "tsv": "is empty or has only a header",
+                                   "parquet": "has no rows"}.get(kind, "is empty or holds only blank lines")
+
+
+def cannot_encode(e: Exception) -> str:
+    """mistral-common's refusal of a sample as one line (pydantic's errors span several)."""
+    return "mistral-common cannot encode this sample: " + " ".join(str(e).split())
 
 
 @dataclass
@@ -274,6 +279,8 @@ def build_store(
     path = str(path)
     if not Path(path).is_file():
         raise MftError(f"data file not found: {path} (relative paths start at {Path.cwd()})")
+    if (header := columns(path)) is not None and (problem := column_problem(header, settings.row)):
+        raise MftError(f"{path}: {problem}")
     n_workers = _resolve_workers(workers, path)
     if cache_dir is None:
         sink = _Sink(None)
