@@ -30,6 +30,7 @@ from mft.cli.export import main as mft_export
 from mft.cli.quantize import main as mft_quantize
 from mft.peft.lora import LoRASettings, apply_lora
 from mft.quant.formats import QuantSpec
+from mft.utils.errors import MftError
 
 # Widths divisible by nf4's block of 64, so the same shapes serve the quantised checkpoint.
 ARGS = tiny_args(dim=64, head_dim=16, hidden_dim=128, vocab_size=128, sliding_window=None)
@@ -285,3 +286,13 @@ def test_written_files_follow_the_umask(tiny_run, tmp_path):
     assert not wrong, "\n".join(wrong)
     assert (tiny_run / "checkpoints" / "step_000001" / "adapter.safetensors").is_file()
     assert (tiny_run / "base_model" / "consolidated.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["tekken.json", "tokenizer.model.v3"])
+def test_a_truncated_tokenizer_file_is_one_message_naming_it(tmp_path, name):
+    from mft.data.tokenizer import BUILTIN, load_tokenizer
+
+    source = BUILTIN["v3-tekken" if name == "tekken.json" else "v3"]
+    (tmp_path / name).write_bytes(source.read_bytes()[:3000])
+    with pytest.raises(MftError, match=rf"cannot load tokenizer .*{name}: the file is damaged"):
+        load_tokenizer(tmp_path)

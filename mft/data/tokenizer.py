@@ -226,6 +226,10 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         mistral = MistralTokenizer.from_file(str(path), mode=ValidationMode.finetuning)
     except ImportError as e:  # sentencepiece is an optional extra of mistral-common
         raise MftError(f"cannot load tokenizer {path}: {e}") from None
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError) as e:  # a damaged or truncated file
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MftError(f"cannot load tokenizer {path}: the file is damaged or not a Mistral tokenizer "
+                       f"({detail}).") from None
     return Tokenizer(mistral, str(path))
 
 
