@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 SHORT = ["max_steps=2", "eval_every=0", "eval_batches=1", "progress=false", "data.seq_len=128", "batch_size=2"]
 
 
-def mft_train(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def mft_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     exe = shutil.which("mft-train")
     cmd = [exe] if exe else [sys.executable, "-m", "mft.train"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, env=env)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -68,7 +68,7 @@ def test_sweep_gives_one_run_dir_per_point(tmp_path):
     ],
 )
 def test_bad_input_is_one_clear_message(tmp_path, override, expected):
-    result = mft_train(override, *SHORT, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, timeout=300)
+    result = mft_train(override, *SHORT, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode == 1
     assert expected in result.stderr
     assert "Traceback" not in result.stderr

@@ -23,11 +23,11 @@ from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 ARGS = tiny_args(hidden_dim=128, vocab_size=32768, rope_theta=1e6, sliding_window=16)
 
 
-def mft_generate(*args, cwd, stdin=None, timeout=None):
+def mft_generate(*args, cwd, stdin=None):
     exe = shutil.which("mft-generate")
     cmd = [exe] if exe else [sys.executable, "-m", "mft.generate"]
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, input=stdin)
+    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, env=env, input=stdin)
 
 
 @pytest.fixture(scope="module")
