@@ -39,6 +39,10 @@ def test_default_run_halves_validation_loss(tmp_path):
     assert str(adapter) in result.stdout
     assert f"Chat with it: mft-generate run_dir={tmp_path / 'run'}\n" in result.stdout
     assert (tmp_path / "run" / "resolved_config.yaml").is_file()
+    # Without the progress bar the train loss still reaches the console and train.log, every log_every steps.
+    loss_lines = [line for line in (tmp_path / "run" / "train.log").read_text().splitlines() if "train_loss" in line]
+    assert len(loss_lines) == 15 and "step 150: train_loss" in result.stdout + result.stderr
+    assert "torch.distributed is disabled" not in result.stderr
 
 
 def test_sweep_gives_one_run_dir_per_point(tmp_path):

@@ -183,3 +183,25 @@ def test_an_unwritable_run_dir_is_one_message(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and str(blocker) in result.stderr, result.stderr
+
+
+class FakeWandb:
+    def __init__(self):
+        self.logged, self.summary = [], {}
+
+    def log(self, values, step):
+        self.logged.append((step, values))
+
+    def finish(self):
+        pass
+
+
+def test_wandb_gets_the_summary_as_its_run_summary_not_as_charts(tmp_path, monkeypatch):
+    from mft.train import metrics as metrics_module
+
+    fake = FakeWandb()
+    monkeypatch.setattr(metrics_module, "_start_wandb", lambda *args: fake)
+    run(tmp_path / "run", "max_steps=2", "logger=wandb")
+    assert fake.summary["step"] == 2 and "train_data" in fake.summary
+    assert all("summary" not in values and "train_data" not in values for _, values in fake.logged)
+    assert any("train_loss" in values for _, values in fake.logged)
