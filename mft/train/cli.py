@@ -6,6 +6,7 @@ it once into the TrainConfig dataclass and hand that to mft.train.loop.train, an
 (MftError) into one paragraph and exit 1.
 """
 
+import logging
 import os
 import shlex
 import sys
@@ -41,7 +42,7 @@ def _run(composed: DictConfig) -> None:
     except MftError as e:
         _fail(str(e))
     except OSError as e:  # a full disk, a read-only run dir: the file and the reason, not a traceback
-        _fail(f"{e.strerror or e} ({e.filename})" if e.filename else str(e))
+        _fail(f"{(e.strerror or str(e)).lower()} ({e.filename or f'writing in the run dir {run_dir}'})")
     except KeyboardInterrupt:
         print(f"mft-train: interrupted (a second Ctrl-C, or one before training began): nothing more was saved; "
               f"the run dir is {run_dir}", file=sys.stderr)
@@ -119,6 +120,7 @@ def main() -> None:
     world = world_from_env()
     init_distributed(world)
     check_output_dir(sys.argv[1:])
+    logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
     sys.argv += quiet_overrides(world)
     register_configs()
     try:
