@@ -20,7 +20,7 @@ from mft.data.bundled import bundled_path
 from mft.data.config import DataConfig
 from mft.model.args import ModelArgs
 from mft.utils.choice import Choice, Precision
-from mft.utils.distributed import run_stamp
+from mft.utils.world import run_stamp
 
 # The linear layers of a transformer block: attention (wq wk wv wo) and MLP (w1 w2 w3).
 BLOCK_LINEARS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]

@@ -17,13 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from mft.compose import CONFIG_PATH, to_dataclass
 from mft.config import TrainConfig, register_configs
 from mft.train.loop import RunResult, train
-from mft.utils.distributed import (
-    init_distributed,
-    quiet_overrides,
-    shutdown,
-    world_from_env,
-)
+from mft.utils.distributed import init_distributed, shutdown
 from mft.utils.errors import MftError
+from mft.utils.world import quiet_overrides, world_from_env
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
