@@ -3,7 +3,8 @@
 `TrainConfig` is registered in Hydra's ConfigStore as `train_schema` and sits first in
 conf/train.yaml's defaults, so every YAML file and command-line override is merged into
 these dataclasses: a misspelt key, a value of the wrong type or a choice that is not one of
-its Enum's fails at compose time with Hydra's one-line message. The defaults here suit a real
+its Enum's fails at compose time with Hydra's one-line message, and a key added with `+` that the
+schema does not have fails when the config is converted (mft.compose.to_dataclass). The defaults here suit a real
 7B fine-tuning run; YAML files only override them (the tiny CPU run's settings live in
 conf/per_model/tiny.yaml, applied whenever model=tiny). mft-train converts the composed config
 into these dataclasses once (mft.compose.to_dataclass) and passes them down.
@@ -20,7 +21,7 @@ from mft.data.bundled import bundled_path
 from mft.data.config import DataConfig
 from mft.model.args import ModelArgs
 from mft.utils.choice import Choice, Precision
-from mft.utils.distributed import run_stamp
+from mft.utils.world import run_stamp
 
 # The linear layers of a transformer block: attention (wq wk wv wo) and MLP (w1 w2 w3).
 BLOCK_LINEARS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
@@ -69,10 +70,10 @@ class OptimConfig:
     # Decoupled weight decay, never on norms or biases.
     weight_decay: float = 0.0
     schedule: Schedule = Schedule.cosine
-    # Linear warmup from 0 over this many steps ...
-    warmup_steps: int = 0
-    # ... or over this share of all steps (set one of the two).
-    warmup_ratio: float = 0.0
+    # Linear warmup from 0 over this many optimizer steps; null: no warmup, or warmup_ratio's (set at most one).
+    warmup_steps: Optional[int] = None
+    # ... or over this share of all steps, in [0, 1); a per-model file's warmup_steps default gives way to it.
+    warmup_ratio: Optional[float] = None
     # The cosine or linear decay ends at lr * min_lr_ratio.
     min_lr_ratio: float = 0.0
 
@@ -192,8 +193,16 @@ def plain(cfg: Any) -> Dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
 
 
+def unless_set(key: str, value: Any, _parent_: Any) -> Any:
+    """The `mft_unless_set` resolver: `value`, or null when the sibling `key` is set. A file's default
+    for one of two exclusive keys (optim.warmup_steps in conf/per_model/tiny.yaml) then gives way
+    to the other (optim.warmup_ratio) set later, on the command line or by an experiment."""
+    return value if _parent_[key] is None else None
+
+
 def register_configs() -> None:
-    """Register the schema and the `mft_stamp` / `mft_data` / `mft_percent_of` resolvers (idempotent)."""
+    """Register the schema and the `mft_stamp` / `mft_data` / `mft_percent_of` / `mft_unless_set`
+    resolvers (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     register_torchrun_launcher()
     if not OmegaConf.has_resolver("mft_stamp"):
@@ -203,3 +212,6 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("mft_percent_of"):
         # ${mft_percent_of:${max_steps},10}: every 10% of the steps (at least 1), e.g. for eval_every.
         OmegaConf.register_new_resolver("mft_percent_of", lambda total, percent: max(1, int(total) * int(percent) // 100))
+    if not OmegaConf.has_resolver("mft_unless_set"):
+        # ${mft_unless_set:warmup_ratio,20}: 20, unless the sibling warmup_ratio is set (then null).
+        OmegaConf.register_new_resolver("mft_unless_set", unless_set)

@@ -2,8 +2,13 @@
 
 Thin on purpose: join the process group when launched by torchrun (before Hydra, so that all
 ranks agree on one run dir), compose the config (conf/train.yaml, typed by mft.config), convert
-it once into the TrainConfig dataclass and hand that to mft.train.loop.train, and turn user errors
-(MftError) into one paragraph and exit 1.
+it once into the TrainConfig dataclass, check it (mft.train.checks) and hand it to
+mft.train.loop.train, and turn user errors (MftError) into one paragraph and exit 1, removing the
+run dir Hydra made for this job when nothing was written into it (mft.train.run_dir).
+
+Composing and checking need neither torch nor mistral-common: the training loop, and with it
+both, is imported only once the config is good, and torch.distributed only under several
+processes, so `--help` and a config error answer in about a second.
 """
 
 import logging
@@ -11,7 +16,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import List
+from typing import TYPE_CHECKING, List
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,27 +24,48 @@ from omegaconf import DictConfig, OmegaConf
 
 from mft.compose import CONFIG_PATH, to_dataclass
 from mft.config import TrainConfig, register_configs
-from mft.train.loop import RunResult, train
-from mft.utils.distributed import (
-    init_distributed,
-    quiet_overrides,
-    shutdown,
-    world_from_env,
-)
+from mft.train.checks import check_config
+from mft.train.run_dir import is_new_run_dir, remove_unused_run_dir
 from mft.utils.errors import MftError
+from mft.utils.world import World, quiet_overrides, world_from_env
+
+if TYPE_CHECKING:
+    from mft.train.loop import RunResult
+
+
+def _join(world: World) -> None:
+    """Join the process group; one process has none (and does not import torch.distributed here)."""
+    if world.distributed:
+        from mft.utils.distributed import init_distributed
+
+        init_distributed(world)
+
+
+def _leave(world: World) -> None:
+    if world.distributed:
+        from mft.utils.distributed import shutdown
+
+        shutdown()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _run(composed: DictConfig) -> None:
     world = world_from_env()
-    init_distributed(world)  # a no-op unless several processes (SLURM tasks under submitit, say)
+    _join(world)  # joined already in main(), except for SLURM tasks started by submitit, say
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    new_run_dir = world.is_main and is_new_run_dir(run_dir)
     try:
         cfg: TrainConfig = to_dataclass(composed)
+        check_config(cfg)
         if world.is_main:
             (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        # torch, mistral-common and the model, now that the config is good
+        from mft.train.loop import train
+
         result = train(cfg, run_dir, world)
     except MftError as e:
+        if new_run_dir:
+            remove_unused_run_dir(run_dir)
         _fail(str(e))
     except OSError as e:  # a full disk, a read-only run dir: the file and the reason, not a traceback
         _fail(f"{(e.strerror or str(e)).lower()} ({e.filename or f'writing in the run dir {run_dir}'})")
@@ -83,7 +109,7 @@ def resume_command(run_dir: Path) -> str:
     return shlex.join([*launch_command(), *overrides, f"hydra.run.dir={run_dir}", "resume=auto"])
 
 
-def _report(result: RunResult) -> None:
+def _report(result: "RunResult") -> None:
     run_dir = result.run_dir
     print(f"\nRun dir: {run_dir}")
     print(f"Metrics: {run_dir / 'metrics.jsonl'}")
@@ -118,7 +144,7 @@ def check_output_dir(argv: List[str]) -> None:
 
 def main() -> None:
     world = world_from_env()
-    init_distributed(world)
+    _join(world)
     check_output_dir(sys.argv[1:])
     logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
     sys.argv += quiet_overrides(world)
@@ -126,4 +152,4 @@ def main() -> None:
     try:
         _run()
     finally:
-        shutdown()
+        _leave(world)

@@ -30,6 +30,7 @@ from mft.data.batch import Batch
 from mft.data.dataset import build_datasets
 from mft.data.tokenizer import check_vocab, load_tokenizer
 from mft.peft.lora import lora_state_dict
+from mft.train.checks import check_config
 from mft.train.evaluate import evaluate
 from mft.train.loss import supervised_loss
 from mft.train.metrics import MetricsLogger
@@ -74,13 +75,9 @@ def accumulate_gradients(model, group: list[Batch], device: torch.device, world:
 
 
 def total_steps(cfg, num_sequences: int) -> int:
-    """max_steps, or epochs over `num_sequences` (one rank's share under torchrun)."""
+    """max_steps, or epochs over `num_sequences` (one rank's share under torchrun; both checked by check_config)."""
     if cfg.max_steps is not None:
-        if cfg.max_steps <= 0:
-            raise MftError(f"max_steps must be positive, got {cfg.max_steps}.")
         return cfg.max_steps
-    if cfg.epochs is None or cfg.epochs <= 0:
-        raise MftError("Set max_steps or a positive epochs (both are null or non-positive).")
     per_epoch = math.ceil(num_sequences / (cfg.batch_size * cfg.grad_accum))
     return max(1, math.ceil(cfg.epochs * per_epoch))
 
@@ -197,15 +194,10 @@ def nonfinite_stop(step: int, count: int, loss: float, grad_norm: float, cfg: Tr
 
 def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     run_dir = Path(run_dir)
-    if cfg.batch_size <= 0 or cfg.grad_accum <= 0:
-        raise MftError(f"batch_size and grad_accum must be positive, got {cfg.batch_size} and {cfg.grad_accum}.")
-    if cfg.loss_chunk_tokens < 0:
-        raise MftError(f"loss_chunk_tokens must be >= 0 (0 = the whole head at once), got {cfg.loss_chunk_tokens}.")
-    if cfg.max_nonfinite_steps < 1:
-        raise MftError(f"max_nonfinite_steps must be at least 1, got {cfg.max_nonfinite_steps}.")
+    check_config(cfg)  # mft-train has run it already; here for callers that skip the CLI
     device = resolve_device(cfg.device, world.local_rank)
     dtype = resolve_dtype(cfg.precision, device)
-    spec = model_spec(cfg)  # checks the config against the checkpoint before any data is read
+    spec = model_spec(cfg)
     resume_from = resolve_resume(cfg.resume, run_dir)
     check_run_dir(run_dir, resuming=bool(cfg.resume))
     if resume_from is not None:

@@ -18,21 +18,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     decay = [p for _, p in trainable if p.ndim >= 2]
     no_decay = [p for _, p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if len(cfg.betas) != 2:
-        raise MftError(f"optim.betas must hold two numbers, got {list(cfg.betas)}.")
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True
     )
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
-    if cfg.warmup_steps and cfg.warmup_ratio:
-        raise MftError(
-            f"optim.warmup_steps={cfg.warmup_steps} and optim.warmup_ratio={cfg.warmup_ratio} are both set; set one."
-        )
-    if not 0.0 <= cfg.warmup_ratio < 1.0:
-        raise MftError(f"optim.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}.")
-    return cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+    """optim.warmup_steps, else warmup_ratio of the run's steps, else none (mft.train.checks
+    admits at most one of the two)."""
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return int(round((cfg.warmup_ratio or 0.0) * total_steps))
 
 
 def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:

@@ -1,6 +1,6 @@
-"""From a composed training config to what the build pipeline and the loop take."""
+"""From a checked training config (mft/train/checks.py) to what the build pipeline and the loop take."""
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -9,30 +9,13 @@ from torch import nn
 
 from mft.build import ModelSpec, Runtime
 from mft.checkpoint.consolidated import consolidated_state, write_consolidated
-from mft.checkpoint.load import read_model_args
 from mft.checkpoint.quantized import quantized_state, write_quantized
 from mft.model.args import ModelArgs
 from mft.peft.lora import LoRASettings
 from mft.quant.formats import QuantSpec
 from mft.quant.linear import quantized_layers
+from mft.train.checks import model_args, resolve_quant
 from mft.utils.distributed import World, barrier
-from mft.utils.errors import MftError
-
-
-def model_args(mcfg) -> ModelArgs:
-    """The preset's args; with a checkpoint, its own args, which must agree with the preset."""
-    preset = ModelArgs(**{f.name: getattr(mcfg, f.name) for f in fields(ModelArgs)})
-    if not mcfg.checkpoint:
-        return preset
-    found = read_model_args(mcfg.checkpoint)
-    diff = [f"{f.name}: config {getattr(preset, f.name)!r} vs checkpoint {getattr(found, f.name)!r}"
-            for f in fields(ModelArgs) if getattr(preset, f.name) != getattr(found, f.name)]
-    if diff:
-        raise MftError(
-            f"model={mcfg.name} does not match the checkpoint {mcfg.checkpoint} ({'; '.join(diff)}). "
-            "Pick the matching preset or override these model.* keys."
-        )
-    return found
 
 
 def lora_settings(pcfg) -> Optional[LoRASettings]:
@@ -40,17 +23,6 @@ def lora_settings(pcfg) -> Optional[LoRASettings]:
     if pcfg.method == "none":
         return None
     return LoRASettings(r=pcfg.r, alpha=pcfg.alpha, dropout=pcfg.dropout, target_modules=list(pcfg.target_modules))
-
-
-def resolve_quant(qcfg, pcfg) -> Optional[QuantSpec]:
-    """The base's QuantSpec (None for quant=none), refusing set-ups that cannot train."""
-    if qcfg.format == "none":
-        return None
-    spec = QuantSpec(format=str(qcfg.format), block_size=qcfg.block_size, double_quant=bool(qcfg.double_quant),
-                     dq_block_size=qcfg.double_quant_block_size)
-    if pcfg.method != "lora":
-        raise MftError(f"quant={spec.format} freezes the base: it needs peft=lora (got peft.method={pcfg.method!r}).")
-    return spec
 
 
 def model_spec(cfg) -> ModelSpec:

@@ -3,45 +3,19 @@
 Under `torchrun` every rank runs the same Hydra app. Before Hydra composes, the ranks join
 one process group and rank 0's start time is broadcast, so `${mft_stamp:...}` in the run dir
 resolves to the same folder on every rank. Ranks other than 0 compose the same config but
-write nothing: no .hydra/, no log file, no metrics, no W&B.
+write nothing: no .hydra/, no log file, no metrics, no W&B. Which rank this is (World) and the
+start stamp's resolver live in mft/utils/world.py, which does not need torch.
 """
 
 import os
 import subprocess
 import time
-from dataclasses import dataclass
 from typing import Any, List
 
 import torch
 import torch.distributed as dist
 
-STAMP_ENV = "MFT_RUN_STAMP"
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    local_rank: int = 0
-    size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
-
-def world_from_env() -> World:
-    """torchrun's variables, else SLURM's (one task per GPU), else a single process."""
-    env = os.environ
-    if "WORLD_SIZE" in env:
-        return World(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
-    # Only inside an srun step (one task per GPU): a batch script itself also sees SLURM_PROCID.
-    if "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
-        return World(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_STEP_NUM_TASKS"]))
-    return World()
+from mft.utils.world import STAMP_ENV, World
 
 
 def _slurm_rendezvous() -> None:
@@ -69,20 +43,6 @@ def init_distributed(world: World) -> None:
     stamp = [os.environ.get(STAMP_ENV) or repr(time.time())]
     dist.broadcast_object_list(stamp, src=0)
     os.environ[STAMP_ENV] = stamp[0]
-
-
-def quiet_overrides(world: World) -> List[str]:
-    """Hydra overrides for ranks > 0: compose the same config, write nothing to the run dir."""
-    if world.is_main:
-        return []
-    return ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
-
-
-def run_stamp(fmt: str) -> str:
-    """The `mft_stamp` resolver: this run's start time (rank 0's under torchrun), formatted."""
-    if STAMP_ENV not in os.environ:
-        os.environ[STAMP_ENV] = repr(time.time())
-    return time.strftime(fmt, time.localtime(float(os.environ[STAMP_ENV])))
 
 
 def barrier() -> None:
