@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -40,6 +39,7 @@ from mft.checkpoint.merge import merged_tensors
 from mft.model.args import ModelArgs
 from mft.utils.atomic import atomic_dir
 from mft.utils.errors import MftError
+from mft.utils.tensorfile import open_safetensors, read_header
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MISTRAL_LORA = "lora.safetensors"
@@ -66,21 +66,18 @@ def parse_size(size: str | int) -> int:
     return int(float(match.group(1)) * unit)
 
 
-def stored_dtype(folder: str | Path) -> torch.dtype:
+def stored_dtype(folder: str | Path) -> Optional[torch.dtype]:
     """The dtype a checkpoint folder stores its weights in: the floating dtype holding the most
-    elements over its safetensors files (a 4-bit checkpoint: that of its dense tensors)."""
+    elements over its safetensors files (a 4-bit checkpoint: that of its dense tensors); None when
+    it has none (loading it will say what is missing)."""
     folder = Path(folder)
     counts: dict[torch.dtype, int] = {}
     for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                tensor = f.get_slice(key)
-                dtype = _STORED_DTYPES.get(tensor.get_dtype())
-                if dtype is not None:
-                    counts[dtype] = counts.get(dtype, 0) + int(torch.Size(tensor.get_shape()).numel())
-    if not counts:
-        raise MftError(f"{folder}: no floating-point tensors in its safetensors files; pass --dtype.")
-    return max(counts, key=counts.get)
+        for info in read_header(path).values():
+            dtype = _STORED_DTYPES.get(info.dtype)
+            if dtype is not None:
+                counts[dtype] = counts.get(dtype, 0) + int(torch.Size(info.shape).numel())
+    return max(counts, key=counts.get) if counts else None
 
 
 def has_hf_tokenizer(folder: str | Path) -> bool:
@@ -98,7 +95,7 @@ def _adapter(folder: str | Path) -> tuple[dict, ModelArgs, dict[str, torch.Tenso
         raise MftError(f"{folder}: adapter_config.json has no base_model.args; cannot name its tensors for export.")
     args = ModelArgs(**saved_args)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt", device="cpu") as f:
+    with open_safetensors(folder / ADAPTER_WEIGHTS, "adapter weights") as f:
         for key in f.keys():
             match = _LORA_KEY.match(key)
             if not match:

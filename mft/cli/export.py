@@ -115,7 +115,7 @@ def tokenizer_of(opts: argparse.Namespace, source: ModelSource, vocab_size: int)
 
 def export_dtype(opts: argparse.Namespace, source: ModelSource) -> tuple[torch.dtype, str]:
     """(dtype, its --dtype name): --dtype, else the dtype the base stores its weights in."""
-    dtype = DTYPES[opts.dtype] if opts.dtype else stored_dtype(source.base)
+    dtype = DTYPES[opts.dtype] if opts.dtype else stored_dtype(source.base) or torch.float32
     return dtype, next(name for name, d in DTYPES.items() if d == dtype)
 
 
