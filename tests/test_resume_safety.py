@@ -205,3 +205,20 @@ def test_wandb_gets_the_summary_as_its_run_summary_not_as_charts(tmp_path, monke
     assert fake.summary["step"] == 2 and "train_data" in fake.summary
     assert all("summary" not in values and "train_data" not in values for _, values in fake.logged)
     assert any("train_loss" in values for _, values in fake.logged)
+
+
+def test_a_second_ctrl_c_aborts_and_sigterm_never_does():
+    import signal
+
+    from mft.train.loop import StopSignals
+
+    signals = StopSignals()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == "SIGTERM"
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C after a SIGTERM only asks to stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signals.restore()

@@ -89,12 +89,15 @@ class StopSignals:
     """
 
     def __init__(self) -> None:
-        self.received: Optional[str] = None
+        self.received: Optional[str] = None  # the first signal's name
+        self._interrupts = 0
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.received == "SIGINT":
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:  # torchrun's own SIGTERM after a Ctrl-C does not count
+                raise KeyboardInterrupt
         self.received = self.received or signal.Signals(signum).name
 
     def agreed(self, device: torch.device) -> bool:
