@@ -17,7 +17,6 @@ from mft.build import build_model
 from mft.checkpoint.adapter import write_adapter
 from mft.checkpoint.consolidated import consolidated_state, write_consolidated
 from mft.checkpoint.train_state import (
-    TrainerState,
     latest_checkpoint,
     load_checkpoint,
     read_trainer_state,
@@ -35,6 +34,7 @@ from mft.train.evaluate import evaluate
 from mft.train.loss import supervised_loss
 from mft.train.metrics import MetricsLogger
 from mft.train.optim import build_optimizer, build_scheduler, trainable_parameters
+from mft.train.resume import base_weights, check_resume_fits, check_run_dir
 from mft.train.setup import describe_base, model_spec, save_base_model, train_runtime
 from mft.utils.device import resolve_device, resolve_dtype
 from mft.utils.distributed import World, all_reduce_sum, gather_objects
@@ -136,44 +136,6 @@ class StepWindow:
         if self.skipped:
             record["skipped_steps"] = self.skipped
         return record
-
-
-def check_run_dir(run_dir: Path, resuming: bool) -> None:
-    """A fresh run must not mix its files into another run's (or replace its base_model/)."""
-    existing = [name for name in ("checkpoints", "base_model") if (run_dir / name).exists()]
-    if existing and not resuming:
-        raise MftError(
-            f"the run dir {run_dir} already holds a run ({', '.join(n + '/' for n in existing)}). Continue it with "
-            "resume=auto, or start this run in a new folder (leave hydra.run.dir at its default)."
-        )
-
-
-def base_weights(cfg: TrainConfig, run_dir: Path, resume_from: Optional[Path]) -> Optional[Path]:
-    """The random base an earlier start of this run drew and saved, which a resume must train on again."""
-    if cfg.model.checkpoint is not None or not cfg.resume:
-        return None
-    source = resume_from.parents[1] if resume_from is not None else run_dir
-    folder = source / "base_model"
-    if resume_from is not None and not folder.is_dir():
-        raise MftError(f"resume from {resume_from}: its run trained on a random base, but {folder} is missing; "
-                       "without it the adapters cannot be continued.")
-    return folder if folder.is_dir() else None
-
-
-def check_resume_fits(trainer: TrainerState, cfg: TrainConfig, folder: Path) -> None:
-    """The resumed run must train on the base the checkpoint trained on; a new seed changes nothing."""
-    base = cfg.model.checkpoint
-    if trainer.seed is None:
-        return  # written before mft recorded seed and base
-    if (trainer.base is None) != (base is None):
-        raise MftError(f"resume from {folder}: it was trained on {trainer.base or 'a random base (model.checkpoint=null)'}"
-                       f", this run sets model.checkpoint={base}. Resume with the base it was trained on.")
-    if base is not None and Path(base).resolve() != Path(trainer.base).resolve():
-        log.warning("resume from %s: it was trained on the base %s, this run loads %s; continuing on the "
-                    "assumption that they hold the same weights.", folder, trainer.base, base)
-    if trainer.seed != cfg.seed:
-        log.warning("resume from %s: seed=%d is ignored; the run continues with the checkpoint's random state "
-                    "(seed=%d) and base.", folder, cfg.seed, trainer.seed)
 
 
 def check_finite_weights(model, device: torch.device, step: int) -> None:
