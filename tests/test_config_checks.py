@@ -102,6 +102,14 @@ def test_a_config_error_never_removes_an_existing_run_dir(tmp_path):
     assert (run / "train.log").read_text().startswith("an earlier run\n")
 
 
+@pytest.mark.parametrize("run_dir", ["mine/sub", "."])
+def test_a_config_error_never_removes_a_folder_the_user_made(tmp_path, run_dir):
+    (tmp_path / "mine" / "sub").mkdir(parents=True)
+    result = mft_train(*SHORT, "batch_size=0", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (tmp_path / run_dir).is_dir() and (tmp_path / "mine" / "sub").is_dir()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -16,7 +16,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, List
+from typing import TYPE_CHECKING, List, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -31,6 +31,10 @@ from mft.utils.world import World, quiet_overrides, world_from_env
 
 if TYPE_CHECKING:
     from mft.train.loop import RunResult
+
+# The deepest folder of the run dir's path that existed before Hydra ran (set by main()); a config
+# error removes only what Hydra made below it. None (the app run some other way): remove nothing.
+_EXISTED: Optional[Path] = None
 
 
 def _join(world: World) -> None:
@@ -53,7 +57,7 @@ def _run(composed: DictConfig) -> None:
     world = world_from_env()
     _join(world)  # joined already in main(), except for SLURM tasks started by submitit, say
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    new_run_dir = world.is_main and is_new_run_dir(run_dir)
+    new_run_dir = world.is_main and _EXISTED is not None and is_new_run_dir(run_dir)
     try:
         cfg: TrainConfig = to_dataclass(composed)
         check_config(cfg)
@@ -65,7 +69,7 @@ def _run(composed: DictConfig) -> None:
         result = train(cfg, run_dir, world)
     except MftError as e:
         if new_run_dir:
-            remove_unused_run_dir(run_dir)
+            remove_unused_run_dir(run_dir, _EXISTED)
         _fail(str(e))
     except OSError as e:  # a full disk, a read-only run dir: the file and the reason, not a traceback
         _fail(f"{(e.strerror or str(e)).lower()} ({e.filename or f'writing in the run dir {run_dir}'})")
@@ -126,10 +130,10 @@ def _report(result: "RunResult") -> None:
     print(f"Chat with it: mft-generate run_dir={shlex.quote(str(run_dir))}")
 
 
-def check_output_dir(argv: List[str]) -> None:
+def check_output_dir(argv: List[str]) -> Path:
     """Fail in one line where Hydra would fail with a traceback: its run (or sweep) dir cannot be
     created or written. The folder is hydra.run.dir / hydra.sweep.dir when given, else under the
-    working directory."""
+    working directory. Returns the deepest of its folders that exists now (before Hydra runs)."""
     sweep = "-m" in argv or "--multirun" in argv
     key = "hydra.sweep.dir=" if sweep else "hydra.run.dir="
     given = [arg.split("=", 1)[1] for arg in argv if arg.startswith(key)]
@@ -140,12 +144,14 @@ def check_output_dir(argv: List[str]) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         _fail(f"cannot write the run dir {folder}: {existing} is not writable (permissions or a read-only file "
               "system). Choose another folder with hydra.run.dir=...")
+    return existing
 
 
 def main() -> None:
     world = world_from_env()
     _join(world)
-    check_output_dir(sys.argv[1:])
+    global _EXISTED
+    _EXISTED = check_output_dir(sys.argv[1:])
     logging.raiseExceptions = False  # a full disk must not turn every log line into a traceback
     sys.argv += quiet_overrides(world)
     register_configs()

@@ -5,7 +5,8 @@ mft-train's task function runs. When the config turns out to be wrong, that fold
 of use; left there, every typo adds one. So the task function notes at its start whether the run
 dir is one this job has just made (nothing but Hydra's files and an empty log), and on an error
 before the run has written anything else it removes that folder. A run dir that held anything
-before, such as an earlier run being resumed, is never touched.
+before, such as an earlier run being resumed, is never touched, nor is any folder that existed
+before Hydra ran (mft-train notes the deepest one before it starts Hydra).
 """
 
 from pathlib import Path
@@ -29,9 +30,13 @@ def is_new_run_dir(folder: Path) -> bool:
     return folder.is_dir() and _holds_only(folder, _HYDRA_FILES) and (not log.exists() or log.stat().st_size == 0)
 
 
-def remove_unused_run_dir(folder: Path) -> None:
+def remove_unused_run_dir(folder: Path, existed: Path) -> None:
     """Remove a run dir that was new at the start (is_new_run_dir) and still holds nothing a run
-    produced, then its parents that this leaves empty, up to the working directory."""
+    produced, then its parents that this leaves empty, up to `existed`: the deepest of the run
+    dir's folders that existed before Hydra made any (a folder the user made is never removed)."""
+    folder, existed = folder.resolve(), existed.resolve()
+    if folder == existed or existed not in folder.parents:
+        return
     if not folder.is_dir() or not _holds_only(folder, _BEFORE_TRAINING):
         return
     for name in _BEFORE_TRAINING:
@@ -43,8 +48,7 @@ def remove_unused_run_dir(folder: Path) -> None:
         elif path.exists():
             path.unlink()
     folder.rmdir()
-    cwd = Path.cwd().resolve()
-    for parent in folder.resolve().parents:
-        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+    for parent in folder.parents:
+        if parent == existed or any(parent.iterdir()):
             break
         parent.rmdir()
