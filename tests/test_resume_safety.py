@@ -77,6 +77,19 @@ def test_a_crafted_index_is_refused_without_running_it(trained, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("target", [b"cpathlib\nPosixPath\n", b"ctorch.distributed.checkpoint.metadata\nMetadata\n"])
+def test_an_index_that_rewires_an_allowed_class_is_refused(trained, tmp_path, target):
+    """pickle's BUILD on an allowed class would change it for the whole process (every Path, say)."""
+    run_dir = copy_run(trained, tmp_path)
+    index = step_folder(run_dir, 4) / "train_state" / ".metadata"
+    real = index.read_bytes()
+    attribute = b"X\x04\x00\x00\x00_str" if b"pathlib" in target else b"X\x07\x00\x00\x00__doc__"
+    index.write_bytes(b"\x80\x04" + target + b"N}" + attribute + b"X\x01\x00\x00\x00xs\x86b0" + real[2:])
+    with pytest.raises(MftError, match=r"\.metadata is not a checkpoint index .*sets attributes"):
+        run(run_dir, "max_steps=6", "resume=auto")
+    assert str(Path("/a") / "b") == "/a/b"
+
+
 def test_a_pickled_entry_in_the_shards_is_refused_without_running_it(trained, tmp_path):
     run_dir = copy_run(trained, tmp_path)
     marker = tmp_path / "pwned"

@@ -238,19 +238,40 @@ def read_trainer_state(path: Path) -> TrainerState:
     return state
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds DCP's own metadata classes, torch sizes, dtypes and paths; anything else is refused."""
+def _metadata_classes() -> frozenset:
+    """The only types whose instances a checkpoint index may fill in: DCP's metadata dataclasses."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    found = {obj for obj in vars(dcp_metadata).values()
+             if isinstance(obj, type) and obj.__module__ == dcp_metadata.__name__ and dataclasses.is_dataclass(obj)}
+    return frozenset(found | {_StorageInfo})
+
+
+def _path_string(*parts: str) -> str:
+    """A pickled pathlib path (rebuilt from its parts), as a plain string."""
+    if not all(isinstance(part, str) for part in parts):
+        raise pickle.UnpicklingError("a path in the index is not made of strings")
+    return os.path.join(*parts) if parts else ""
+
+
+class _MetadataUnpickler(pickle._Unpickler):
+    """Builds DCP's own metadata classes, torch sizes, dtypes and layouts; anything else is refused.
+
+    Naming only allowed globals is not enough: pickle's BUILD sets attributes on whatever object
+    it is given, and an allowed class or a shared object (an Enum member, a dtype) would be changed
+    for the whole process. So BUILD fills in only new instances of DCP's metadata dataclasses,
+    with no dunder names. The pure-Python unpickler is used because its opcodes can be replaced;
+    an index is small. Paths are read as plain strings.
+    """
 
     _ALLOWED = {
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
         ("torch", "Size"),
         ("torch.serialization", "_get_layout"),
-        ("pathlib", "PosixPath"),
-        ("pathlib", "PurePosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("pathlib", "PureWindowsPath"),
         ("collections", "OrderedDict"),
     }
+    _PATHS = {("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+              ("pathlib", "PureWindowsPath")}
 
     def find_class(self, module: str, name: str) -> Any:
         found = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
@@ -258,9 +279,24 @@ class _MetadataUnpickler(pickle.Unpickler):
             return found
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if (module, name) in self._PATHS:
+            return _path_string
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not part of a checkpoint index")
+
+    def _load_build(self) -> None:
+        state, target = self.stack[-1], self.stack[-2]
+        slots = state[1] if isinstance(state, tuple) and len(state) == 2 else None
+        attributes = state[0] if slots is not None else state
+        names = [k for d in (attributes, slots) if isinstance(d, dict) for k in d]
+        if type(target) not in _metadata_classes() or any(not isinstance(k, str) or k.startswith("__") for k in names):
+            raise pickle.UnpicklingError(f"it sets attributes on a {type(target).__name__}, which a checkpoint "
+                                         "index never does")
+        pickle._Unpickler.load_build(self)
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = _load_build
 
 
 class _SafeReader(FileSystemReader):
