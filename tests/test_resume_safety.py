@@ -136,10 +136,22 @@ def test_resume_refuses_a_missing_random_state(trained, tmp_path):
         run(run_dir, "max_steps=6", "resume=auto")
 
 
+def trainer_of(state_dir: Path) -> dict:
+    return json.loads((state_dir / "trainer.json").read_text())
+
+
+def edit_trainer(state_dir: Path, **changes) -> None:
+    (state_dir / "trainer.json").write_text(json.dumps({**trainer_of(state_dir), **changes}))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "rng_0.safetensors").write_bytes(b"garbage" * 10), r"rng_0.safetensors is not a random state"),
     (lambda d: (d / "trainer.json").write_text('{"step": "four"}'), r"trainer.json: 'step' should be int"),
     (lambda d: (d / "trainer.json").write_text("[1, 2"), r"trainer.json"),
+    (lambda d: edit_trainer(d, scheduler={"last_epoch": "x"}), r"trainer.json holds a schedule or data position"),
+    (lambda d: edit_trainer(d, data=[]), r"data a non-empty list"),
+    (lambda d: edit_trainer(d, data=[{**trainer_of(d)["data"][0], "position": -5}]), r"not a valid one"),
+    (lambda d: edit_trainer(d, data=[{**trainer_of(d)["data"][0], "position": 10**9}]), r"lies past the epoch"),
     (lambda d: (d / "__0_0.distcp").write_bytes((d / "__0_0.distcp").read_bytes()[:1000]), r"are damaged"),
     (lambda d: (d / ".metadata").write_bytes(b"\x80\x04garbage"), r"\.metadata is not a checkpoint index"),
 ])
@@ -166,6 +178,22 @@ def test_resume_with_another_seed_keeps_the_base_and_continues_the_run_exactly(t
     uninterrupted = {r["step"]: r["train_loss"] for r in train_records(trained)}
     assert resumed.keys() == uninterrupted.keys() == {2, 4}  # each step once, though 3 and 4 ran twice
     assert resumed[4] == pytest.approx(uninterrupted[4], rel=1e-6)
+
+
+def test_another_runs_checkpoint_is_not_resumed_into_a_run_dir_holding_a_run(trained, tmp_path):
+    own = tmp_path / "own"
+    run(own, "max_steps=2", "seed=1")
+    with pytest.raises(MftError, match=r"another run's checkpoint, and the run dir .* already holds a run"):
+        run(own, "max_steps=6", f"resume={step_folder(trained, 2)}")
+
+
+def test_a_run_continued_from_another_runs_checkpoint_keeps_that_runs_base(trained, tmp_path):
+    continued = tmp_path / "continued"
+    run(continued, "max_steps=6", "save_every=5", f"resume={step_folder(trained, 4)}")
+    assert not (continued / "base_model").exists()
+    run(continued, "max_steps=8", "resume=auto")  # and again, from its own checkpoint
+    adapter = json.loads((step_folder(continued, 8) / "adapter_config.json").read_text())
+    assert Path(adapter["base_model"]["checkpoint"]).resolve() == (trained / "base_model").resolve()
 
 
 def test_a_fresh_run_will_not_overwrite_another_run(trained, tmp_path):

@@ -4,7 +4,7 @@ step, schedule, data position and RNG, in one folder that appears atomically.
     checkpoints/step_000100/
         adapter.safetensors, adapter_config.json   (or consolidated.safetensors + params.json)
         train_state/            DCP shards of the trainable parameters and their AdamW states
-        train_state/trainer.json   step, world size, seed, base, scheduler, data iterator state
+        train_state/trainer.json   step, world size, seed, base folder, scheduler, data iterator state
         train_state/rng_<rank>.safetensors
 
 Only trainable parameters are saved (a LoRA run does not copy its frozen 7B base every time).
@@ -63,7 +63,8 @@ class TrainerState:
     scheduler: Dict[str, Any]  # the LR scheduler's state_dict
     data: List[Dict[str, Any]]  # one data-iterator state per rank
     seed: Optional[int] = None  # the run's seed (absent in checkpoints from before it was recorded)
-    base: Optional[str] = None  # the base weights it trained on: a folder, or null for a random init
+    base: Optional[str] = None  # the folder of the base weights it trained on (absolute path)
+    random_base: bool = False  # that base was drawn at random by the run (saved in its base_model/)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -221,19 +222,21 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
 def read_trainer_state(path: Path) -> TrainerState:
     """trainer.json, every field checked for its type."""
     raw = read_json_object(path, "trainer state")
+    optional = (str, type(None))
     kinds = {"step": int, "world_size": int, "scheduler": dict, "data": list, "seed": (int, type(None)),
-             "base": (str, type(None))}
+             "base": optional, "random_base": bool}
     for key, kind in kinds.items():
-        required = key not in ("seed", "base")
-        if key not in raw and required:
-            raise MftError(f"{path}: the key {key!r} is missing; the checkpoint is damaged.")
-        value = raw.get(key)
-        if key in raw and (not isinstance(value, kind) or isinstance(value, bool)):
+        if key not in raw:
+            if key in ("step", "world_size", "scheduler", "data"):
+                raise MftError(f"{path}: the key {key!r} is missing; the checkpoint is damaged.")
+            continue
+        value = raw[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
             raise MftError(f"{path}: {key!r} should be {expected}, got {value!r}; the checkpoint is damaged.")
     state = TrainerState(**{key: raw[key] for key in kinds if key in raw})
-    if state.step < 1 or state.world_size < 1 or not all(isinstance(d, dict) for d in state.data):
-        raise MftError(f"{path}: step and world_size must be positive and data a list of objects; "
+    if state.step < 1 or state.world_size < 1 or not state.data or not all(isinstance(d, dict) for d in state.data):
+        raise MftError(f"{path}: step and world_size must be positive and data a non-empty list of objects; "
                        "the checkpoint is damaged.")
     return state
 

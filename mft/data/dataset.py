@@ -245,11 +245,19 @@ class BatchIterator:
                 "the saved data position belongs to other data or settings (files, seq_len, too_long, seed, "
                 "weights or batch_size changed); resume with the same data config"
             )
-        position = int(state["position"])
-        if state.get("world_size", 1) != self.world_size:
+        epoch, position, saved_world = state.get("epoch"), state.get("position"), state.get("world_size", 1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, position, saved_world)) \
+                or epoch < 0 or position < 0 or saved_world < 1:
+            raise MftError(f"the saved data position {dict(state)} is not a valid one (epoch, position and "
+                           "world_size must be whole numbers >= 0)")
+        if saved_world != self.world_size:
             # Ranks move in lockstep: position * world_size batches of the epoch were consumed.
-            position = position * int(state["world_size"]) // self.world_size
-        self.epoch, self.position = int(state["epoch"]), position
+            position = position * saved_world // self.world_size
+        batches = self.dataset.num_batches(self.batch_size, epoch)
+        if position * self.world_size > batches:
+            raise MftError(f"the saved data position (batch {position} of epoch {epoch}) lies past the epoch's "
+                           f"{batches} batches; resume with the same data config")
+        self.epoch, self.position = epoch, position
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -34,7 +34,7 @@ from mft.train.evaluate import evaluate
 from mft.train.loss import supervised_loss
 from mft.train.metrics import MetricsLogger
 from mft.train.optim import build_optimizer, build_scheduler, trainable_parameters
-from mft.train.resume import base_weights, check_resume_fits, check_run_dir
+from mft.train.resume import check_resume_fits, check_run_dir, random_base_to_resume
 from mft.train.setup import describe_base, model_spec, save_base_model, train_runtime
 from mft.utils.device import resolve_device, resolve_dtype
 from mft.utils.distributed import World, all_reduce_sum, gather_objects
@@ -164,10 +164,12 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     dtype = resolve_dtype(cfg.precision, device)
     spec = model_spec(cfg)
     resume_from = resolve_resume(cfg.resume, run_dir)
-    check_run_dir(run_dir, resuming=bool(cfg.resume))
-    if resume_from is not None:
-        check_resume_fits(read_trainer_state(trainer_file(resume_from)), cfg, resume_from)
-    saved_base = base_weights(cfg, run_dir, resume_from)
+    check_run_dir(run_dir, bool(cfg.resume), resume_from)
+    recorded = read_trainer_state(trainer_file(resume_from)) if resume_from is not None else None
+    if recorded is not None:
+        check_resume_fits(recorded, cfg, resume_from)
+    saved_base = random_base_to_resume(cfg, run_dir, resume_from, recorded)
+    run_dir.mkdir(parents=True, exist_ok=True)  # Hydra's app made it already; a caller of train() may not have
     if saved_base is not None:
         spec = dataclasses.replace(spec, weights=str(saved_base))
 
@@ -203,11 +205,20 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     start = 0
     if resume_from is not None:
         trainer = load_checkpoint(resume_from, world, model, optimizer)
-        scheduler.load_state_dict(trainer.scheduler)
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr  # the checkpoint holds tensors only: the rate comes back from the schedule
-        # Same world size: each rank continues exactly where it was; otherwise from rank 0's position.
-        batches.load_state_dict(trainer.data[world.rank] if len(trainer.data) == world.size else trainer.data[0])
+        try:
+            scheduler.load_state_dict(trainer.scheduler)
+            lrs = scheduler.get_last_lr()
+            if len(lrs) != len(optimizer.param_groups) or not all(isinstance(lr, float) and math.isfinite(lr)
+                                                                  for lr in lrs):
+                raise ValueError(f"learning rates {lrs}")
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr  # the checkpoint holds tensors only: the rate comes back from the schedule
+            # Same world size: each rank continues exactly where it was; otherwise from rank 0's position.
+            batches.load_state_dict(trainer.data[world.rank] if len(trainer.data) == world.size else trainer.data[0])
+        except (KeyError, TypeError, ValueError, IndexError, MftError) as e:
+            raise MftError(f"resume: {trainer_file(resume_from)} holds a schedule or data position this run cannot "
+                           f"use ({type(e).__name__}: {e}); the checkpoint is damaged, or the data config "
+                           "changed.") from None
         start = trainer.step
         if start >= steps:
             raise MftError(f"resume: the checkpoint {resume_from} is at step {start}, already at or past the "
@@ -242,7 +253,8 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
         check_finite_weights(model, device, step)
         # Each rank's data position: ranks can be in different epochs when batches do not divide evenly.
         trainer_state = {"scheduler": scheduler.state_dict(), "data": gather_objects(batches.state_dict()),
-                         "seed": cfg.seed, "base": cfg.model.checkpoint}
+                         "seed": cfg.seed, "base": str(Path(base_checkpoint).resolve()),
+                         "random_base": cfg.model.checkpoint is None}
         return save_checkpoint(run_dir, step, world, lambda folder: export(folder, step), model, optimizer,
                                trainer_state)
 

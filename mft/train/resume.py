@@ -13,39 +13,56 @@ from mft.utils.errors import MftError
 log = logging.getLogger(__name__)
 
 
-def check_run_dir(run_dir: Path, resuming: bool) -> None:
-    """A fresh run must not mix its files into another run's (or replace its base_model/)."""
-    existing = [name for name in ("checkpoints", "base_model") if (run_dir / name).exists()]
+def check_run_dir(run_dir: Path, resuming: bool, resume_from: Optional[Path]) -> None:
+    """A run never mixes its files into another run's (or replaces its base_model/)."""
+    existing = [name + "/" for name in ("checkpoints", "base_model") if (run_dir / name).exists()]
     if existing and not resuming:
         raise MftError(
-            f"the run dir {run_dir} already holds a run ({', '.join(n + '/' for n in existing)}). Continue it with "
-            "resume=auto, or start this run in a new folder (leave hydra.run.dir at its default)."
+            f"the run dir {run_dir} already holds a run ({', '.join(existing)}). Continue it with resume=auto, or "
+            "start this run in a new folder (leave hydra.run.dir at its default)."
+        )
+    if existing and resume_from is not None and Path(run_dir).resolve() not in resume_from.resolve().parents:
+        raise MftError(
+            f"resume from {resume_from}: that is another run's checkpoint, and the run dir {run_dir} already holds a "
+            f"run of its own ({', '.join(existing)}). Continue the other run in a new folder (leave hydra.run.dir at "
+            "its default), or this one with resume=auto."
         )
 
 
-def base_weights(cfg: TrainConfig, run_dir: Path, resume_from: Optional[Path]) -> Optional[Path]:
-    """The random base an earlier start of this run drew and saved, which a resume must train on again."""
-    if cfg.model.checkpoint is not None or not cfg.resume:
-        return None
-    source = resume_from.parents[1] if resume_from is not None else run_dir
-    folder = source / "base_model"
-    if resume_from is not None and not folder.is_dir():
-        raise MftError(f"resume from {resume_from}: its run trained on a random base, but {folder} is missing; "
-                       "without it the adapters cannot be continued.")
-    return folder if folder.is_dir() else None
-
-
 def check_resume_fits(trainer: TrainerState, cfg: TrainConfig, folder: Path) -> None:
-    """The resumed run must train on the base the checkpoint trained on; a new seed changes nothing."""
-    base = cfg.model.checkpoint
+    """The resumed run must train on the kind of base the checkpoint trained on; a new seed changes nothing."""
     if trainer.seed is None:
         return  # written before mft recorded seed and base
-    if (trainer.base is None) != (base is None):
-        raise MftError(f"resume from {folder}: it was trained on {trainer.base or 'a random base (model.checkpoint=null)'}"
-                       f", this run sets model.checkpoint={base}. Resume with the base it was trained on.")
-    if base is not None and Path(base).resolve() != Path(trainer.base).resolve():
+    base = cfg.model.checkpoint
+    if trainer.random_base != (base is None):
+        trained_on = "a random base (model.checkpoint=null)" if trainer.random_base else trainer.base
+        raise MftError(f"resume from {folder}: it was trained on {trained_on}, this run sets model.checkpoint={base}. "
+                       "Resume with the base it was trained on.")
+    if base is not None and trainer.base is not None and Path(base).resolve() != Path(trainer.base):
         log.warning("resume from %s: it was trained on the base %s, this run loads %s; continuing on the "
                     "assumption that they hold the same weights.", folder, trainer.base, base)
     if trainer.seed != cfg.seed:
         log.warning("resume from %s: seed=%d is ignored; the run continues with the checkpoint's random state "
                     "(seed=%d) and base.", folder, cfg.seed, trainer.seed)
+
+
+def random_base_to_resume(cfg: TrainConfig, run_dir: Path, resume_from: Optional[Path],
+                          trainer: Optional[TrainerState]) -> Optional[Path]:
+    """The random base a resumed run trains on again: the folder its checkpoint recorded (also when
+    that is another run's), else the checkpoint's own run's base_model/ (a run dir that was moved,
+    or a checkpoint from before the folder was recorded). None: draw one (a fresh start)."""
+    if cfg.model.checkpoint is not None or not cfg.resume:
+        return None
+    if resume_from is None:  # resume=auto before the first checkpoint: the base this run already drew
+        own = run_dir / "base_model"
+        return own if own.is_dir() else None
+    recorded = Path(trainer.base) if trainer is not None and trainer.random_base and trainer.base else None
+    beside = resume_from.parents[1] / "base_model"
+    folder = recorded if recorded is not None and recorded.is_dir() else beside
+    if not folder.is_dir():
+        raise MftError(f"resume from {resume_from}: its run trained on a random base, but {recorded or beside} is "
+                       "missing; without it the adapters cannot be continued.")
+    if recorded is not None and folder != recorded:
+        log.warning("resume from %s: its base %s is gone; using %s beside the checkpoint.", resume_from, recorded,
+                    folder)
+    return folder
