@@ -135,7 +135,7 @@ def save_checkpoint(
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise MftError(f"writing the checkpoint {final} failed: {_os_error_text(e)}. The partial folder was "
-                       f"removed; the latest complete checkpoint is {latest_checkpoint(run_dir)}.") from None
+                       f"removed; the latest complete checkpoint is {latest_checkpoint(run_dir) or 'none yet'}.") from None
     except BaseException:
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)

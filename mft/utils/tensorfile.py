@@ -6,7 +6,9 @@ gives one message naming it instead of a Rust error. safetensors never unpickles
 downloaded file runs no code.
 """
 
+import errno
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -71,6 +73,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
 
     safetensors writes through a private temporary file, so its files are 0600 (owner only).
     """
-    save_file(tensors, str(path), metadata=metadata)
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:  # a full disk arrives as "I/O error: ... (os error 28)": make it the OSError it is
+        code = re.search(r"os error (\d+)", str(e))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number) if code else str(e), str(path)) from None
     os.chmod(path, normal_mode(is_dir=False))
 
