@@ -273,3 +273,12 @@ def test_a_second_ctrl_c_aborts_and_sigterm_never_does():
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         signals.restore()
+
+
+@pytest.mark.parametrize("lr", ["1e30", "1e38"])
+def test_weights_that_diverge_but_stay_finite_are_not_saved(tmp_path, lr):
+    """The update itself is finite, the model it makes is not usable: its validation loss says so."""
+    with pytest.raises(MftError, match=r"step \d: the (validation loss is nan|AdamW update overflowed)"):
+        run(tmp_path / "run", "max_steps=2", f"optim.lr={lr}", "optim.warmup_steps=0", "max_grad_norm=0",
+            "eval_every=2")
+    assert not (tmp_path / "run" / "checkpoints").exists()

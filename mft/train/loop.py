@@ -236,6 +236,10 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
         metrics.log(step, result)
         log.info("step %d: valid_loss %.4f, perplexity %.2f, mean token accuracy %.3f", step,
                  result["valid_loss"], result["valid_perplexity"], result["valid_mean_token_accuracy"])
+        if not math.isfinite(result["valid_loss"]):  # weights that diverged can still be finite
+            raise MftError(f"step {step}: the validation loss is {result['valid_loss']}: the weights have diverged, "
+                           f"so training stopped before saving them. Lower optim.lr (now {cfg.optim.lr:g}) or check "
+                           f"the data and precision; the latest checkpoint is {latest_checkpoint(run_dir) or 'none'}.")
         return result
 
     def export(folder: Path, step: int) -> None:
@@ -285,7 +289,14 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                 )))
                 finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
                 if finite:  # every rank sees the same all-reduced loss and norm, so all skip together
-                    optimizer.step()
+                    try:
+                        optimizer.step()
+                    except RuntimeError as e:
+                        if "overflow" not in str(e):
+                            raise
+                        raise MftError(f"step {step}: the AdamW update overflowed ({e}); optim.lr={cfg.optim.lr:g} "
+                                       "is far too high. Nothing was saved at this step; the latest checkpoint is "
+                                       f"{latest_checkpoint(run_dir) or 'none'}.") from None
                     nonfinite_in_a_row = 0
                 else:
                     skipped += 1
