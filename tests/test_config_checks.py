@@ -80,6 +80,9 @@ def test_warmup_steps_and_ratio_together_are_one_clear_error(tmp_path):
         (["model.checkpoint=/no/such/model"], "model.checkpoint='/no/such/model'"),
         (["resume=/no/such/run"], "resume='/no/such/run'"),
         (["data.train_files=[/no/such/train.jsonl]"], "/no/such/train.jsonl"),
+        (["data.seq_len=0"], "data.seq_len=0: expected a positive"),
+        (["data.valid_fraction=2"], "data.valid_fraction"),
+        (["device=tpu"], "device='tpu'"),
     ],
 )
 def test_a_config_error_is_one_message_and_leaves_no_run_dir(tmp_path, overrides, message):

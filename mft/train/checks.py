@@ -10,6 +10,7 @@ anything is tokenized. torch is imported only by the
 checks that read a checkpoint or need the 4-bit formats, so a plain config error never loads it.
 """
 
+import re
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -130,6 +131,11 @@ def _check_data_files(dcfg: DataConfig) -> None:
 
 
 def _check_run(cfg: TrainConfig) -> None:
+    _require(cfg.data.seq_len > 0, "data.seq_len", cfg.data.seq_len, "a positive number of tokens")
+    _require(0 <= cfg.data.valid_fraction < 1, "data.valid_fraction", cfg.data.valid_fraction,
+             "a share of each training file in [0, 1)")
+    _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "device", cfg.device,
+             "auto, cpu, cuda, cuda:N or mps")
     _require(cfg.batch_size > 0, "batch_size", cfg.batch_size, "a positive number of sequences")
     _require(cfg.grad_accum > 0, "grad_accum", cfg.grad_accum, "a positive number of micro-steps")
     _require(cfg.loss_chunk_tokens >= 0, "loss_chunk_tokens", cfg.loss_chunk_tokens,
