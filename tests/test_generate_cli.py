@@ -86,6 +86,17 @@ def test_batch_mode_jsonl_in_jsonl_out(gen_run_dir, tmp_path):
     assert rows[3]["prompt_tokens"] > 40  # the tool definitions are part of the prompt
 
 
+def test_bad_request_lines_are_named_by_line(gen_run_dir, tmp_path):
+    lines = ['{"prompt": "fine"}', "[" * 100_000, '{"messages": [{"role": "user"}]}', '{"messages": 5}']
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    result = mft_generate(f"base={gen_run_dir}", "input=in.jsonl", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert all(f"in.jsonl:{n}:" in result.stderr for n in (2, 3, 4)) and "in.jsonl:1:" not in result.stderr
+    result = mft_generate(f"base={gen_run_dir}", "input=latin1.jsonl", cwd=tmp_path)
+    assert result.returncode == 1 and "latin1.jsonl:2: not UTF-8" in result.stderr, result.stderr[-3000:]
+
+
 def test_chat_mode_reads_turns_from_stdin(gen_run_dir, tmp_path):
     result = mft_generate(f"run_dir={gen_run_dir}", "max_new_tokens=4", "stream=false", "system=Be brief.",
                           cwd=tmp_path, stdin="Hello\n/reset\nAgain\n")

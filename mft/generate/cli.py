@@ -108,8 +108,8 @@ def read_tools(path: Optional[str]) -> Optional[list[dict]]:
         return None
     try:
         tools = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MftError(f"tools={path}: could not read a JSON list of tool definitions ({e}).") from None
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MftError(f"tools={path}: could not read a JSON list of tool definitions ({e or type(e).__name__}).") from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise MftError(f"tools={path}: expected a JSON list of tool definitions, got {type(tools).__name__}.")
     return tools
@@ -232,17 +232,26 @@ class App:
     def read_requests(self, path: Path) -> list[dict]:
         """Every request encoded up front, so a bad line stops the run before any generation."""
         try:
-            lines = path.read_text().splitlines()
+            raw = path.read_bytes()
+            lines = raw.decode("utf-8-sig").split("\n")
         except OSError as e:
             raise MftError(f"input={path}: {e}") from None
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise MftError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as "
+                           "UTF-8.") from None
         requests, errors = [], []
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 requests.append(self.encode_request(json.loads(line), len(requests)))
-            except (json.JSONDecodeError, MftError, TypeError, ValueError) as e:
+            except (MftError, TypeError, ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError
                 errors.append(f"{path}:{lineno}: {e}")
+            except KeyError as e:
+                errors.append(f"{path}:{lineno}: a message lacks the key {e}")
+            except RecursionError:
+                errors.append(f"{path}:{lineno}: JSON nested too deeply")
         if errors:
             raise MftError("bad requests:\n  " + "\n  ".join(errors[:20])
                            + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""))
