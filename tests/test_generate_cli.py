@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import build, tiny_args
 
 from mft.checkpoint.adapter import save_adapter
 from mft.checkpoint.consolidated import save_consolidated
@@ -16,7 +17,6 @@ from mft.data.tokenizer import load_tokenizer
 from mft.generate.chat import ChatFormat
 from mft.generate.decode import GenerationSettings, Generator
 from mft.generate.load import load_model, resolve_source
-from conftest import build, tiny_args
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 
 # vocab 32768: the real v3 tokenizer

@@ -371,9 +371,7 @@ def load_checkpoint(folder: Path, world: World, model, optimizer) -> TrainerStat
     try:
         with _quiet_single_process():
             dcp.load(wanted, storage_reader=reader, planner=_TensorsOnlyPlanner(), no_dist=not world.distributed)
-    except MftError:
-        raise
-    except (CheckpointException, Exception) as e:
+    except (CheckpointException, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
         raise MftError(f"resume from {folder} failed: the files in {state_dir} are damaged "
                        f"({_os_error_text(e)}).") from None
     optim_sd["state"] = wanted["optim"]["state"]
