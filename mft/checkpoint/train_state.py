@@ -360,10 +360,10 @@ def _check_fits(metadata: dcp_metadata.Metadata, wanted: Dict[str, Any], folder:
         )
 
 
-def load_checkpoint(folder: Path, world: World, model, optimizer) -> TrainerState:
-    """Restore trainable weights, optimizer and RNG from `folder`; returns its trainer.json."""
+def load_checkpoint(folder: Path, trainer: TrainerState, world: World, model, optimizer) -> None:
+    """Restore trainable weights, optimizer and RNG from `folder`, whose trainer.json (read with
+    read_trainer_state) is `trainer`."""
     state_dir = folder / STATE_DIR
-    trainer = read_trainer_state(trainer_file(folder))
     model_sd, optim_sd = _trainable_state(model, optimizer)
     wanted = {"model": model_sd, "optim": {"state": optim_sd["state"]}}
     reader = _SafeReader(str(state_dir))
@@ -378,7 +378,6 @@ def load_checkpoint(folder: Path, world: World, model, optimizer) -> TrainerStat
     set_state_dict(model, optimizer, model_state_dict=wanted["model"], optim_state_dict=optim_sd,
                    options=StateDictOptions(strict=False))
     _restore_rng(state_dir / f"rng_{world.rank}.safetensors", trainer, world)
-    return trainer
 
 
 def _restore_rng(path: Path, trainer: TrainerState, world: World) -> None:

@@ -140,8 +140,9 @@ class StepWindow:
 
 def check_finite_weights(model, device: torch.device, step: int) -> None:
     """Never write a checkpoint holding NaN or inf."""
-    bad = sum(int(not torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p.detach()).all())
-              for p in trainable_parameters(model))
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in trainable_parameters(model)]
+    # One device sync for all tensors, not one per tensor.
+    bad = int((~torch.stack([torch.isfinite(t).all() for t in local])).sum()) if local else 0
     if all_reduce_sum(float(bad), device) > 0:
         raise MftError(f"step {step}: the trained weights hold NaN or inf, so no checkpoint was written. "
                        "Lower optim.lr, or check the data and precision.")
@@ -204,9 +205,9 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
 
     start = 0
     if resume_from is not None:
-        trainer = load_checkpoint(resume_from, world, model, optimizer)
+        load_checkpoint(resume_from, recorded, world, model, optimizer)
         try:
-            scheduler.load_state_dict(trainer.scheduler)
+            scheduler.load_state_dict(recorded.scheduler)
             lrs = scheduler.get_last_lr()
             if len(lrs) != len(optimizer.param_groups) or not all(isinstance(lr, float) and math.isfinite(lr)
                                                                   for lr in lrs):
@@ -214,12 +215,12 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
             for group, lr in zip(optimizer.param_groups, lrs):
                 group["lr"] = lr  # the checkpoint holds tensors only: the rate comes back from the schedule
             # Same world size: each rank continues exactly where it was; otherwise from rank 0's position.
-            batches.load_state_dict(trainer.data[world.rank] if len(trainer.data) == world.size else trainer.data[0])
+            batches.load_state_dict(recorded.data[world.rank] if len(recorded.data) == world.size else recorded.data[0])
         except (KeyError, TypeError, ValueError, IndexError, MftError) as e:
             raise MftError(f"resume: {trainer_file(resume_from)} holds a schedule or data position this run cannot "
                            f"use ({type(e).__name__}: {e}); the checkpoint is damaged, or the data config "
                            "changed.") from None
-        start = trainer.step
+        start = recorded.step
         if start >= steps:
             raise MftError(f"resume: the checkpoint {resume_from} is at step {start}, already at or past the "
                            f"{steps} steps this run is set to train (raise max_steps or epochs).")
