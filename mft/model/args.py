@@ -1,7 +1,45 @@
-"""Architecture hyper-parameters of a Mistral model."""
+"""Architecture hyper-parameters of a Mistral model (every family: 7B, Nemo, Small, Codestral,
+Ministral, Ministral 3), named as in Mistral's params.json where it has a name."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
+
+
+@dataclass
+class YarnArgs:
+    """YaRN rope scaling (Ministral 3): frequencies between the two rotation bounds are interpolated
+    by `factor`, and cos/sin are multiplied by an attention factor (transformers' formula)."""
+
+    factor: float = 1.0  # context extension factor
+    original_max_position_embeddings: int = 4096  # the context the rope was pretrained with
+    beta_fast: float = 32.0  # rotations above which frequencies are kept (extrapolated)
+    beta_slow: float = 1.0  # rotations below which frequencies are divided by factor (interpolated)
+    mscale: float = 1.0  # attention factor numerator's log multiplier
+    mscale_all_dim: float = 0.0  # its denominator's; 0: the attention factor is 0.1 ln(factor) + 1
+
+
+@dataclass
+class QueryScalingArgs:
+    """Llama 4's position-dependent query scale (Ministral 3): q *= 1 + beta ln(1 + floor(pos / length))."""
+
+    beta: float = 0.0  # strength of the scale
+    original_max_position_embeddings: int = 4096  # positions per scale step
+
+
+def layer_windows(sliding_window: Any, n_layers: int) -> list[Optional[int]]:
+    """Each layer's window from `sliding_window`: None (full causal everywhere), one int (every
+    layer), or a list whose pattern repeats over the layers (mistral-inference's convention: the
+    length divides n_layers; a null entry is a full-causal layer). Raises ValueError otherwise."""
+    if sliding_window is None:
+        return [None] * n_layers
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, (int, list, tuple)):
+        raise ValueError(f"sliding_window {sliding_window!r}: expected null, a positive int or a list of them")
+    pattern = [sliding_window] if isinstance(sliding_window, int) else list(sliding_window)
+    if not pattern or n_layers % len(pattern) or any(
+            w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0) for w in pattern):
+        raise ValueError(f"sliding_window {sliding_window!r}: expected a positive int, or a list of positive ints "
+                         f"and nulls whose length divides n_layers={n_layers}")
+    return [pattern[i % len(pattern)] for i in range(n_layers)]
 
 
 @dataclass
@@ -17,5 +55,26 @@ class ModelArgs:
     vocab_size: int = 32000
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # A query sees itself and the previous sliding_window - 1 tokens of its document; None: full causal.
-    sliding_window: Optional[int] = None
+    # A query sees itself and the previous W - 1 tokens of its document. None: full causal; an
+    # int: every layer; a list: a per-layer pattern repeated over the layers (null: full causal).
+    sliding_window: Any = None
+    # YaRN rope scaling; None: plain rope.
+    yarn: Optional[YarnArgs] = None
+    # Llama 4's position-dependent query scale; None: none.
+    query_scaling: Optional[QueryScalingArgs] = None
+    # The output head shares the token embedding's weight.
+    tied_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        # From a plain dict (params.json, an adapter's saved args): nested settings become dataclasses.
+        if isinstance(self.yarn, dict):
+            self.yarn = YarnArgs(**self.yarn)
+        if isinstance(self.query_scaling, dict):
+            self.query_scaling = QueryScalingArgs(**self.query_scaling)
+        if isinstance(self.sliding_window, tuple):
+            self.sliding_window = list(self.sliding_window)
+
+    @property
+    def windows(self) -> list[Optional[int]]:
+        """Each layer's window (None: full causal)."""
+        return layer_windows(self.sliding_window, self.n_layers)
