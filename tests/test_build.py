@@ -64,7 +64,7 @@ def test_the_forward_over_a_kv_cache_equals_the_packed_forward(fused):
         packed = model(tokens, positions, torch.tensor([0, n], dtype=torch.int32), n)
         weights = fuse_projections(model) if fused else None
         cache = KVCache.allocate(ARGS, 1, n, device="cpu", dtype=torch.float32)
-        assert cache.size == ARGS.sliding_window
+        assert cache.groups[0].size == ARGS.sliding_window
         steps = []
         for a, b in ((0, 3), (3, 11)):  # the second chunk is longer than the window
             plan = plan_prefill(cache, positions[None, a:b], torch.ones(1, b - a, dtype=torch.bool))

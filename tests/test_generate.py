@@ -84,7 +84,7 @@ def test_greedy_equals_transformers_past_the_window(gen_hf_pair, chunk):
     generator = Generator(model, prefill_chunk=chunk)
     out = generator.generate([ids], GenerationSettings(max_new_tokens=30))[0]
     assert out.tokens == expected and out.finish_reason == "length"
-    assert generator.cache.size == WINDOW  # the rolling buffer: W slots for 70 tokens
+    assert generator.cache.groups[0].size == WINDOW  # the rolling buffer: W slots for 70 tokens
 
 
 def test_greedy_equals_transformers_full_attention(tmp_path):
@@ -112,7 +112,7 @@ def test_rolling_buffer_equals_full_cache_past_the_window(gen_random_model):
     ids = prompt(21)
     rolling, full = Generator(model, prefill_chunk=5), Generator(model, prefill_chunk=5, rolling=False)
     caches = [g.cache_for(1, len(ids) + steps) for g in (rolling, full)]
-    assert caches[0].size == WINDOW and caches[1].size >= len(ids) + steps
+    assert caches[0].groups[0].size == WINDOW and caches[1].groups[0].size >= len(ids) + steps
     logits = [g.prefill([ids], c) for g, c in zip((rolling, full), caches)]
     sequence = list(ids)
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_cache_memory_grows_with_the_window_not_the_length():
     sizes = {n: KVCache.allocate(ARGS, 1, n, device="cpu", dtype=torch.float32).nbytes for n in (10, 100, 10_000)}
     assert sizes[100] == sizes[10_000] > sizes[10]
     full = KVCache.allocate(ARGS, 1, 10_000, device="cpu", dtype=torch.float32, rolling=False)
-    assert full.size == 10_000
+    assert full.groups[0].size == 10_000
 
 
 def test_generator_reuses_its_cache_across_calls(gen_random_model):

@@ -7,7 +7,7 @@ from mft.checkpoint.consolidated import expected_shapes
 from mft.model.args import ModelArgs
 from mft.model.attention import PackedDocs, attention_backend_names, get_attention_backend
 from conftest import build, tiny_args
-from mft.model.rope import apply_rope, rope_angles
+from mft.model.rope import apply_rope, rope_tables
 
 ARGS = tiny_args(vocab_size=120)
 LENGTHS = [5, 17, 1, 12, 9]  # odd lengths, a single token, documents longer than the window
@@ -71,13 +71,13 @@ def test_positions_restart_per_document():
 
 def test_rope_is_relative_and_identity_at_zero():
     q, k = torch.randn(1, 1, 16), torch.randn(1, 1, 16)
-    cos, sin = rope_angles(torch.tensor([0]), 16, 10000.0)
-    assert torch.allclose(apply_rope(q, cos, sin), q)
+    args = ModelArgs(head_dim=16, rope_theta=10000.0)
+    at_zero = rope_tables(torch.tensor([0]), args)
+    assert torch.allclose(apply_rope(q, at_zero.cos, at_zero.sin), q)
 
     def score(m, n):
-        cm, sm = rope_angles(torch.tensor([m]), 16, 10000.0)
-        cn, sn = rope_angles(torch.tensor([n]), 16, 10000.0)
-        return (apply_rope(q, cm, sm) * apply_rope(k, cn, sn)).sum()
+        tm, tn = rope_tables(torch.tensor([m]), args), rope_tables(torch.tensor([n]), args)
+        return (apply_rope(q, tm.cos, tm.sin) * apply_rope(k, tn.cos, tn.sin)).sum()
 
     assert torch.allclose(score(7, 3), score(104, 100), atol=1e-5)  # depends only on m - n
 

@@ -1,13 +1,13 @@
 """LoRA adapters on disk: adapter.safetensors + adapter_config.json (settings and base model)."""
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from torch import nn
 
-from mft.checkpoint.consolidated import PARAMS_FIELDS
+from mft.checkpoint.consolidated import args_from_dict
 from mft.model.args import ModelArgs
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules, lora_state_dict
 from mft.utils.atomic import atomic_dir
@@ -82,7 +82,8 @@ def read_adapter_config(folder: str | Path) -> Dict[str, Any]:
     check_fields(config, CONFIG_FIELDS, path)
     base = config.get("base_model") or {}
     check_fields(base, BASE_FIELDS, path, within="base_model.")
-    check_fields(base.get("args") or {}, PARAMS_FIELDS, path, within="base_model.args.", only_known=True)
+    if base.get("args") is not None:
+        args_from_dict(base["args"], path, within="base_model.args.")
     read_header(folder / ADAPTER_WEIGHTS, "adapter weights")
     return config
 
@@ -98,7 +99,10 @@ def load_adapter(
     config = read_adapter_config(folder)
     saved_args = (config.get("base_model") or {}).get("args")
     if args is not None and saved_args is not None:
-        diff = {k: (v, getattr(args, k)) for k, v in saved_args.items() if getattr(args, k, v) != v}
+        saved = ModelArgs(**saved_args)
+        diff = {f.name: (getattr(saved, f.name), getattr(args, f.name)) for f in fields(ModelArgs)
+                if getattr(saved, f.name) != getattr(args, f.name)
+                and not (f.name == "sliding_window" and saved.windows == args.windows)}
         if diff:
             details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diff.items())
             raise MftError(f"{folder}: adapter was trained on a different model shape ({details}).")

@@ -2,20 +2,24 @@
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mft.model.args import ModelArgs
+from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs
 from mft.model.names import canonical_name
 from mft.utils.atomic import atomic_dir
 from mft.utils.dtensor import full_tensor
 from mft.utils.errors import MftError
 from mft.utils.jsonfile import (
+    BOOL,
+    NUMBER,
+    OBJECT,
     POSITIVE_INT,
     POSITIVE_NUMBER,
+    WINDOWS,
     Field,
     check_fields,
     read_json_object,
@@ -24,8 +28,10 @@ from mft.utils.tensorfile import save_safetensors
 
 PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "consolidated.safetensors"
-# params.json's keys (ModelArgs' names) and their types; older files lack the optional ones.
-PARAMS_FIELDS = {
+# params.json's keys and their types; older files lack the optional ones. Mistral's names: a
+# per-layer `sliding_window` list, "yarn" {factor, original_max_position_embeddings, beta, alpha},
+# "llama_4_scaling" {original_max_position_embeddings, beta}, "tied_embeddings".
+_SHAPE_FIELDS = {
     "dim": Field(POSITIVE_INT, required=True),
     "n_layers": Field(POSITIVE_INT, required=True),
     "head_dim": Field(POSITIVE_INT),
@@ -35,8 +41,23 @@ PARAMS_FIELDS = {
     "vocab_size": Field(POSITIVE_INT, required=True),
     "norm_eps": Field(POSITIVE_NUMBER),
     "rope_theta": Field(POSITIVE_NUMBER),
-    "sliding_window": Field(POSITIVE_INT),
+    "sliding_window": Field(WINDOWS),
 }
+PARAMS_FIELDS = {**_SHAPE_FIELDS, "yarn": Field(OBJECT), "llama_4_scaling": Field(OBJECT), "tied_embeddings": Field(BOOL)}
+_PARAMS_YARN_FIELDS = {
+    "factor": Field(POSITIVE_NUMBER, required=True),
+    "original_max_position_embeddings": Field(POSITIVE_INT, required=True),
+    "beta": Field(POSITIVE_NUMBER),
+    "alpha": Field(POSITIVE_NUMBER),
+    "mscale": Field(NUMBER),
+    "mscale_all_dim": Field(NUMBER),
+}
+_PARAMS_LLAMA4_FIELDS = {"original_max_position_embeddings": Field(POSITIVE_INT, required=True),
+                         "beta": Field(NUMBER, required=True)}
+# ModelArgs as mft itself writes it (dataclasses.asdict: an adapter's base_model.args).
+ARGS_FIELDS = {**_SHAPE_FIELDS, "yarn": Field(OBJECT), "query_scaling": Field(OBJECT), "tied_embeddings": Field(BOOL)}
+_ARGS_YARN_FIELDS = {f.name: Field(NUMBER, required=True) for f in fields(YarnArgs)}
+_ARGS_QUERY_SCALING_FIELDS = {f.name: Field(NUMBER, required=True) for f in fields(QueryScalingArgs)}
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -55,8 +76,17 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         shapes[prefix + "attention_norm.weight"] = (args.dim,)
         shapes[prefix + "ffn_norm.weight"] = (args.dim,)
     shapes["norm.weight"] = (args.dim,)
-    shapes["output.weight"] = (args.vocab_size, args.dim)
+    if not args.tied_embeddings:
+        shapes["output.weight"] = (args.vocab_size, args.dim)
     return shapes
+
+
+# The vision encoder's tensors in a multimodal consolidated checkpoint (Small 3.1+, Ministral 3).
+_VISION_PREFIXES = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.")
+
+
+def is_vision_name(name: str) -> bool:
+    return name.startswith(_VISION_PREFIXES)
 
 
 def read_params(path: Path) -> dict[str, Any]:
@@ -64,11 +94,20 @@ def read_params(path: Path) -> dict[str, Any]:
 
 
 def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
-    """ModelArgs from params.json; older files lack head_dim, n_kv_heads, rope_theta, sliding_window."""
+    """ModelArgs from params.json; older files lack head_dim, n_kv_heads, rope_theta, sliding_window.
+
+    YaRN's attention factor is 1, as transformers' conversion of these files makes it (mscale =
+    mscale_all_dim = 1), unless the file gives mscale / mscale_all_dim itself.
+    """
     if params.get("moe"):
         raise MftError(f"{path}: mixture-of-experts checkpoints ('moe' key) are not supported yet")
     check_fields(params, PARAMS_FIELDS, path)
-    return ModelArgs(
+    yarn, llama4 = params.get("yarn"), params.get("llama_4_scaling")
+    if yarn is not None:
+        check_fields(yarn, _PARAMS_YARN_FIELDS, path, within="yarn.")
+    if llama4 is not None:
+        check_fields(llama4, _PARAMS_LLAMA4_FIELDS, path, within="llama_4_scaling.")
+    args = ModelArgs(
         dim=params["dim"],
         n_layers=params["n_layers"],
         head_dim=params.get("head_dim") or params["dim"] // params["n_heads"],
@@ -79,7 +118,52 @@ def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
         norm_eps=params.get("norm_eps") or 1e-5,
         rope_theta=float(params.get("rope_theta") or 10000.0),
         sliding_window=params.get("sliding_window"),
+        yarn=None if yarn is None else YarnArgs(
+            factor=float(yarn["factor"]),
+            original_max_position_embeddings=yarn["original_max_position_embeddings"],
+            beta_fast=float(yarn.get("beta") or 32.0),
+            beta_slow=float(yarn.get("alpha") or 1.0),
+            mscale=float(yarn.get("mscale", 1.0)),
+            mscale_all_dim=float(yarn.get("mscale_all_dim", 1.0)),
+        ),
+        query_scaling=None if not llama4 or not llama4["beta"] else QueryScalingArgs(
+            beta=float(llama4["beta"]), original_max_position_embeddings=llama4["original_max_position_embeddings"]),
+        tied_embeddings=bool(params.get("tied_embeddings", False)),
     )
+    _check_windows(args, path)
+    return args
+
+
+def args_to_params(args: ModelArgs) -> dict[str, Any]:
+    """params.json for `args`, in Mistral's names (params_to_args reads it back to `args`)."""
+    params: dict[str, Any] = {name: getattr(args, name) for name in _SHAPE_FIELDS}
+    if args.yarn is not None:
+        y = args.yarn
+        params["yarn"] = {"factor": y.factor, "original_max_position_embeddings": y.original_max_position_embeddings,
+                          "beta": y.beta_fast, "alpha": y.beta_slow, "mscale": y.mscale, "mscale_all_dim": y.mscale_all_dim}
+    if args.query_scaling is not None:
+        params["llama_4_scaling"] = asdict(args.query_scaling)
+    if args.tied_embeddings:
+        params["tied_embeddings"] = True
+    return params
+
+
+def args_from_dict(saved: dict[str, Any], path: Path, within: str = "") -> ModelArgs:
+    """ModelArgs from mft's own record of them (dataclasses.asdict), every key and type checked."""
+    check_fields(saved, ARGS_FIELDS, path, within=within, only_known=True)
+    for key, nested in (("yarn", _ARGS_YARN_FIELDS), ("query_scaling", _ARGS_QUERY_SCALING_FIELDS)):
+        if saved.get(key) is not None:
+            check_fields(saved[key], nested, path, within=f"{within}{key}.", only_known=True)
+    args = ModelArgs(**saved)
+    _check_windows(args, path)
+    return args
+
+
+def _check_windows(args: ModelArgs, path: Path) -> None:
+    try:
+        args.windows
+    except ValueError as e:
+        raise MftError(f"{path}: {e}") from None
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -129,6 +213,6 @@ def consolidated_state(model: torch.nn.Module, keep: bool = True) -> dict[str, t
 def write_consolidated(state: dict[str, torch.Tensor], args: ModelArgs, folder: str | os.PathLike) -> Path:
     tensors = {name: t.to("cpu").contiguous() for name, t in state.items()}
     with atomic_dir(folder) as tmp:
-        (tmp / PARAMS_FILE).write_text(json.dumps(asdict(args), indent=2) + "\n")
+        (tmp / PARAMS_FILE).write_text(json.dumps(args_to_params(args), indent=2) + "\n")
         save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
     return Path(folder)

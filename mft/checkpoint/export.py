@@ -195,35 +195,6 @@ def export_mistral_lora(adapter_folder: str | Path, out_file: str | Path, **kwar
 
 
 # -- whole models -----------------------------------------------------------------------------
-def hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
-    """transformers' MistralConfig for `args` (rope written in both the v4 and the v5 layout)."""
-    return {
-        "architectures": ["MistralForCausalLM"],
-        "model_type": "mistral",
-        "hidden_size": args.dim,
-        "intermediate_size": args.hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "sliding_window": args.sliding_window,
-        "max_position_embeddings": 32768,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "use_cache": True,
-        "dtype": str(dtype).removeprefix("torch."),
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
 def _copy_tokenizer(folder: Path, tokenizer_file: Optional[str | Path], hf_from: Optional[Path] = None,
                     sentencepiece_copy: bool = True) -> None:
     """The Mistral tokenizer file under its Mistral name, and the files AutoTokenizer reads.
@@ -306,7 +277,7 @@ def write_hf(model: nn.Module, folder: Path, *, tokenizer_file: Optional[str | P
         total = sum(itemsize * int(torch.Size(s).numel()) for s in shapes.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (folder / "config.json").write_text(json.dumps(hf_config(args, dtype, bos_id, eos_id), indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(hf.args_to_hf_config(args, dtype, bos_id, eos_id), indent=2) + "\n")
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_id}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     _copy_tokenizer(folder, tokenizer_file, hf_tokenizer_from)
@@ -324,7 +295,7 @@ def export_consolidated(model: nn.Module, out: str | Path, *, tokenizer_file: Op
     """
     dtype = dtype or model.tok_embeddings.weight.dtype
     with atomic_dir(out) as tmp:
-        (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(asdict(model.args), indent=2) + "\n")
+        (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(consolidated.args_to_params(model.args), indent=2) + "\n")
         save_file(dict(merged_tensors(model, dtype)), str(tmp / consolidated.WEIGHTS_FILE), metadata={"format": "pt"})
         _copy_tokenizer(tmp, tokenizer_file, hf_tokenizer_from, sentencepiece_copy=False)
         if lora_from is not None:

@@ -1,12 +1,21 @@
-"""The Hugging Face layout of a Mistral checkpoint: config.json, tensor names, rotary permutation."""
+"""The Hugging Face layout of a Mistral checkpoint: config.json, tensor names, rotary permutation.
+
+Families (config.json's model_type): "mistral" (7B, Nemo, Small 3, Codestral, Devstral,
+Magistral: one window or none), "ministral" (Ministral 8B: `layer_types` interleave sliding and
+full layers), "ministral3" (Ministral 3: YaRN rope and Llama 4's query scale) and "mistral3"
+(Small 3.1+, Ministral 3 checkpoints with a vision encoder: the text model is `text_config`, its
+tensors are under model.language_model. (transformers 5) or language_model.model. (the hub's
+older names); the vision tensors are skipped).
+"""
 
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from mft.model.args import ModelArgs
+from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs
 from mft.utils.errors import MftError
 from mft.utils.jsonfile import read_json_object
 
@@ -43,8 +52,22 @@ def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> Optional[str]:
     return None
 
 
+# Where a Mistral3 (vision + text) checkpoint keeps its text model's tensors: (prefix, replacement
+# giving a MistralForCausalLM name); transformers 5 first, then the names older hub files use.
+_MULTIMODAL_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                             ("language_model.lm_head.", "lm_head."))
+# Prefixes of a Mistral3 checkpoint's vision tensors (skipped: mft trains the text model).
+MULTIMODAL_VISION_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.",
+                              "multi_modal_projector.")
+
+
 def hf_to_mft_name(name: str) -> Optional[str]:
-    """Consolidated name of an HF tensor name; None when the name is not part of a Mistral model."""
+    """Consolidated name of an HF tensor name (a Mistral3 checkpoint's text tensors included); None
+    when the name is not part of a Mistral text model."""
+    for prefix, replacement in _MULTIMODAL_TEXT_PREFIXES:
+        if name.startswith(prefix):
+            name = replacement + name[len(prefix):]
+            break
     return _rename(name, _HF_TO_MFT)
 
 
@@ -55,6 +78,11 @@ def mft_to_hf_name(name: str) -> Optional[str]:
 def is_ignored_hf_name(name: str) -> bool:
     """Tensors some old HF checkpoints carry that are derived, not learnt."""
     return name.endswith("rotary_emb.inv_freq")
+
+
+def is_vision_hf_name(name: str) -> bool:
+    """A Mistral3 checkpoint's vision encoder or projector tensor."""
+    return name.startswith(MULTIMODAL_VISION_PREFIXES)
 
 
 def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -84,11 +112,27 @@ def read_hf_config(path: Path) -> dict[str, Any]:
     return read_json_object(path, "Hugging Face config")
 
 
-def hf_config_to_args(config: dict[str, Any], path: Path) -> ModelArgs:
-    """ModelArgs from a transformers MistralConfig dict (transformers 4 or 5 layout)."""
+TEXT_MODEL_TYPES = ("mistral", "llama", "ministral", "ministral3")
+
+
+def text_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The text model's config: config.json itself, or a Mistral3 checkpoint's `text_config`."""
     model_type = config.get("model_type", "mistral")
-    if model_type not in ("mistral", "llama"):
-        raise MftError(f"{path}: model_type {model_type!r} is not supported; expected 'mistral' (or 'llama')")
+    if model_type == "mistral3":
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise MftError(f"{path}: a model_type 'mistral3' config needs a 'text_config' object (its text model)")
+        return {"model_type": "mistral", **text}
+    if model_type not in TEXT_MODEL_TYPES:
+        raise MftError(f"{path}: model_type {model_type!r} is not supported; expected one of "
+                       f"{', '.join(TEXT_MODEL_TYPES)} or mistral3")
+    return config
+
+
+def hf_config_to_args(config: dict[str, Any], path: Path) -> ModelArgs:
+    """ModelArgs from a transformers config dict (transformers 4 or 5 layout) of any family above."""
+    config = text_config(config, path)
+    model_type = config.get("model_type", "mistral")
     required = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"]
     missing = [key for key in required if config.get(key) is None]
     if missing:
@@ -99,13 +143,13 @@ def hf_config_to_args(config: dict[str, Any], path: Path) -> ModelArgs:
     # rope_scaling is the transformers 4 name of a non-default rope (llama3, yarn, ...).
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise MftError(f"{path}: rope type {rope_type!r} is not supported; expected 'default' (plain rope_theta)")
+    if rope_type not in ("default", "yarn"):
+        raise MftError(f"{path}: rope type {rope_type!r} is not supported; expected 'default' or 'yarn'")
     rope_theta = rope.get("rope_theta", config.get("rope_theta")) or 10000.0
-    n_heads = config["num_attention_heads"]
+    n_layers, n_heads = config["num_hidden_layers"], config["num_attention_heads"]
     return ModelArgs(
         dim=config["hidden_size"],
-        n_layers=config["num_hidden_layers"],
+        n_layers=n_layers,
         head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
         hidden_dim=config["intermediate_size"],
         n_heads=n_heads,
@@ -113,5 +157,107 @@ def hf_config_to_args(config: dict[str, Any], path: Path) -> ModelArgs:
         vocab_size=config["vocab_size"],
         norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta),
-        sliding_window=config.get("sliding_window"),
+        sliding_window=_windows(config, n_layers, path),
+        yarn=_yarn(rope, config, path) if rope_type == "yarn" else None,
+        # transformers applies Llama 4's query scale in Ministral3 models only.
+        query_scaling=_query_scaling(rope, path) if model_type == "ministral3" else None,
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
+
+
+def _windows(config: dict[str, Any], n_layers: int, path: Path) -> Any:
+    """`sliding_window`, or with Ministral's `layer_types` the per-layer pattern (its shortest period)."""
+    window = config.get("sliding_window")
+    layer_types = config.get("layer_types") if config.get("model_type") == "ministral" else None
+    if layer_types is None:
+        return window
+    kinds = {"sliding_attention": window, "full_attention": None}
+    if len(layer_types) != n_layers or any(kind not in kinds for kind in layer_types):
+        raise MftError(f"{path}: layer_types must list one of {sorted(kinds)} for each of the {n_layers} layers")
+    return compact_windows([kinds[kind] for kind in layer_types])
+
+
+def compact_windows(windows: list[Optional[int]]) -> Any:
+    """The shortest form of per-layer windows: one value when all agree, else the shortest
+    repeating pattern (mistral-inference's params.json convention)."""
+    if len(set(windows)) == 1:
+        return windows[0]
+    n = len(windows)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and windows == windows[:p] * (n // p))
+    return windows[:period]
+
+
+def _yarn(rope: dict[str, Any], config: dict[str, Any], path: Path) -> YarnArgs:
+    missing = [key for key in ("factor", "original_max_position_embeddings") if rope.get(key) is None]
+    if missing:
+        raise MftError(f"{path}: a yarn rope needs {missing} in rope_parameters")
+    if rope.get("attention_factor") is not None or rope.get("truncate", True) is not True:
+        raise MftError(f"{path}: yarn's attention_factor and truncate=false are not supported; expected them unset")
+    return YarnArgs(
+        factor=float(rope["factor"]),
+        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        beta_fast=float(rope.get("beta_fast") or 32.0),
+        beta_slow=float(rope.get("beta_slow") or 1.0),
+        mscale=float(rope.get("mscale") or 0.0),
+        mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+    )
+
+
+def _query_scaling(rope: dict[str, Any], path: Path) -> Optional[QueryScalingArgs]:
+    beta = rope.get("llama_4_scaling_beta")
+    if not beta:
+        return None
+    if rope.get("original_max_position_embeddings") is None:
+        raise MftError(f"{path}: llama_4_scaling_beta needs original_max_position_embeddings in rope_parameters")
+    return QueryScalingArgs(beta=float(beta), original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+
+
+def args_to_hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
+    """transformers' config for `args`, in the family that computes what mft computes:
+    "ministral3" with Llama 4's query scale, "ministral" when layers mix windows, else "mistral"
+    (YaRN in rope_parameters either way). Rope is written in both the v4 and the v5 layout."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.yarn is not None:
+        rope = {**rope, "rope_type": "yarn", **asdict(args.yarn)}
+    if args.query_scaling is not None:
+        if args.yarn is not None and args.yarn.original_max_position_embeddings != args.query_scaling.original_max_position_embeddings:
+            raise MftError("transformers' Ministral3 reads yarn's and the query scale's original_max_position_embeddings "
+                           "from one key; a model where they differ cannot be exported to Hugging Face")
+        rope = {**rope, "llama_4_scaling_beta": args.query_scaling.beta,
+                "original_max_position_embeddings": args.query_scaling.original_max_position_embeddings}
+    windows = args.windows
+    sliding = sorted({w for w in windows if w is not None})
+    family: dict[str, Any] = {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+                              "sliding_window": sliding[0] if sliding else None}
+    if args.query_scaling is not None:
+        family = {**family, "model_type": "ministral3", "architectures": ["Ministral3ForCausalLM"]}
+    if len(set(windows)) > 1:
+        if len(sliding) > 1 or args.query_scaling is not None:
+            raise MftError(f"sliding_window {args.sliding_window}: transformers has no model with several window "
+                           "lengths (or interleaved windows with Llama 4 scaling); cannot export to Hugging Face")
+        family = {**family, "model_type": "ministral", "architectures": ["MinistralForCausalLM"],
+                  "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows]}
+    return {
+        **family,
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_parameters": rope,
+        "max_position_embeddings": max(32768, int(args.yarn.factor * args.yarn.original_max_position_embeddings)
+                                       if args.yarn is not None else 0),
+        "hidden_act": "silu",
+        "tie_word_embeddings": args.tied_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "use_cache": True,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }

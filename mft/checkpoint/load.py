@@ -7,6 +7,7 @@ its own device and quantises it there, one tensor at a time; mft's quantised che
 (mft/checkpoint/quantized.py) load without any dense pass.
 """
 
+import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -52,8 +53,10 @@ HF_CONFIG_FIELDS = {
     "rope_parameters": Field(OBJECT),
     "rope_scaling": Field(OBJECT),
     "sliding_window": Field(POSITIVE_INT),
+    "layer_types": Field(STRINGS),
     "tie_word_embeddings": Field(BOOL),
 }
+log = logging.getLogger(__name__)
 __all__ = ["detect_format", "read_model_args", "load_weights", "save_consolidated"]
 
 
@@ -91,8 +94,10 @@ def read_model_args(folder: str | os.PathLike) -> ModelArgs:
 
 
 def _read_hf_config(path: Path) -> dict:
+    """config.json, its text model's keys checked (a Mistral3 checkpoint's are under text_config)."""
     config = hf.read_hf_config(path)
-    check_fields(config, HF_CONFIG_FIELDS, path)
+    check_fields(config, {"model_type": Field(STRING), "text_config": Field(OBJECT)}, path)
+    check_fields(hf.text_config(config, path), HF_CONFIG_FIELDS, path)
     return config
 
 
@@ -140,19 +145,23 @@ def _sources(folder: Path, fmt: Format, args: ModelArgs) -> tuple[dict[str, _Sou
         files, rename = _hf_weight_files(folder), hf.hf_to_mft_name
         display = {name: hf.mft_to_hf_name(name) for name in expected}
     heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
-    sources, unexpected = {}, []
+    sources, unexpected, vision = {}, [], 0
     for key, (path, info) in _file_tensors(files).items():
         if fmt == "hf" and hf.is_ignored_hf_name(key):
             continue
+        if hf.is_vision_hf_name(key) if fmt == "hf" else consolidated.is_vision_name(key):
+            vision += 1
+            continue
         name = rename(key)
+        if name == "output.weight" and args.tied_embeddings:
+            continue  # a tied head's copy of the embedding, which some files store anyway
         if name not in expected:
             unexpected.append(key)
             continue
         suffix = name.split(".", 2)[-1]  # "attention.wq.weight" for "layers.3.attention.wq.weight"
         sources[name] = _Source(path, key, info.shape, info.dtype, heads.get(suffix) if fmt == "hf" else None)
-    if fmt == "hf" and "output.weight" not in sources and "tok_embeddings.weight" in sources:
-        if _read_hf_config(folder / HF_CONFIG).get("tie_word_embeddings", False):
-            sources["output.weight"] = sources["tok_embeddings.weight"]  # our head stays untied: a copy
+    if vision:
+        log.info("%s: skipped the %d tensors of the vision encoder (mft trains the text model)", folder, vision)
     return sources, unexpected, display
 
 

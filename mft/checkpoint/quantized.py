@@ -150,7 +150,7 @@ def write_quantized(tensors: Dict[str, torch.Tensor], model: torch.nn.Module, fo
     config = {"format": FORMAT_NAME, "version": 1, "quant": asdict(spec), "modules": modules,
               "packing": PACKING, "source": source}
     with atomic_dir(folder) as tmp:
-        (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(asdict(model.args), indent=2) + "\n")
+        (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(consolidated.args_to_params(model.args), indent=2) + "\n")
         (tmp / QUANT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
     return Path(folder)

@@ -116,10 +116,7 @@ class Generator:
         cache = self.cache
         if cache is None or cache.batch != batch or not cache.holds(length):
             # Round up so that a chat's growing turns reuse one buffer (and one CUDA graph).
-            size = _round_up(length, 256)
-            window = self.args.sliding_window
-            if self.rolling and window is not None:
-                size = min(size, window)
+            size = _round_up(length, 256)  # a windowed layer's buffer holds at most its window
             cache = KVCache.allocate(self.args, batch, size, device=self.device, dtype=self.dtype, rolling=self.rolling)
             if self.compile:
                 cache.mark_static()
@@ -141,9 +138,7 @@ class Generator:
         if n == 0:
             return 0
         # The next token (position n) sees keys n - W + 1 .. n - 1 (every earlier one without a window).
-        first = max(0, n - cache.window + 1) if cache.window is not None else 0
-        needed = torch.arange(first, n, device=cache.slot_positions.device)
-        return n if bool((cache.slot_positions[0, needed % cache.size] == needed).all()) else 0
+        return n if cache.holds_prefix(n) else 0
 
     # -- the loop -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,7 +181,7 @@ class Generator:
         self.history = None  # until this call completes, the cache holds nothing reusable
         if start:
             cache = self.cache
-            cache.slot_positions[cache.slot_positions >= start] = -1  # the old call's tokens past the shared prefix
+            cache.forget_from(start)  # the old call's tokens past the shared prefix
         else:
             cache = self.cache_for(B, total)
         generator = None

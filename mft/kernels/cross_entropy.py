@@ -7,18 +7,21 @@ one chunk's logits at a time. Peak extra memory: one chunk's logits (chunk x voc
 Pure torch (the name of the folder notwithstanding): the matmul dominates, fusing buys little.
 """
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+Head = Callable[[torch.Tensor], torch.Tensor]  # hidden states (T, dim) -> logits (T, vocab)
 
-def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+
+def _chunk_loss(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk_size: int = 1024
+    hidden: torch.Tensor, head: Head, targets: torch.Tensor, chunk_size: int = 1024
 ) -> torch.Tensor:
     """Summed cross-entropy of head(hidden) (T, vocab) against targets (T,), fp32, chunk by chunk."""
     if chunk_size <= 0:

@@ -1,30 +1,95 @@
-"""Rotary position embedding on interleaved pairs, the Mistral/Meta native layout.
+"""Rotary position embedding on interleaved pairs, the Mistral/Meta native layout, with YaRN
+scaling and Llama 4's query scale (Ministral 3).
 
-Dimension pair i of a head is (x[2i], x[2i+1]) and is rotated by position * theta^(-2i/head_dim),
-as in mistral-inference. Hugging Face checkpoints use the "rotate_half" layout instead; the HF
-loader undoes HF's permutation of wq/wk so that this module serves both.
+Dimension pair i of a head is (x[2i], x[2i+1]) and is rotated by position * inv_freq[i], as in
+mistral-inference. Hugging Face checkpoints use the "rotate_half" layout instead; the HF loader
+undoes HF's permutation of wq/wk so that this module serves both.
+
+Positions are each packed document's own (they restart at 0 per document), so YaRN's angles and
+the query scale, which depend on the position, are those of the document's tokens. transformers
+uses the absolute position in its batch row; for one unpacked document the two agree.
 """
+
+import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each (T, head_dim // 2) in fp32, for the per-token positions (T,).
 
-    Computed once per forward and shared by all layers. The inverse frequencies are computed
-    here rather than kept in a buffer: a buffer would need re-computing after to_empty() and
-    would be silently rounded by model.to(bfloat16); this costs one tiny kernel per forward.
-    """
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+@dataclass
+class RopeTables:
+    """What every attention layer of one forward needs for positions; computed once per forward."""
+
+    cos: torch.Tensor  # (T, head_dim // 2) fp32, times YaRN's attention factor
+    sin: torch.Tensor  # (T, head_dim // 2)
+    query_scale: Optional[torch.Tensor] = None  # (T,) fp32 Llama 4 query scale; None: 1
+
+
+def yarn_attention_factor(yarn: YarnArgs) -> float:
+    """YaRN's factor on cos and sin (so on both q and k): 0.1 m ln(s) + 1 with s the scaling
+    factor, as a ratio of two such terms when mscale_all_dim is set (transformers' rule)."""
+
+    def mscale(m: float) -> float:
+        return 1.0 if yarn.factor <= 1 else 0.1 * m * math.log(yarn.factor) + 1.0
+
+    if yarn.mscale and yarn.mscale_all_dim:
+        return mscale(yarn.mscale) / mscale(yarn.mscale_all_dim)
+    return mscale(1.0)
+
+
+def inverse_frequencies(head_dim: int, theta: float, yarn: Optional[YarnArgs], device=None) -> torch.Tensor:
+    """inv_freq (head_dim // 2,) fp32. With YaRN, a pair that turns more than beta_fast times over
+    the original context keeps its frequency, one that turns fewer than beta_slow times has it
+    divided by `factor`, and the pairs between blend the two along a linear ramp."""
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)
+    if yarn is None:
+        return inv_freq
+
+    def pair_index(rotations: float) -> float:
+        # The pair whose wavelength fits `rotations` times in the original context.
+        return head_dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(pair_index(yarn.beta_fast)), 0)
+    high = min(math.ceil(pair_index(yarn.beta_slow)), head_dim - 1)
+    high = high + 0.001 if high == low else high  # a ramp of width 0 would divide by zero
+    ramp = ((torch.arange(head_dim // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / yarn.factor * ramp + inv_freq * (1 - ramp)
+
+
+def query_scale(positions: torch.Tensor, scaling: QueryScalingArgs) -> torch.Tensor:
+    """Llama 4's per-token query scale (T,) fp32: 1 + beta ln(1 + floor(pos / length))."""
+    steps = torch.floor(positions.to(torch.float32) / scaling.original_max_position_embeddings)
+    return 1 + scaling.beta * torch.log1p(steps)
+
+
+def rope_tables(positions: torch.Tensor, args: ModelArgs) -> RopeTables:
+    """The tables of the per-token positions (T,).
+
+    The inverse frequencies are computed here rather than kept in a buffer: a buffer would need
+    re-computing after to_empty() and would be silently rounded by model.to(bfloat16); this costs
+    one tiny kernel per forward.
+    """
+    inv_freq = inverse_frequencies(args.head_dim, args.rope_theta, args.yarn, positions.device)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    if args.yarn is not None:
+        factor = yarn_attention_factor(args.yarn)
+        cos, sin = cos * factor, sin * factor
+    scale = query_scale(positions, args.query_scaling) if args.query_scaling is not None else None
+    return RopeTables(cos, sin, scale)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (T, heads, head_dim) by the angles of its tokens; math in fp32, result in x's dtype."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rotate x (T, heads, head_dim) by the angles of its tokens, then multiply token t by
+    scale[t] when given; math in fp32, result in x's dtype."""
     pairs = x.to(torch.float32).unflatten(-1, (-1, 2))  # (T, heads, head_dim // 2, 2)
     even, odd = pairs.unbind(-1)
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    if scale is not None:
+        rotated = rotated * scale[:, None, None]
+    return rotated.to(x.dtype)

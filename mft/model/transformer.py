@@ -21,7 +21,7 @@ from mft.kernels.cross_entropy import chunked_cross_entropy
 from mft.model.args import ModelArgs
 from mft.model.attention import AttentionFn, PackedDocs, get_attention_backend
 from mft.model.kv_cache import CachePlan
-from mft.model.rope import apply_rope, rope_angles
+from mft.model.rope import RopeTables, apply_rope, rope_tables
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, attn_fn: AttentionFn, layer_id: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.window = args.sliding_window
+        self.window = args.windows[layer_id]  # None: full causal (interleaved models mix both)
         self.attn_fn = attn_fn
         self.layer_id = layer_id  # which of the KV cache's layers this one reads and writes
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
@@ -60,7 +60,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: Optional[PackedDocs],
+    def forward(self, x: torch.Tensor, rope: RopeTables, docs: Optional[PackedDocs],
                 cache: Optional[CachePlan] = None, qkv: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (T, dim) -> (T, dim): over packed `docs`, or, with `cache`, over the cached keys too."""
         T, hd = x.shape[0], self.head_dim
@@ -68,8 +68,8 @@ class Attention(nn.Module):
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         else:
             q, k, v = F.linear(x, qkv).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
-        q = apply_rope(q.view(T, self.n_heads, hd), cos, sin)
-        k = apply_rope(k.view(T, self.n_kv_heads, hd), cos, sin)
+        q = apply_rope(q.view(T, self.n_heads, hd), rope.cos, rope.sin, rope.query_scale)
+        k = apply_rope(k.view(T, self.n_kv_heads, hd), rope.cos, rope.sin)
         v = v.view(T, self.n_kv_heads, hd)
         out = self.attn_fn(q, k, v, docs, self.window) if cache is None else cache.attend(q, k, v, self.layer_id)
         return self.wo(out.reshape(T, self.n_heads * hd))
@@ -99,10 +99,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, docs: Optional[PackedDocs],
+    def forward(self, x: torch.Tensor, rope: RopeTables, docs: Optional[PackedDocs],
                 cache: Optional[CachePlan] = None, fused: Optional[FusedProjections] = None) -> torch.Tensor:
         qkv, w13 = (fused.qkv, fused.w13) if fused is not None else (None, None)
-        h = x + self.attention(self.attention_norm(x), cos, sin, docs, cache, qkv)
+        h = x + self.attention(self.attention_norm(x), rope, docs, cache, qkv)
         return h + self.feed_forward(self.ffn_norm(h), w13)
 
 
@@ -114,7 +114,15 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, attn_fn, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # untied from tok_embeddings
+        # Tied embeddings have no head of their own: `head` multiplies by tok_embeddings' weight,
+        # so there is one parameter whatever to_empty, FSDP or a state dict do with modules.
+        self.output = None if args.tied_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of final hidden states: the output layer, or the token embedding when tied."""
+        if self.output is None:
+            return F.linear(hidden, self.tok_embeddings.weight)
+        return self.output(hidden)
 
     def hidden_states(
         self,
@@ -130,10 +138,10 @@ class Transformer(nn.Module):
             raise ValueError("packed tokens need cu_seqlens (their document boundaries), or pass a cache plan")
         tokens, positions = tokens.reshape(-1), positions.reshape(-1)
         docs = None if cache is not None else PackedDocs.from_cu_seqlens(cu_seqlens, max_seqlen, tokens.shape[0])
-        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
+        rope = rope_tables(positions, self.args)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, docs, cache, fused[i] if fused is not None else None)
+            h = layer(h, rope, docs, cache, fused[i] if fused is not None else None)
         return self.norm(h)
 
     def forward(
@@ -167,5 +175,5 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(tokens, positions, cu_seqlens, max_seqlen, cache, fused)
         hidden = hidden if head_mask is None else hidden[head_mask.reshape(-1)]
         if targets is None:
-            return self.output(hidden)
-        return chunked_cross_entropy(hidden, self.output, targets, loss_chunk or max(hidden.shape[0], 1))
+            return self.head(hidden)
+        return chunked_cross_entropy(hidden, self.head, targets, loss_chunk or max(hidden.shape[0], 1))

@@ -54,12 +54,17 @@ def _is_number(v: Any) -> bool:
 
 POSITIVE_INT = Kind("a positive integer", lambda v: _is_int(v) and v > 0)
 COUNT = Kind("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+NUMBER = Kind("a number", _is_number)
 POSITIVE_NUMBER = Kind("a positive number", lambda v: _is_number(v) and v > 0)
 FRACTION = Kind("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
 STRING = Kind("a string", lambda v: isinstance(v, str))
 BOOL = Kind("true or false", lambda v: isinstance(v, bool))
 OBJECT = Kind("a JSON object", lambda v: isinstance(v, dict))
 STRINGS = Kind("a list of strings", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v))
+# A sliding window: one for every layer, or a per-layer pattern (null: a full-attention layer).
+WINDOWS = Kind("a positive integer or a list of positive integers and nulls",
+               lambda v: POSITIVE_INT.accepts(v) or isinstance(v, list) and bool(v)
+               and all(w is None or POSITIVE_INT.accepts(w) for w in v))
 
 
 @dataclass(frozen=True)
