@@ -122,7 +122,9 @@ def text_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
         text = config.get("text_config")
         if not isinstance(text, dict):
             raise MftError(f"{path}: a model_type 'mistral3' config needs a 'text_config' object (its text model)")
-        return {"model_type": "mistral", **text}
+        # transformers ties a Mistral3 model's head by the top-level key (its default: tied).
+        tied = {"tie_word_embeddings": config["tie_word_embeddings"]} if "tie_word_embeddings" in config else {}
+        return {"model_type": "mistral", **text, **tied}
     if model_type not in TEXT_MODEL_TYPES:
         raise MftError(f"{path}: model_type {model_type!r} is not supported; expected one of "
                        f"{', '.join(TEXT_MODEL_TYPES)} or mistral3")

@@ -1,0 +1,200 @@
+"""Every Mistral family through mft's loaders against transformers' own classes, on tiny random
+checkpoints that transformers writes: Nemo-style head_dim, Ministral's interleaved windows,
+Ministral 3's YaRN + Llama 4 query scale (and its tied 3B head), Mistral3's text model.
+
+For each: fp32 logits within 1e-4 over sequences longer than every window and than YaRN's
+original context, packed equal to unpacked, greedy decoding equal to transformers' generate, and
+the same model through a consolidated folder and through a Hugging Face export.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from conftest import build  # noqa: E402
+
+from mft.checkpoint.consolidated import args_to_params, params_to_args, save_consolidated  # noqa: E402
+from mft.checkpoint.export import export_hf  # noqa: E402
+from mft.checkpoint.load import load_weights, read_model_args  # noqa: E402
+from mft.generate.decode import GenerationSettings, Generator  # noqa: E402
+from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs  # noqa: E402
+
+VOCAB, SEQ, WINDOW, ORIGINAL = 160, 48, 8, 16
+# A small shape whose head_dim is not dim / heads (Nemo's trait: 5120 / 32 = 160, head_dim 128).
+SHAPE = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, initializer_range=0.2)
+# YaRN with factor 4 over an original context of 16 tokens, and the Llama 4 query scale stepping
+# every 16 positions: both change the logits well inside a 48-token sequence.
+YARN = dict(rope_type="yarn", rope_theta=5000.0, factor=4.0, original_max_position_embeddings=ORIGINAL,
+            beta_fast=32.0, beta_slow=1.0)
+
+
+def mistral_nemo_like():
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**SHAPE, rope_theta=5000.0, sliding_window=None))
+
+
+def ministral_interleaved():
+    config = transformers.MinistralConfig(
+        **SHAPE, rope_theta=5000.0, sliding_window=WINDOW,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"])
+    return transformers.MinistralForCausalLM(config)
+
+
+def ministral3(tie=False, mscale=(1.0, 1.0)):
+    rope = {**YARN, "mscale": mscale[0], "mscale_all_dim": mscale[1], "llama_4_scaling_beta": 0.5}
+    config = transformers.Ministral3Config(**SHAPE, rope_parameters=rope, max_position_embeddings=4 * ORIGINAL,
+                                           tie_word_embeddings=tie)
+    return transformers.Ministral3ForCausalLM(config)
+
+
+def mistral_yarn():
+    """YaRN with transformers' default attention factor (0.1 ln 4 + 1), in a plain Mistral."""
+    config = transformers.MistralConfig(**SHAPE, rope_parameters=dict(YARN), max_position_embeddings=4 * ORIGINAL,
+                                        sliding_window=None)
+    return transformers.MistralForCausalLM(config)
+
+
+def mistral3_text(text_model_type="mistral"):
+    """A Mistral3ForConditionalGeneration (vision encoder + text model); mft reads its text model."""
+    text = (transformers.MistralConfig(**SHAPE, rope_theta=5000.0, sliding_window=None) if text_model_type == "mistral"
+            else transformers.Ministral3Config(**SHAPE, rope_parameters={**YARN, "llama_4_scaling_beta": 0.5},
+                                               max_position_embeddings=4 * ORIGINAL))
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=32, patch_size=8, head_dim=16)
+    config = transformers.Mistral3Config(vision_config=vision, text_config=text, image_token_id=VOCAB - 1,
+                                         spatial_merge_size=2)
+    return transformers.Mistral3ForConditionalGeneration(config)
+
+
+FAMILIES = {
+    "mistral-head-dim": mistral_nemo_like,
+    "ministral-interleaved": ministral_interleaved,
+    "ministral3-yarn-llama4": ministral3,
+    "ministral3-tied": lambda: ministral3(tie=True),
+    "ministral3-mscale": lambda: ministral3(mscale=(1.0, 0.0)),
+    "mistral-yarn": mistral_yarn,
+    "mistral3-text": mistral3_text,
+    "mistral3-ministral3-text": lambda: mistral3_text("ministral3"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, transformers model, folder it saved itself to, mft model loaded from that folder)."""
+    torch.manual_seed(0)
+    hf_model = FAMILIES[request.param]().eval()
+    folder = tmp_path_factory.mktemp(request.param)
+    hf_model.save_pretrained(folder)
+    model = build(read_model_args(folder), device="cpu", dtype=torch.float32, weights=folder).eval()
+    return request.param, hf_model, folder, model
+
+
+def tokens(n=SEQ, seed=1):
+    return torch.randint(0, VOCAB - 1, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def mft_logits(model, toks, lengths=None):
+    lengths = lengths or [len(toks)]
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.no_grad():
+        return model(toks, positions, cu, max(lengths))
+
+
+def hf_logits(model, toks):
+    with torch.no_grad():
+        return model(input_ids=toks[None], use_cache=False).logits[0]
+
+
+def test_args_read_the_family(family):
+    name, _, folder, model = family
+    args = model.args
+    assert args.head_dim == 16 and args.dim == 48
+    if name == "ministral-interleaved":
+        assert args.sliding_window == [None, WINDOW, WINDOW, WINDOW]
+        assert [layer.attention.window for layer in model.layers] == [None, WINDOW, WINDOW, WINDOW]
+    if name.startswith("ministral3") or name == "mistral3-ministral3-text":
+        assert args.yarn == YarnArgs(4.0, ORIGINAL, 32.0, 1.0, *( (1.0, 0.0) if name == "ministral3-mscale" else
+                                                                  (1.0, 1.0) if name != "mistral3-ministral3-text"
+                                                                  else (0.0, 0.0)))
+        assert args.query_scaling == QueryScalingArgs(0.5, ORIGINAL)
+    if name == "mistral-yarn":
+        assert args.yarn is not None and args.query_scaling is None  # transformers' Mistral has no query scale
+    assert args.tied_embeddings == (name == "ministral3-tied" or name.startswith("mistral3"))  # Mistral3Config ties
+
+
+def test_logits_match_transformers(family):
+    _, hf_model, _, model = family
+    toks = tokens()
+    diff = (mft_logits(model, toks) - hf_logits(hf_model, toks)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_the_comparison_sees_each_feature(family):
+    """Turning the family's feature off moves the logits far beyond the tolerance: the match above
+    tests the feature, not a sequence too short to show it."""
+    name, hf_model, folder, _ = family
+    args = read_model_args(folder)
+    changes = {"ministral-interleaved": {"sliding_window": WINDOW}, "mistral-yarn": {"yarn": None},
+               "ministral3-yarn-llama4": {"query_scaling": None}, "ministral3-mscale": {"yarn": None},
+               "mistral3-ministral3-text": {"yarn": None}}
+    if name not in changes:
+        pytest.skip("no switchable feature")
+    wrong = build(ModelArgs(**{**vars(args), **changes[name]}), device="cpu", dtype=torch.float32, weights=folder)
+    toks = tokens()
+    assert (mft_logits(wrong.eval(), toks) - hf_logits(hf_model, toks)).abs().max().item() > 1e-2
+
+
+def test_packed_equals_unpacked(family):
+    _, _, _, model = family
+    lengths = [SEQ, 5, 29]
+    toks = tokens(sum(lengths))
+    packed = mft_logits(model, toks, lengths)
+    start = 0
+    for n in lengths:
+        alone = mft_logits(model, toks[start:start + n])
+        assert (packed[start:start + n] - alone).abs().max().item() <= 1e-5
+        start += n
+
+
+def test_greedy_equals_transformers_generate(family):
+    _, hf_model, _, model = family
+    ids = tokens(21).tolist()
+    n = 40  # well past the window and YaRN's original context
+    hf_model.generation_config.eos_token_id = None  # no stop token on either side
+    with torch.no_grad():
+        ids_t = torch.tensor([ids])
+        theirs = hf_model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n, do_sample=False,
+                                   pad_token_id=0)[0, len(ids):].tolist()
+    ours = Generator(model, prefill_chunk=7).generate([ids], GenerationSettings(max_new_tokens=n))[0].tokens
+    assert ours == theirs
+
+
+def test_consolidated_folder_round_trip(family, tmp_path):
+    """params.json in Mistral's names carries the family's settings; the weights give the same logits."""
+    _, hf_model, _, model = family
+    folder = save_consolidated(model, tmp_path / "consolidated")
+    assert params_to_args(args_to_params(model.args), folder) == model.args
+    again = build(read_model_args(folder), device="cpu", dtype=torch.float32, weights=folder).eval()
+    toks = tokens()
+    assert (mft_logits(again, toks) - hf_logits(hf_model, toks)).abs().max().item() <= 1e-4
+
+
+def test_hf_export_loads_in_transformers(family, tmp_path):
+    """export_hf writes the family transformers computes the same with (ministral, ministral3, ...)."""
+    _, hf_model, _, model = family
+    out = export_hf(model, tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    toks = tokens()
+    assert (hf_logits(reloaded, toks) - hf_logits(hf_model, toks)).abs().max().item() <= 1e-4
+
+
+def test_vision_tensors_are_skipped_with_one_line(tmp_path, caplog):
+    torch.manual_seed(0)
+    mistral3_text().save_pretrained(tmp_path)
+    model = build(read_model_args(tmp_path), device="cpu", dtype=torch.float32)
+    with caplog.at_level("INFO", logger="mft.checkpoint.load"):
+        load_weights(model, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if "vision encoder" in r.getMessage()]
+    assert len(lines) == 1 and "skipped the" in lines[0]
