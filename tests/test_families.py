@@ -7,6 +7,8 @@ original context, packed equal to unpacked, greedy decoding equal to transformer
 the same model through a consolidated folder and through a Hugging Face export.
 """
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -14,11 +16,13 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import build  # noqa: E402
 
+from mft.checkpoint.adapter import save_adapter  # noqa: E402
 from mft.checkpoint.consolidated import args_to_params, params_to_args, save_consolidated  # noqa: E402
-from mft.checkpoint.export import export_hf  # noqa: E402
+from mft.checkpoint.export import export_hf, export_peft  # noqa: E402
 from mft.checkpoint.load import load_weights, read_model_args  # noqa: E402
 from mft.generate.decode import GenerationSettings, Generator  # noqa: E402
 from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs  # noqa: E402
+from mft.peft.lora import LoRASettings, lora_modules  # noqa: E402
 
 VOCAB, SEQ, WINDOW, ORIGINAL = 160, 48, 8, 16
 # A small shape whose head_dim is not dim / heads (Nemo's trait: 5120 / 32 = 160, head_dim 128).
@@ -190,6 +194,28 @@ def test_hf_export_loads_in_transformers(family, tmp_path):
     assert (hf_logits(reloaded, toks) - hf_logits(hf_model, toks)).abs().max().item() <= 1e-4
 
 
+def test_peft_export_loads_onto_transformers(family, tmp_path):
+    """An adapter trained on the family, exported for peft with its base as a Hugging Face text
+    model, gives mft's adapted logits in transformers + peft."""
+    peft = pytest.importorskip("peft")
+    _, _, folder, _ = family
+    args = read_model_args(folder)
+    adapted = build(args, device="cpu", dtype=torch.float32, weights=folder, lora=LoRASettings(r=4, alpha=8))
+    with torch.no_grad():
+        for module in lora_modules(adapted).values():
+            module.lora_b.normal_(std=0.1)
+    base = {"name": "family", "checkpoint": str(folder), "tokenizer": "v3", "args": asdict(args)}
+    save_adapter(adapted, tmp_path / "adapter", LoRASettings(r=4, alpha=8), base)
+    plain = build(args, device="cpu", dtype=torch.float32, weights=folder)
+    out = export_peft(tmp_path / "adapter", tmp_path / "peft", base_model=plain)
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf_base, out).eval()
+    toks = tokens()
+    expected = mft_logits(adapted.eval(), toks)
+    assert (expected - mft_logits(plain.eval(), toks)).abs().max().item() > 1e-2  # the adapter matters
+    assert (hf_logits(theirs, toks) - expected).abs().max().item() <= 1e-4
+
+
 def test_vision_tensors_are_skipped_with_one_line(tmp_path, caplog):
     torch.manual_seed(0)
     mistral3_text().save_pretrained(tmp_path)
@@ -198,3 +224,24 @@ def test_vision_tensors_are_skipped_with_one_line(tmp_path, caplog):
         load_weights(model, tmp_path)
     lines = [r.getMessage() for r in caplog.records if "vision encoder" in r.getMessage()]
     assert len(lines) == 1 and "skipped the" in lines[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["triton", "flex", "sdpa"])
+def test_every_family_feature_on_the_gpu(backend):
+    """Interleaved windows, YaRN, the query scale and a tied head together, packed, through each
+    CUDA attention backend: the CPU forward's logits (fp32; the kernels run tf32-free fp32)."""
+    args = ModelArgs(dim=64, n_layers=4, head_dim=32, hidden_dim=128, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
+                     rope_theta=5000.0, sliding_window=[None, 24, 24, 24], yarn=YarnArgs(4.0, 64),
+                     query_scaling=QueryScalingArgs(0.5, 64), tied_embeddings=True)
+    lengths = [300, 37, 200]
+    toks = tokens(sum(lengths))
+    cpu = build(args, device="cpu", dtype=torch.float32, seed=3, std=0.2).eval()
+    gpu = build(args, device="cuda", dtype=torch.float32, seed=3, std=0.2, attn_backend=backend).eval()
+    expected = mft_logits(cpu, toks, lengths)
+    positions = torch.cat([torch.arange(n) for n in lengths]).cuda()
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    with torch.no_grad():
+        got = gpu(toks.cuda(), positions, cu, max(lengths)).cpu()
+    assert (got - expected).abs().max().item() <= 2e-3

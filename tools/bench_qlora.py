@@ -2,6 +2,7 @@
 
     python tools/bench_qlora.py                              # the issue's settings, all three variants
     python tools/bench_qlora.py --variants nf4 --layers 4    # a quick look
+    python tools/bench_qlora.py --shape mistral-small-24b --variants nf4   # any conf/model/ preset
 
 Random weights built directly on the GPU (quantised layers drawn in bf16 one at a time and
 quantised: the path of a streaming load), LoRA r=16 alpha=32 on wq wk wv wo w1 w2 w3, one
@@ -18,9 +19,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from dataclasses import fields, replace
 from types import SimpleNamespace
 
 import torch
+import yaml
 
 from mft.build import ModelSpec, Runtime, build_model
 from mft.model.args import ModelArgs
@@ -31,10 +34,14 @@ from mft.train.optim import build_optimizer
 
 GIB = 2**30
 PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on the lent H100/H200 (DESIGN.md)
-SHAPES = {
-    "mistral-7b-v0.3": ModelArgs(vocab_size=32768, rope_theta=1e6, sliding_window=None),
-    "mistral-7b-v0.1": ModelArgs(vocab_size=32000, rope_theta=1e4, sliding_window=4096),
-}
+PRESETS = Path(__file__).resolve().parent.parent / "conf" / "model"
+
+
+def preset_args(name: str) -> ModelArgs:
+    """The architecture of conf/model/<name>.yaml (its ModelArgs fields; the rest is ignored)."""
+    values = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+    return ModelArgs(**{f.name: values[f.name] for f in fields(ModelArgs) if f.name in values})
+
 SPECS = {
     "nf4": QuantSpec("nf4", 64, double_quant=True),
     "nf4-fp32-absmax": QuantSpec("nf4", 64, double_quant=False),
@@ -125,7 +132,8 @@ def dequant_bandwidth(args: ModelArgs, device: torch.device) -> list:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=list(SHAPES), default="mistral-7b-v0.3")
+    parser.add_argument("--shape", choices=sorted(p.stem for p in PRESETS.glob("*.yaml")), default="mistral-7b-v0.3",
+                        help="a conf/model/ preset")
     parser.add_argument("--variants", default="bf16,nf4,int4", help=f"comma list of bf16, {', '.join(SPECS)}")
     parser.add_argument("--layers", type=int, help="override n_layers (quick runs)")
     parser.add_argument("--seq", type=int, default=4096)
@@ -142,9 +150,9 @@ def main() -> int:
         print("bench_qlora needs a CUDA GPU", file=sys.stderr)
         return 1
     device = torch.device(opts.device)
-    args = SHAPES[opts.shape]
+    args = preset_args(opts.shape)
     if opts.layers:
-        args = ModelArgs(**{**args.__dict__, "n_layers": opts.layers})
+        args = replace(args, n_layers=opts.layers)
     import triton
 
     try:

@@ -112,6 +112,11 @@ def read_hf_config(path: Path) -> dict[str, Any]:
     return read_json_object(path, "Hugging Face config")
 
 
+def is_multimodal_folder(folder: Path) -> bool:
+    """A Mistral3 (vision + text) checkpoint: peft adapters for mft's text model do not apply to it as is."""
+    return read_hf_config(folder / "config.json").get("model_type") == "mistral3"
+
+
 TEXT_MODEL_TYPES = ("mistral", "llama", "ministral", "ministral3")
 
 

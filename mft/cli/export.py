@@ -17,7 +17,7 @@ mft-train on CPU, bf16 for Mistral's releases); the dtype written is printed and
 config.json's torch_dtype. hf and consolidated folders ship the tokenizer for mistral-common and
 for transformers' AutoTokenizer (a Hugging Face base's own tokenizer files, else files built from
 the Mistral tokenizer). A peft export of an adapter whose base transformers cannot read
-(consolidated, a run's random base_model/, 4-bit) also writes OUT/base, that base as a Hugging
+(consolidated, a run's random base_model/, 4-bit) or reads as a vision model (mistral3) also writes OUT/base, that base as a Hugging
 Face folder in --dtype, and adapter_config.json names it.
 """
 
@@ -36,7 +36,7 @@ from mft.checkpoint.export import (
     has_hf_tokenizer,
     stored_dtype,
 )
-from mft.checkpoint.hf import is_hf_folder
+from mft.checkpoint.hf import is_hf_folder, is_multimodal_folder
 from mft.checkpoint.load import read_model_args
 from mft.cli import DTYPES, report_error
 from mft.generate.load import ModelSource, guess_tokenizer, load_model, resolve_source
@@ -128,7 +128,7 @@ def write_peft(opts: argparse.Namespace, source: ModelSource) -> str:
     if len(source.adapters) != 1:
         raise MftError(f"peft export needs exactly one adapter; {opts.source} gives {len(source.adapters)}.")
     adapter = source.adapters[0]
-    if is_hf_folder(source.base):
+    if is_hf_folder(source.base) and not is_multimodal_folder(source.base):
         out = export_peft(adapter.path, opts.out, scale=adapter.scale, base_name_or_path=str(source.base.resolve()))
         return f"PEFT adapter: {out} (base: {source.base})"
     # transformers reads only its own layout: the base goes with the adapter as a Hugging Face folder.
