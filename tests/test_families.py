@@ -17,7 +17,11 @@ transformers = pytest.importorskip("transformers")
 from conftest import build  # noqa: E402
 
 from mft.checkpoint.adapter import save_adapter  # noqa: E402
-from mft.checkpoint.consolidated import args_to_params, params_to_args, save_consolidated  # noqa: E402
+from mft.checkpoint.consolidated import (  # noqa: E402
+    args_to_params,
+    params_to_args,
+    save_consolidated,
+)
 from mft.checkpoint.export import export_hf, export_peft  # noqa: E402
 from mft.checkpoint.load import load_weights, read_model_args  # noqa: E402
 from mft.generate.decode import GenerationSettings, Generator  # noqa: E402

@@ -18,8 +18,8 @@ import gc
 import subprocess
 import sys
 import time
-from pathlib import Path
 from dataclasses import fields, replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch

@@ -32,6 +32,7 @@ from mft.quant.formats import QuantSpec
 from mft.quant.linear import replace_linears
 from mft.quant.model import LINEAR_TARGETS, check_modules
 from mft.utils.distributed import World
+from mft.utils.errors import MftError
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ def build_model(spec: ModelSpec, runtime: Runtime = Runtime()) -> Transformer:
         model = Transformer(spec.args, attn_backend=spec.attn_backend)
     model.to(dtype=param_dtype)  # free on meta; quantised buffers and LoRA factors keep their own dtypes
     if spec.quant is not None:
+        if "output" in spec.quant_modules and spec.args.tied_embeddings:
+            raise MftError("quant.modules includes 'output', but this model's head is its token embedding "
+                           "(tied_embeddings), which stays in the compute dtype; leave 'output' out.")
         replace_linears(model, spec.quant, check_modules(spec.quant_modules), device=torch.device("meta"))
     if spec.lora is not None:
         apply_lora(model, spec.lora)
