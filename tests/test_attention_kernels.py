@@ -27,8 +27,9 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 pytest.importorskip("triton")
 swa = importlib.import_module("mft.kernels.swa_attention")
-from mft.model.attention import PackedDocs, get_attention_backend  # noqa: E402
 from conftest import build, tiny_args  # noqa: E402
+
+from mft.model.attention import PackedDocs, get_attention_backend  # noqa: E402
 
 DEVICE = "cpu" if swa.INTERPRETED else "cuda"
 TC, SC = swa.TileConfig, swa.SwaConfig

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import build, tiny_args
+
 from mft.build import ModelSpec, Runtime, build_model
 from mft.generate.fuse import fuse_projections
 from mft.model.kv_cache import KVCache, plan_decode, plan_prefill

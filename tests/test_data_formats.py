@@ -10,7 +10,12 @@ import pytest
 
 from mft.data.dataset import build_datasets
 from mft.data.readers import iter_records, read_samples
-from mft.data.samples import ALPACA_PROMPT_WITH_INPUT, ChatSample, RowOptions, TextSample
+from mft.data.samples import (
+    ALPACA_PROMPT_WITH_INPUT,
+    ChatSample,
+    RowOptions,
+    TextSample,
+)
 from mft.data.store import EncodeSettings, build_store
 from mft.data.tokenizer import load_tokenizer
 from mft.utils.errors import MftError

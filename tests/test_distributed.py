@@ -37,10 +37,18 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {step: r["train_loss"] for step, r in records(run_dir, "train_loss").items()}
 
 
-@pytest.mark.parametrize("peft", ["lora", "none"])
-def test_two_ranks_match_one_process(tmp_path, peft):
+# Every family feature at once: interleaved full / windowed layers, YaRN, the query scale, a tied
+# head (under FSDP2 one parameter used by the embedding and the head).
+FAMILY = ["model.sliding_window=[null,16]", "model.yarn.factor=4.0", "model.yarn.original_max_position_embeddings=16",
+          "model.query_scaling.beta=0.5", "model.query_scaling.original_max_position_embeddings=16",
+          "model.tied_embeddings=true"]
+
+
+@pytest.mark.parametrize("peft,family", [("lora", False), ("none", False), ("none", True)],
+                         ids=["lora", "full", "full-family-features"])
+def test_two_ranks_match_one_process(tmp_path, peft, family):
     # The whole validation set: 49 batches of 2 at seq_len 64, so one rank repeats a batch and drops it.
-    args = [*BASE, f"peft={peft}", "max_steps=4", "eval_batches=null"]
+    args = [*BASE, f"peft={peft}", "max_steps=4", "eval_batches=null", *(FAMILY if family else [])]
     run([*args, "batch_size=4", f"hydra.run.dir={tmp_path}/single"], tmp_path)
     # The sharded run also checkpoints every block (the wrapper goes on before fully_shard) and
     # takes the head + loss in checkpointed chunks of 16 supervised tokens inside FSDP's root

@@ -10,15 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build, tiny_args
 from safetensors.torch import load_file
 
 from mft.checkpoint.adapter import save_adapter
 from mft.checkpoint.consolidated import save_consolidated
-from mft.checkpoint.export import MISTRAL_LORA, export_consolidated, export_hf, export_peft, parse_size
+from mft.checkpoint.export import (
+    MISTRAL_LORA,
+    export_consolidated,
+    export_hf,
+    export_peft,
+    parse_size,
+)
 from mft.checkpoint.load import load_weights, read_model_args
 from mft.cli.export import main as mft_export
 from mft.generate.load import AdapterRef, ModelSource, load_model
-from conftest import build, tiny_args
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 
 transformers = pytest.importorskip("transformers")

@@ -102,12 +102,16 @@ def tokens(n=SEQ, seed=1):
     return torch.randint(0, VOCAB - 1, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def mft_logits(model, toks, lengths=None):
+def mft_forward(model, toks, lengths=None):
     lengths = lengths or [len(toks)]
     positions = torch.cat([torch.arange(n) for n in lengths])
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return model(toks, positions, cu, max(lengths))
+
+
+def mft_logits(model, toks, lengths=None):
     with torch.no_grad():
-        return model(toks, positions, cu, max(lengths))
+        return mft_forward(model, toks, lengths)
 
 
 def hf_logits(model, toks):
@@ -128,7 +132,7 @@ def test_args_read_the_family(family):
                                                                   else (0.0, 0.0)))
         assert args.query_scaling == QueryScalingArgs(0.5, ORIGINAL)
     if name == "mistral-yarn":
-        assert args.yarn is not None and args.query_scaling is None  # transformers' Mistral has no query scale
+        assert args.yarn.active and not args.query_scaling.active  # transformers' Mistral has no query scale
     assert args.tied_embeddings == (name == "ministral3-tied" or name.startswith("mistral3"))  # Mistral3Config ties
 
 
@@ -144,9 +148,9 @@ def test_the_comparison_sees_each_feature(family):
     tests the feature, not a sequence too short to show it."""
     name, hf_model, folder, _ = family
     args = read_model_args(folder)
-    changes = {"ministral-interleaved": {"sliding_window": WINDOW}, "mistral-yarn": {"yarn": None},
-               "ministral3-yarn-llama4": {"query_scaling": None}, "ministral3-mscale": {"yarn": None},
-               "mistral3-ministral3-text": {"yarn": None}}
+    changes = {"ministral-interleaved": {"sliding_window": WINDOW}, "mistral-yarn": {"yarn": YarnArgs()},
+               "ministral3-yarn-llama4": {"query_scaling": QueryScalingArgs()}, "ministral3-mscale": {"yarn": YarnArgs()},
+               "mistral3-ministral3-text": {"yarn": YarnArgs()}}
     if name not in changes:
         pytest.skip("no switchable feature")
     wrong = build(ModelArgs(**{**vars(args), **changes[name]}), device="cpu", dtype=torch.float32, weights=folder)
@@ -249,3 +253,64 @@ def test_every_family_feature_on_the_gpu(backend):
     with torch.no_grad():
         got = gpu(toks.cuda(), positions, cu, max(lengths)).cpu()
     assert (got - expected).abs().max().item() <= 2e-3
+
+
+def test_params_json_yarn_attention_factor(tmp_path):
+    """params.json's yarn: the attention factor is 1 unless apply_scale asks for YaRN's own."""
+    from mft.model.rope import yarn_attention_factor
+
+    base = {"dim": 48, "n_layers": 2, "hidden_dim": 96, "n_heads": 4, "vocab_size": VOCAB, "rope_theta": 1e6,
+            "llama_4_scaling": {"original_max_position_embeddings": 16, "beta": 0.1}}
+    yarn = {"factor": 16.0, "original_max_position_embeddings": 16, "beta": 32.0, "alpha": 1.0}
+    plain = params_to_args({**base, "yarn": yarn}, tmp_path)
+    scaled = params_to_args({**base, "yarn": {**yarn, "apply_scale": True}}, tmp_path)
+    assert yarn_attention_factor(plain.yarn) == 1.0
+    assert yarn_attention_factor(scaled.yarn) == pytest.approx(1 + 0.1 * torch.log(torch.tensor(16.0)).item())
+    assert plain.query_scaling == QueryScalingArgs(0.1, 16)
+    for args in (plain, scaled):
+        assert params_to_args(args_to_params(args), tmp_path) == args
+
+
+def test_consolidated_multimodal_folder_loads_its_text_model(tmp_path, caplog):
+    """A Small 3.1-style consolidated folder: the vision encoder's tensors are skipped, counted once."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    args = ModelArgs(dim=48, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=VOCAB)
+    model = build(args, device="cpu", dtype=torch.float32, seed=5).eval()
+    folder = save_consolidated(model, tmp_path / "text")
+    tensors = load_file(str(folder / "consolidated.safetensors"))
+    extra = {"vision_encoder.patch_conv.weight": torch.zeros(8, 3, 2, 2), "patch_merger.merging_layer.weight":
+             torch.zeros(8, 32), "vision_language_adapter.w_in.weight": torch.zeros(48, 8)}
+    multimodal = tmp_path / "multimodal"
+    multimodal.mkdir()
+    save_file({**tensors, **extra}, str(multimodal / "consolidated.safetensors"))
+    (multimodal / "params.json").write_text(json.dumps({**args_to_params(args), "vision_encoder": {"hidden_size": 8}}))
+    with caplog.at_level("INFO", logger="mft.checkpoint.load"):
+        again = build(read_model_args(multimodal), device="cpu", dtype=torch.float32, weights=multimodal).eval()
+    assert [r.getMessage() for r in caplog.records if "vision encoder" in r.getMessage()] == [
+        f"{multimodal}: skipped the 3 tensors of the vision encoder (mft trains the text model)"]
+    toks = tokens()
+    assert torch.equal(mft_logits(again, toks), mft_logits(model, toks))
+
+
+def test_gradients_match_transformers(family):
+    """Full fine-tuning: the loss's gradients equal transformers' (a tied head's gradient is the
+    sum of its two uses, in one parameter on both sides)."""
+    name, hf_model, folder, _ = family
+    model = build(read_model_args(folder), device="cpu", dtype=torch.float32, weights=folder).eval()
+    toks = tokens()
+    loss = torch.nn.functional.cross_entropy(mft_forward(model, toks)[:-1], toks[1:])
+    loss.backward()
+    hf_model.zero_grad()
+    theirs = torch.nn.functional.cross_entropy(hf_model(input_ids=toks[None]).logits[0, :-1], toks[1:])
+    theirs.backward()
+    ours = dict(model.named_parameters())
+    hf_embed = hf_model.get_input_embeddings()
+    rows = torch.arange(VOCAB) != (hf_embed.padding_idx if hf_embed.padding_idx is not None else -1)
+    # transformers' Ministral3 embedding never trains its pad id's row (padding_idx); mft's does.
+    assert (ours["tok_embeddings.weight"].grad - hf_embed.weight.grad)[rows].abs().max().item() <= 1e-5
+    hf_wo = hf_model.get_decoder().layers[1].self_attn.o_proj.weight
+    assert (ours["layers.1.attention.wo.weight"].grad - hf_wo.grad).abs().max().item() <= 1e-5
+    hf_model.zero_grad()

@@ -6,22 +6,25 @@ import json
 
 import pytest
 import torch
+from conftest import build, tiny_args
 
 from mft.checkpoint.adapter import load_adapter, save_adapter
 from mft.checkpoint.consolidated import save_consolidated
-from mft.utils.errors import MftError
-from mft.model.kv_cache import KVCache
 from mft.generate.decode import GenerationSettings, Generator
 from mft.generate.load import load_model, resolve_source
 from mft.generate.sampling import SamplingSettings, filter_logits, sample
-from mft.model.args import ModelArgs
-from conftest import build, tiny_args
+from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs
+from mft.model.kv_cache import KVCache
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules, merge_and_unload
+from mft.utils.errors import MftError
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB, WINDOW = 160, 16
 ARGS = tiny_args(vocab_size=VOCAB, rope_theta=5000.0, sliding_window=WINDOW)
+# Ministral's interleaved full / windowed layers with Ministral 3's YaRN, query scale and tied head.
+FAMILY_ARGS = tiny_args(vocab_size=VOCAB, rope_theta=5000.0, sliding_window=[None, WINDOW], yarn=YarnArgs(4.0, 16),
+                        query_scaling=QueryScalingArgs(0.5, 16), tied_embeddings=True)
 
 
 def hf_model(folder, window):
@@ -105,14 +108,20 @@ def test_batched_prompts_of_different_lengths(gen_hf_pair):
 
 
 # -- the rolling buffer ---------------------------------------------------------------------------
-def test_rolling_buffer_equals_full_cache_past_the_window(gen_random_model):
+@pytest.mark.parametrize("family", [False, True], ids=["windowed", "interleaved-yarn-tied"])
+def test_rolling_buffer_equals_full_cache_past_the_window(gen_random_model, family):
     """Step by step, W slots give the logits of a cache that keeps every position, and of the
-    training forward over the whole sequence (the independent reference)."""
+    training forward over the whole sequence (the independent reference). Interleaved layers:
+    the windowed ones roll over W slots while the full ones keep every position."""
     model, steps = gen_random_model, 3 * WINDOW
+    if family:
+        model = build(FAMILY_ARGS, device="cpu", dtype=torch.float32, std=0.2).eval()
     ids = prompt(21)
     rolling, full = Generator(model, prefill_chunk=5), Generator(model, prefill_chunk=5, rolling=False)
     caches = [g.cache_for(1, len(ids) + steps) for g in (rolling, full)]
-    assert caches[0].groups[0].size == WINDOW and caches[1].groups[0].size >= len(ids) + steps
+    sizes = [[c.keys[layer].shape[2] for layer in range(model.args.n_layers)] for c in caches]
+    assert sizes[0][-1] == WINDOW and min(sizes[1]) >= len(ids) + steps
+    assert sizes[0][0] == (sizes[1][0] if family else WINDOW)  # a full layer keeps every position
     logits = [g.prefill([ids], c) for g, c in zip((rolling, full), caches)]
     sequence = list(ids)
     with torch.no_grad():
@@ -370,9 +379,19 @@ class ScriptedModel:
 
 
 def test_anagram_tool_call_round_trip(gen_chat_format):
-    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
+    from mistral_common.protocol.instruct.messages import (
+        AssistantMessage,
+        SystemMessage,
+        ToolMessage,
+        UserMessage,
+    )
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
-    from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool, ToolCall
+    from mistral_common.protocol.instruct.tool_calls import (
+        Function,
+        FunctionCall,
+        Tool,
+        ToolCall,
+    )
     from mistral_common.protocol.instruct.validator import ValidationMode
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -491,12 +510,13 @@ def test_int4_base_generates_like_its_own_forward(tmp_path):
 
 
 @pytest.mark.gpu
-def test_compiled_cuda_graph_decoding_equals_eager():
+@pytest.mark.parametrize("args", [ARGS, FAMILY_ARGS], ids=["windowed", "interleaved-yarn-tied"])
+def test_compiled_cuda_graph_decoding_equals_eager(args):
     """On the GPU: the compiled step (CUDA graphs) gives eager's tokens, across calls and lengths."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     torch.manual_seed(0)
-    model = build(ARGS, device="cuda", dtype=torch.float32).eval()
+    model = build(args, device="cuda", dtype=torch.float32).eval()
     prompts = [prompt(40), prompt(7, seed=2)]
     settings = GenerationSettings(max_new_tokens=40)
     eager = Generator(model).generate(prompts, settings)

@@ -5,14 +5,14 @@ import copy
 
 import pytest
 import torch
+from conftest import build, tiny_args
 from torch import nn
 
-from mft.utils.errors import MftError
 from mft.generate.decode import GenerationSettings, Generator
 from mft.generate.fuse import fuse_projections, still_fused
 from mft.model.args import ModelArgs
-from conftest import build, tiny_args
 from mft.peft.lora import LoRASettings, apply_lora
+from mft.utils.errors import MftError
 
 ARGS = tiny_args(vocab_size=160, rope_theta=5000.0, sliding_window=16)
 

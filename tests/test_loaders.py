@@ -4,14 +4,19 @@ import json
 
 import pytest
 import torch
+from conftest import build, tiny_args
 from safetensors.torch import load_file, save_file
 
 from mft.checkpoint.hf import permute_rotary, unpermute_rotary
-from mft.checkpoint.load import detect_format, load_weights, read_model_args, save_consolidated
-from mft.utils.errors import MftError
+from mft.checkpoint.load import (
+    detect_format,
+    load_weights,
+    read_model_args,
+    save_consolidated,
+)
 from mft.model.args import ModelArgs
-from conftest import build, tiny_args
 from mft.model.transformer import Transformer
+from mft.utils.errors import MftError
 
 ARGS = tiny_args(dim=32, head_dim=8, hidden_dim=48, vocab_size=64, rope_theta=1e6, sliding_window=6)
 

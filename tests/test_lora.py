@@ -2,13 +2,20 @@
 
 import pytest
 import torch
+from conftest import build, tiny_args
 from torch import nn
 
 from mft.checkpoint.adapter import load_adapter, save_adapter
-from mft.utils.errors import MftError
 from mft.model.args import ModelArgs
-from conftest import build, tiny_args
-from mft.peft.lora import LoRALinear, LoRASettings, apply_lora, lora_modules, merge_lora, unmerge_lora
+from mft.peft.lora import (
+    LoRALinear,
+    LoRASettings,
+    apply_lora,
+    lora_modules,
+    merge_lora,
+    unmerge_lora,
+)
+from mft.utils.errors import MftError
 
 ARGS = tiny_args(dim=32, head_dim=8, hidden_dim=64, vocab_size=50, sliding_window=5)
 

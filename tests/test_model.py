@@ -2,11 +2,15 @@
 
 import pytest
 import torch
+from conftest import build, tiny_args
 
 from mft.checkpoint.consolidated import expected_shapes
 from mft.model.args import ModelArgs
-from mft.model.attention import PackedDocs, attention_backend_names, get_attention_backend
-from conftest import build, tiny_args
+from mft.model.attention import (
+    PackedDocs,
+    attention_backend_names,
+    get_attention_backend,
+)
 from mft.model.rope import apply_rope, rope_tables
 
 ARGS = tiny_args(vocab_size=120)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from conftest import build  # noqa: E402
 from transformers import MistralConfig, MistralForCausalLM  # noqa: E402
 from transformers.masking_utils import sliding_window_causal_mask_function  # noqa: E402
 
 from mft.checkpoint.load import load_weights, read_model_args  # noqa: E402
 from mft.model.args import ModelArgs  # noqa: E402
 from mft.model.attention import sliding_window_mask  # noqa: E402
-from conftest import build  # noqa: E402
 
 SEQ, WINDOW, VOCAB = 40, 16, 160
 

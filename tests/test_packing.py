@@ -7,13 +7,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from conftest import build, tiny_args
 
 from mft.data.batch import Batch
-from mft.data.dataset import Part, PackedDataset
+from mft.data.dataset import PackedDataset, Part
 from mft.data.encode import Encoded
 from mft.data.packing import pack
 from mft.data.store import TokenStore
-from conftest import build, tiny_args
 
 PAD = 0
 

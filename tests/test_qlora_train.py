@@ -8,8 +8,8 @@ from mft.checkpoint.adapter import read_adapter_config
 from mft.checkpoint.load import detect_format
 from mft.compose import compose, to_dataclass
 from mft.config import register_configs
-from mft.utils.errors import MftError
 from mft.train.loop import train
+from mft.utils.errors import MftError
 
 # ~6 s per run on 2 CPU cores: 60 steps of 4 x 128 tokens, evaluated at the end on 8 batches.
 SHORT = ["max_steps=60", "eval_every=0", "eval_batches=8", "progress=false", "data.seq_len=128", "batch_size=4",

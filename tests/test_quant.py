@@ -13,11 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mft.utils.errors import MftError
 from mft.peft.lora import LoRALinear, LoRASettings
-from mft.quant.formats import (NF4_LEVELS, QuantSpec, dequantize, dequantize_absmax, quantize, quantize_absmax,
-                               unpack_nibbles)
+from mft.quant.formats import (
+    NF4_LEVELS,
+    QuantSpec,
+    dequantize,
+    dequantize_absmax,
+    quantize,
+    quantize_absmax,
+    unpack_nibbles,
+)
 from mft.quant.linear import QuantizedLinear, quantized_linear
+from mft.utils.errors import MftError
 
 # The NF4 data type as printed in the QLoRA paper (Dettmers et al. 2023, appendix E), typed here
 # independently of mft.quant.formats.

@@ -8,20 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build, tiny_args
 
 import mft.quant.linear as quant_linear
 from mft.checkpoint.adapter import load_adapter, save_adapter
-from mft.checkpoint.load import detect_format, load_weights, read_model_args
 from mft.checkpoint.export import export_hf
+from mft.checkpoint.load import detect_format, load_weights, read_model_args
 from mft.checkpoint.quantized import save_quantized
 from mft.cli.export import main as mft_export
 from mft.cli.quantize import main as mft_quantize
-from mft.utils.errors import MftError
-from conftest import build, tiny_args
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 from mft.quant.formats import QuantSpec
 from mft.quant.linear import QuantizedLinear, dense_weight, quantized_layers
 from mft.quant.model import quantize_model_
+from mft.utils.errors import MftError
 
 ARGS = tiny_args(dim=128, head_dim=32, hidden_dim=256, vocab_size=96, rope_theta=1e6, sliding_window=None)
 NF4_DQ = QuantSpec("nf4", 64, double_quant=True)

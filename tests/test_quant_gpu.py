@@ -9,13 +9,13 @@ safetensors and mft only (no Hydra, no mistral-common).
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build
 
 from mft.checkpoint.consolidated import save_consolidated
 from mft.checkpoint.load import load_weights
 from mft.checkpoint.quantized import save_quantized
-from mft.quant.dequant import dequantize_triton
 from mft.model.args import ModelArgs
-from conftest import build
+from mft.quant.dequant import dequantize_triton
 from mft.quant.formats import QuantSpec, dequantize, quantize
 from mft.quant.linear import QuantizedLinear
 

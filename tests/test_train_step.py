@@ -1,11 +1,13 @@
 """The training step: gradient accumulation and activation checkpointing change nothing numerically."""
 
 import torch
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+from conftest import build, tiny_args
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    apply_activation_checkpointing,
+)
 
 from mft.data.encode import Encoded
 from mft.data.packing import PackedSequence, collate, pack
-from conftest import build, tiny_args
 from mft.model.transformer import TransformerBlock
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 from mft.train.loop import accumulate_gradients

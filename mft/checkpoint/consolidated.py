@@ -51,6 +51,7 @@ _PARAMS_YARN_FIELDS = {
     "alpha": Field(POSITIVE_NUMBER),
     "mscale": Field(NUMBER),
     "mscale_all_dim": Field(NUMBER),
+    "apply_scale": Field(BOOL),
 }
 _PARAMS_LLAMA4_FIELDS = {"original_max_position_embeddings": Field(POSITIVE_INT, required=True),
                          "beta": Field(NUMBER, required=True)}
@@ -96,8 +97,9 @@ def read_params(path: Path) -> dict[str, Any]:
 def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
     """ModelArgs from params.json; older files lack head_dim, n_kv_heads, rope_theta, sliding_window.
 
-    YaRN's attention factor is 1, as transformers' conversion of these files makes it (mscale =
-    mscale_all_dim = 1), unless the file gives mscale / mscale_all_dim itself.
+    YaRN's attention factor: with `"apply_scale": true`, 0.1 ln(factor) + 1 (vLLM's reading);
+    otherwise 1, as transformers' conversion of these files makes it (mscale = mscale_all_dim = 1);
+    mscale / mscale_all_dim in the file, when given, win.
     """
     if params.get("moe"):
         raise MftError(f"{path}: mixture-of-experts checkpoints ('moe' key) are not supported yet")
@@ -118,15 +120,15 @@ def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
         norm_eps=params.get("norm_eps") or 1e-5,
         rope_theta=float(params.get("rope_theta") or 10000.0),
         sliding_window=params.get("sliding_window"),
-        yarn=None if yarn is None else YarnArgs(
+        yarn=YarnArgs() if yarn is None else YarnArgs(
             factor=float(yarn["factor"]),
             original_max_position_embeddings=yarn["original_max_position_embeddings"],
             beta_fast=float(yarn.get("beta") or 32.0),
             beta_slow=float(yarn.get("alpha") or 1.0),
             mscale=float(yarn.get("mscale", 1.0)),
-            mscale_all_dim=float(yarn.get("mscale_all_dim", 1.0)),
+            mscale_all_dim=float(yarn.get("mscale_all_dim", 0.0 if yarn.get("apply_scale") else 1.0)),
         ),
-        query_scaling=None if not llama4 or not llama4["beta"] else QueryScalingArgs(
+        query_scaling=QueryScalingArgs() if llama4 is None else QueryScalingArgs(
             beta=float(llama4["beta"]), original_max_position_embeddings=llama4["original_max_position_embeddings"]),
         tied_embeddings=bool(params.get("tied_embeddings", False)),
     )
@@ -137,11 +139,11 @@ def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
 def args_to_params(args: ModelArgs) -> dict[str, Any]:
     """params.json for `args`, in Mistral's names (params_to_args reads it back to `args`)."""
     params: dict[str, Any] = {name: getattr(args, name) for name in _SHAPE_FIELDS}
-    if args.yarn is not None:
+    if args.yarn.active:
         y = args.yarn
         params["yarn"] = {"factor": y.factor, "original_max_position_embeddings": y.original_max_position_embeddings,
                           "beta": y.beta_fast, "alpha": y.beta_slow, "mscale": y.mscale, "mscale_all_dim": y.mscale_all_dim}
-    if args.query_scaling is not None:
+    if args.query_scaling.active:
         params["llama_4_scaling"] = asdict(args.query_scaling)
     if args.tied_embeddings:
         params["tied_embeddings"] = True

@@ -165,9 +165,9 @@ def hf_config_to_args(config: dict[str, Any], path: Path) -> ModelArgs:
         norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta),
         sliding_window=_windows(config, n_layers, path),
-        yarn=_yarn(rope, config, path) if rope_type == "yarn" else None,
+        yarn=_yarn(rope, path) if rope_type == "yarn" else YarnArgs(),
         # transformers applies Llama 4's query scale in Ministral3 models only.
-        query_scaling=_query_scaling(rope, path) if model_type == "ministral3" else None,
+        query_scaling=_query_scaling(rope, path) if model_type == "ministral3" else QueryScalingArgs(),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
 
@@ -194,7 +194,7 @@ def compact_windows(windows: list[Optional[int]]) -> Any:
     return windows[:period]
 
 
-def _yarn(rope: dict[str, Any], config: dict[str, Any], path: Path) -> YarnArgs:
+def _yarn(rope: dict[str, Any], path: Path) -> YarnArgs:
     missing = [key for key in ("factor", "original_max_position_embeddings") if rope.get(key) is None]
     if missing:
         raise MftError(f"{path}: a yarn rope needs {missing} in rope_parameters")
@@ -210,10 +210,10 @@ def _yarn(rope: dict[str, Any], config: dict[str, Any], path: Path) -> YarnArgs:
     )
 
 
-def _query_scaling(rope: dict[str, Any], path: Path) -> Optional[QueryScalingArgs]:
+def _query_scaling(rope: dict[str, Any], path: Path) -> QueryScalingArgs:
     beta = rope.get("llama_4_scaling_beta")
     if not beta:
-        return None
+        return QueryScalingArgs()
     if rope.get("original_max_position_embeddings") is None:
         raise MftError(f"{path}: llama_4_scaling_beta needs original_max_position_embeddings in rope_parameters")
     return QueryScalingArgs(beta=float(beta), original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
@@ -224,10 +224,10 @@ def args_to_hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_
     "ministral3" with Llama 4's query scale, "ministral" when layers mix windows, else "mistral"
     (YaRN in rope_parameters either way). Rope is written in both the v4 and the v5 layout."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.yarn is not None:
+    if args.yarn.active:
         rope = {**rope, "rope_type": "yarn", **asdict(args.yarn)}
-    if args.query_scaling is not None:
-        if args.yarn is not None and args.yarn.original_max_position_embeddings != args.query_scaling.original_max_position_embeddings:
+    if args.query_scaling.active:
+        if args.yarn.active and args.yarn.original_max_position_embeddings != args.query_scaling.original_max_position_embeddings:
             raise MftError("transformers' Ministral3 reads yarn's and the query scale's original_max_position_embeddings "
                            "from one key; a model where they differ cannot be exported to Hugging Face")
         rope = {**rope, "llama_4_scaling_beta": args.query_scaling.beta,
@@ -236,10 +236,10 @@ def args_to_hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_
     sliding = sorted({w for w in windows if w is not None})
     family: dict[str, Any] = {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
                               "sliding_window": sliding[0] if sliding else None}
-    if args.query_scaling is not None:
+    if args.query_scaling.active:
         family = {**family, "model_type": "ministral3", "architectures": ["Ministral3ForCausalLM"]}
     if len(set(windows)) > 1:
-        if len(sliding) > 1 or args.query_scaling is not None:
+        if len(sliding) > 1 or args.query_scaling.active:
             raise MftError(f"sliding_window {args.sliding_window}: transformers has no model with several window "
                            "lengths (or interleaved windows with Llama 4 scaling); cannot export to Hugging Face")
         family = {**family, "model_type": "ministral", "architectures": ["MinistralForCausalLM"],
@@ -257,7 +257,7 @@ def args_to_hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_
         "rope_theta": args.rope_theta,
         "rope_parameters": rope,
         "max_position_embeddings": max(32768, int(args.yarn.factor * args.yarn.original_max_position_embeddings)
-                                       if args.yarn is not None else 0),
+                                       if args.yarn.active else 0),
         "hidden_act": "silu",
         "tie_word_embeddings": args.tied_embeddings,
         "attention_dropout": 0.0,

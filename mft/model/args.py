@@ -1,29 +1,38 @@
 """Architecture hyper-parameters of a Mistral model (every family: 7B, Nemo, Small, Codestral,
 Ministral, Ministral 3), named as in Mistral's params.json where it has a name."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
 @dataclass
 class YarnArgs:
     """YaRN rope scaling (Ministral 3): frequencies between the two rotation bounds are interpolated
-    by `factor`, and cos/sin are multiplied by an attention factor (transformers' formula)."""
+    by `factor`, and cos/sin are multiplied by an attention factor (transformers' formula).
+    factor 1 is plain rope (YaRN's formulas then change nothing)."""
 
-    factor: float = 1.0  # context extension factor
+    factor: float = 1.0  # context extension factor; 1: no YaRN
     original_max_position_embeddings: int = 4096  # the context the rope was pretrained with
     beta_fast: float = 32.0  # rotations above which frequencies are kept (extrapolated)
     beta_slow: float = 1.0  # rotations below which frequencies are divided by factor (interpolated)
     mscale: float = 1.0  # attention factor numerator's log multiplier
     mscale_all_dim: float = 0.0  # its denominator's; 0: the attention factor is 0.1 ln(factor) + 1
 
+    @property
+    def active(self) -> bool:
+        return self.factor != 1.0
+
 
 @dataclass
 class QueryScalingArgs:
     """Llama 4's position-dependent query scale (Ministral 3): q *= 1 + beta ln(1 + floor(pos / length))."""
 
-    beta: float = 0.0  # strength of the scale
+    beta: float = 0.0  # strength of the scale; 0: no scale
     original_max_position_embeddings: int = 4096  # positions per scale step
+
+    @property
+    def active(self) -> bool:
+        return self.beta != 0.0
 
 
 def layer_windows(sliding_window: Any, n_layers: int) -> list[Optional[int]]:
@@ -58,19 +67,20 @@ class ModelArgs:
     # A query sees itself and the previous W - 1 tokens of its document. None: full causal; an
     # int: every layer; a list: a per-layer pattern repeated over the layers (null: full causal).
     sliding_window: Any = None
-    # YaRN rope scaling; None: plain rope.
-    yarn: Optional[YarnArgs] = None
-    # Llama 4's position-dependent query scale; None: none.
-    query_scaling: Optional[QueryScalingArgs] = None
+    # YaRN rope scaling (factor 1: plain rope).
+    yarn: YarnArgs = field(default_factory=YarnArgs)
+    # Llama 4's position-dependent query scale (beta 0: none).
+    query_scaling: QueryScalingArgs = field(default_factory=QueryScalingArgs)
     # The output head shares the token embedding's weight.
     tied_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        # From a plain dict (params.json, an adapter's saved args): nested settings become dataclasses.
-        if isinstance(self.yarn, dict):
-            self.yarn = YarnArgs(**self.yarn)
-        if isinstance(self.query_scaling, dict):
-            self.query_scaling = QueryScalingArgs(**self.query_scaling)
+        # From a plain dict (an adapter's saved args): nested settings become dataclasses. An
+        # inactive setting is the default one, so two models that compute the same compare equal.
+        yarn = YarnArgs(**self.yarn) if isinstance(self.yarn, dict) else self.yarn
+        self.yarn = yarn if yarn is not None and yarn.active else YarnArgs()
+        scaling = QueryScalingArgs(**self.query_scaling) if isinstance(self.query_scaling, dict) else self.query_scaling
+        self.query_scaling = scaling if scaling is not None and scaling.active else QueryScalingArgs()
         if isinstance(self.sliding_window, tuple):
             self.sliding_window = list(self.sliding_window)
 

@@ -40,13 +40,13 @@ def yarn_attention_factor(yarn: YarnArgs) -> float:
     return mscale(1.0)
 
 
-def inverse_frequencies(head_dim: int, theta: float, yarn: Optional[YarnArgs], device=None) -> torch.Tensor:
+def inverse_frequencies(head_dim: int, theta: float, yarn: YarnArgs, device=None) -> torch.Tensor:
     """inv_freq (head_dim // 2,) fp32. With YaRN, a pair that turns more than beta_fast times over
     the original context keeps its frequency, one that turns fewer than beta_slow times has it
     divided by `factor`, and the pairs between blend the two along a linear ramp."""
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
     inv_freq = 1.0 / (theta**exponents)
-    if yarn is None:
+    if not yarn.active:
         return inv_freq
 
     def pair_index(rotations: float) -> float:
@@ -76,10 +76,10 @@ def rope_tables(positions: torch.Tensor, args: ModelArgs) -> RopeTables:
     inv_freq = inverse_frequencies(args.head_dim, args.rope_theta, args.yarn, positions.device)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     cos, sin = angles.cos(), angles.sin()
-    if args.yarn is not None:
+    if args.yarn.active:
         factor = yarn_attention_factor(args.yarn)
         cos, sin = cos * factor, sin * factor
-    scale = query_scale(positions, args.query_scaling) if args.query_scaling is not None else None
+    scale = query_scale(positions, args.query_scaling) if args.query_scaling.active else None
     return RopeTables(cos, sin, scale)
 
 

@@ -60,11 +60,11 @@ def model_args(mcfg: ModelConfig) -> ModelArgs:
     except ValueError:
         _require(False, "model.sliding_window", preset.sliding_window, "a positive number of tokens, null for full "
                  f"causal attention, or a per-layer list of those whose length divides n_layers={preset.n_layers}")
-    if preset.yarn is not None:
+    if preset.yarn.active:
         _require(preset.yarn.factor >= 1, "model.yarn.factor", preset.yarn.factor, "a number >= 1")
         _require(preset.yarn.original_max_position_embeddings > 0, "model.yarn.original_max_position_embeddings",
                  preset.yarn.original_max_position_embeddings, "a positive number of tokens")
-    if preset.query_scaling is not None:
+    if preset.query_scaling.active:
         _require(preset.query_scaling.original_max_position_embeddings > 0,
                  "model.query_scaling.original_max_position_embeddings",
                  preset.query_scaling.original_max_position_embeddings, "a positive number of tokens")
