@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def gen_export_setup(tmp_path_factory):
         for m in lora_modules(model).values():
             m.lora_b.normal_(std=0.1)
     save_adapter(model, root / "adapter", settings,
-                 {"name": "t", "checkpoint": str(root / "base"), "tokenizer": "v3", "args": vars(args)})
+                 {"name": "t", "checkpoint": str(root / "base"), "tokenizer": "v3", "args": asdict(args)})
     ids = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(2))
     return root, model.eval(), ids
 
@@ -216,7 +217,7 @@ def random_base_run(tmp_path_factory):
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_b.normal_(std=0.1)
-    describe = {"name": "tiny", "checkpoint": str(base), "tokenizer": "v3", "args": vars(model.args)}
+    describe = {"name": "tiny", "checkpoint": str(base), "tokenizer": "v3", "args": asdict(model.args)}
     save_adapter(model, run / "checkpoints" / "step_000002", settings, describe, step=2)
     (run / "resolved_config.yaml").write_text("model:\n  tokenizer: v3\n")
     ids = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(4))

@@ -3,6 +3,7 @@ batched rows equal single rows, sampling, stops, adapters with scales, run-dir r
 Mistral chat with tool calls (the anagram example, with a scripted model)."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -210,7 +211,7 @@ def _adapter(model, folder, seed, targets=("wq", "wv", "w2")):
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_b.normal_(std=0.05)
-    save_adapter(model, folder, settings, {"name": "t", "checkpoint": None, "tokenizer": "v3", "args": vars(ARGS)})
+    save_adapter(model, folder, settings, {"name": "t", "checkpoint": None, "tokenizer": "v3", "args": asdict(ARGS)})
     return settings
 
 
@@ -286,7 +287,7 @@ def _run_dir(tmp_path, model, steps=(2, 10)):
     settings = _adapter(copy, tmp_path / "unused", seed=0)
     for step in steps:
         save_adapter(copy, run / "checkpoints" / f"step_{step:06d}", settings,
-                     {"name": "t", "checkpoint": str(base), "tokenizer": "v7", "args": vars(ARGS)}, step=step)
+                     {"name": "t", "checkpoint": str(base), "tokenizer": "v7", "args": asdict(ARGS)}, step=step)
     (run / "resolved_config.yaml").write_text("model:\n  tokenizer: v3\n")
     return run
 

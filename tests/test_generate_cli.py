@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def gen_run_dir(tmp_path_factory):
     with torch.no_grad():
         for m in lora_modules(model).values():
             m.lora_b.normal_(std=0.05)
-    describe = {"name": "tiny", "checkpoint": str(base), "tokenizer": "v3", "args": vars(ARGS)}
+    describe = {"name": "tiny", "checkpoint": str(base), "tokenizer": "v3", "args": asdict(ARGS)}
     save_adapter(model, run / "checkpoints" / "step_000002", settings, describe, step=2)
     (run / "resolved_config.yaml").write_text("model:\n  name: tiny\n  tokenizer: v3\n")
     return run

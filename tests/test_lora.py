@@ -1,5 +1,7 @@
 """LoRA: identity at init, merge/unmerge, frozen base, adapter round trip, equality with peft."""
 
+from dataclasses import asdict
+
 import pytest
 import torch
 from conftest import build, tiny_args
@@ -78,7 +80,7 @@ def test_adapter_save_and_reload_reproduces_outputs(tmp_path):
     apply_lora(model, settings)
     randomise_b(model)
     expected = model(*inputs())
-    save_adapter(model, tmp_path / "adapter", settings, base={"args": ARGS.__dict__})
+    save_adapter(model, tmp_path / "adapter", settings, base={"args": asdict(ARGS)})
 
     fresh = tiny_model()
     loaded = load_adapter(fresh, tmp_path / "adapter", ARGS)
@@ -90,7 +92,7 @@ def test_adapter_for_another_shape_is_refused(tmp_path):
     model = tiny_model()
     settings = LoRASettings(r=2)
     apply_lora(model, settings)
-    save_adapter(model, tmp_path / "a", settings, base={"args": ARGS.__dict__})
+    save_adapter(model, tmp_path / "a", settings, base={"args": asdict(ARGS)})
     other = ModelArgs(**{**ARGS.__dict__, "dim": 48})
     with pytest.raises(MftError, match="dim: adapter 32 vs model 48"):
         load_adapter(tiny_model(), tmp_path / "a", other)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,7 @@ def test_adapters_move_between_quantised_and_dense_bases(tmp_path, spec):
     qmodel = quantised_model(spec)  # the same seed: the quantised twin of `dense`
     apply_lora(qmodel, settings)
     randomise_lora(qmodel)
-    save_adapter(qmodel, tmp_path / "from_q", settings, base={"args": ARGS.__dict__})
+    save_adapter(qmodel, tmp_path / "from_q", settings, base={"args": asdict(ARGS)})
 
     load_adapter(dense, tmp_path / "from_q", ARGS)
     for name, m in lora_modules(qmodel).items():
@@ -148,7 +149,7 @@ def test_adapters_move_between_quantised_and_dense_bases(tmp_path, spec):
     out_q, out_d = qmodel(*inputs()), dense(*inputs())
     assert (out_q - out_d).norm() < 0.35 * out_d.norm()
 
-    save_adapter(dense, tmp_path / "from_dense", settings, base={"args": ARGS.__dict__})
+    save_adapter(dense, tmp_path / "from_dense", settings, base={"args": asdict(ARGS)})
     fresh_q = quantised_model(spec)
     load_adapter(fresh_q, tmp_path / "from_dense", ARGS)
     torch.testing.assert_close(fresh_q(*inputs()), out_q, rtol=0, atol=0)
@@ -161,7 +162,7 @@ def test_merge_lora_onto_a_quantised_base_gives_a_model_transformers_and_mft_loa
     base = save_quantized(qmodel, tmp_path / "base")
     apply_lora(qmodel, settings)
     randomise_lora(qmodel)
-    save_adapter(qmodel, tmp_path / "adapter", settings, base={"args": ARGS.__dict__, "checkpoint": str(base)})
+    save_adapter(qmodel, tmp_path / "adapter", settings, base={"args": asdict(ARGS), "checkpoint": str(base)})
     expected = qmodel(*inputs())
 
     # A vocabulary of 96 names no Mistral tokenizer: the export ships none.
@@ -190,7 +191,7 @@ def test_qlora_adapter_exports_round_once_and_move_onto_the_dense_base(tmp_path)
     base = save_quantized(qmodel, tmp_path / "base")
     apply_lora(qmodel, settings)
     randomise_lora(qmodel)
-    save_adapter(qmodel, tmp_path / "adapter", settings, base={"args": ARGS.__dict__, "checkpoint": str(base)})
+    save_adapter(qmodel, tmp_path / "adapter", settings, base={"args": asdict(ARGS), "checkpoint": str(base)})
 
     assert mft_export(["consolidated", str(tmp_path / "adapter"), str(tmp_path / "bf16"), "--merge",
                        "--tokenizer", "none"]) == 0
