@@ -89,6 +89,8 @@ def encode_records(records: Iterable[Record], path: str, tokenizer: Tokenizer, s
             literal = control_strings(sample, tokenizer)
             try:
                 enc = encode_sample(sample, tokenizer, settings.control)
+            except RowError:  # mft's own refusal (thinking without [THINK] tokens), already worded
+                raise
             except Exception as e:  # noqa: BLE001 - mistral-common's own checks, as a row error
                 raise RowError("cannot_encode", cannot_encode(e)) from None
         except RowError as e:
