@@ -396,3 +396,44 @@ def test_write_tekken_writes_a_file_mistral_common_reads(tmp_path):
     path = write_tekken(tmp_path / "model", "v11")
     reference = MistralTokenizer.from_file(str(path), mode=ValidationMode.test)
     assert type(reference.instruct_tokenizer).__name__ == "InstructTokenizerV11"
+
+
+# ---------------------------------------------------------------- a model folder's own tokenizer
+
+
+def test_model_tokenizer_resolver_prefers_the_checkpoint_folder(tmp_path, tekken_files):
+    from mft.data.tokenizer_files import model_tokenizer
+
+    empty = tmp_path / "weights-only"
+    empty.mkdir()
+    (empty / "tokenizer.json").write_text("{}")  # a Hugging Face tokenizer is not a Mistral one
+    folder = tekken_files["v13-tekken"].parent
+    assert model_tokenizer(str(folder), "v3") == str(folder)
+    assert model_tokenizer(str(empty), "v3") == "v3"
+    assert model_tokenizer(None, "v1") == "v1"
+    assert model_tokenizer(str(tmp_path / "missing"), "v3") == "v3"
+    spm = tmp_path / "spm"
+    spm.mkdir()
+    (spm / "tokenizer.model.v3").write_bytes(BUILTIN["v3"].read_bytes())
+    assert model_tokenizer(str(spm), "v1") == str(spm)
+
+
+def test_presets_default_to_the_checkpoints_tokenizer_and_an_explicit_one_wins(tekken_files, tmp_path):
+    from mft.compose import compose, to_dataclass
+    from mft.config import register_configs
+
+    register_configs()
+    folder = str(tekken_files["v7-tekken"].parent)
+    empty = tmp_path / "no-tokenizer"
+    empty.mkdir()
+
+    def tokenizer(*overrides):
+        return to_dataclass(compose("train", list(overrides))).model.tokenizer
+
+    assert tokenizer("model=mistral-7b-v0.3", f"model.checkpoint={folder}") == folder
+    assert tokenizer("model=mistral-7b-v0.1", f"model.checkpoint={folder}") == folder
+    assert tokenizer("model=mistral-7b-v0.3", f"model.checkpoint={empty}") == "v3"
+    assert tokenizer("model=mistral-7b-v0.1") == "v1"
+    assert tokenizer("model=mistral-7b-v0.3") == "v3"
+    assert tokenizer("model=mistral-7b-v0.3", f"model.checkpoint={folder}", "model.tokenizer=v7") == "v7"
+    assert load_tokenizer(tokenizer("model=mistral-7b-v0.3", f"model.checkpoint={folder}")).version == "v7"
