@@ -437,3 +437,25 @@ def test_presets_default_to_the_checkpoints_tokenizer_and_an_explicit_one_wins(t
     assert tokenizer("model=mistral-7b-v0.3") == "v3"
     assert tokenizer("model=mistral-7b-v0.3", f"model.checkpoint={folder}", "model.tokenizer=v7") == "v7"
     assert load_tokenizer(tokenizer("model=mistral-7b-v0.3", f"model.checkpoint={folder}")).version == "v7"
+
+
+# ---------------------------------------------------------------- data files with thinking
+
+
+def test_validate_data_reports_thinking_rows_at_their_lines(tmp_path, tekken_files, capsys):
+    from mft.data.validate import main
+
+    data = tmp_path / "reasoning.jsonl"
+    rows = [THINKING, {"messages": [{"role": "user", "content": "2 + 2?"},
+                                    {"role": "assistant", "content": [{"type": "thinking", "thinking": ""},
+                                                                      {"type": "text", "text": "4"}]}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert main([str(data), "--tokenizer", str(tekken_files["v13-tekken"].parent), "--seq-len", "512"]) == 1
+    out = capsys.readouterr().out
+    assert f"{data}:2: message 1 (assistant) content[0]: 'thinking' is empty" in out
+    assert f"{data}:1:" not in out
+    assert main([str(data), "--tokenizer", str(tekken_files["v13-tekken-nothink"]), "--seq-len", "512"]) == 1
+    assert f"{data}:1: thinking chunks need a tokenizer with [THINK] and [/THINK] tokens" in capsys.readouterr().out
+    assert main([str(data), "--tokenizer", "v7", "--seq-len", "512"]) == 1
+    assert (f"{data}:1: message 0 (system) content[1]: thinking chunks need a v13 or newer tokenizer"
+            in capsys.readouterr().out)
