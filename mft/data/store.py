@@ -43,7 +43,7 @@ from mft.utils.errors import MftError
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 2  # bump when the encoding or the layout changes: old entries are then ignored
+STORE_VERSION = 3  # bump when the encoding, the row rules or the layout change: old entries are then ignored
 CHUNK_ROWS = 256  # rows per unit of work
 AUTO_WORKERS_MIN_BYTES = 16 << 20  # files smaller than this are tokenized in-process by default
 MAX_CONTROL_EXAMPLES = 5

@@ -53,8 +53,8 @@ class Reply:
     thinking: str = ""  # the [THINK] block of a reasoning model, without its markers
 
     def to_message(self) -> dict[str, Any]:
-        """The answer as the next prompt's history: content and tool calls; the thinking stays out,
-        as it does in Mistral's own multi-turn requests."""
+        """The answer as the next prompt's history: content and tool calls. The thinking stays out
+        (shorter prompts; the next answer reasons afresh)."""
         message: dict[str, Any] = {"role": "assistant", "content": self.content or None}
         if self.tool_calls:
             message["tool_calls"] = [c.to_openai() for c in self.tool_calls]
@@ -129,7 +129,7 @@ class ChatFormat:
             return Reply(cut_at_stop(self.decode(ids), stop_strings), [], generated, thinking)
         cut = ids.index(self.tool_calls_id)
         content = self.decode(ids[:cut]).strip()
-        # v11+ (and some v3 outputs) repeat [TOOL_CALLS] before each call.
+        # v11+ put [TOOL_CALLS] before each call; a JSON-list model may repeat it too.
         parts, current = [], []
         for token in ids[cut + 1:]:
             if token == self.tool_calls_id:
