@@ -19,6 +19,7 @@ from omegaconf import MISSING, OmegaConf
 
 from mft.data.bundled import bundled_path
 from mft.data.config import DataConfig
+from mft.data.tokenizer_files import model_tokenizer
 from mft.model.args import ModelArgs
 from mft.utils.choice import Choice, Precision
 from mft.utils.world import run_stamp
@@ -43,7 +44,9 @@ class ModelConfig(ModelArgs):
     name: str = MISSING
     # Hugging Face folder (config.json) or Mistral consolidated folder (params.json); null: random init (seeded).
     checkpoint: Optional[str] = None
-    # "v1" | "v3" | "v7" (files shipped in mistral-common) or a path to a tokenizer file / model folder.
+    # v1 | v2 | v3 | v7 | v7-mm | v3-tekken | v3-tekken-mm (files shipped in mistral-common) or a path to
+    # a tokenizer file (tekken.json of any version, tokenizer.model.vN) / model folder. The presets use
+    # ${mft_tokenizer:${model.checkpoint},vN}: the checkpoint folder's own tokenizer when it has one.
     tokenizer: str = "v3"
     # Attention kernel: auto (triton on CUDA, sdpa on CPU) | triton | flex | xformers | sdpa.
     attn_backend: AttnBackend = AttnBackend.auto
@@ -201,8 +204,8 @@ def unless_set(key: str, value: Any, _parent_: Any) -> Any:
 
 
 def register_configs() -> None:
-    """Register the schema and the `mft_stamp` / `mft_data` / `mft_percent_of` / `mft_unless_set`
-    resolvers (idempotent)."""
+    """Register the schema and the `mft_stamp` / `mft_data` / `mft_percent_of` / `mft_unless_set` /
+    `mft_tokenizer` resolvers (idempotent)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     register_torchrun_launcher()
     if not OmegaConf.has_resolver("mft_stamp"):
@@ -215,3 +218,7 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("mft_unless_set"):
         # ${mft_unless_set:warmup_ratio,20}: 20, unless the sibling warmup_ratio is set (then null).
         OmegaConf.register_new_resolver("mft_unless_set", unless_set)
+    if not OmegaConf.has_resolver("mft_tokenizer"):
+        # ${mft_tokenizer:${model.checkpoint},v3}: the checkpoint folder when it holds a Mistral
+        # tokenizer file (tekken.json, tokenizer.model.vN, tokenizer.model), else v3.
+        OmegaConf.register_new_resolver("mft_tokenizer", model_tokenizer)

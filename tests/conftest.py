@@ -40,3 +40,23 @@ def v3_tokenizer():
     from mft.data.tokenizer import load_tokenizer
 
     return load_tokenizer("v3")
+
+
+# Tekken tokenizers newer than the v3 files the mistral-common wheel ships, written by
+# tests/tekken_files.py: name -> (config version, with [THINK] tokens).
+TEKKEN_VERSIONS = {
+    "v7-tekken": ("v7", True),
+    "v11-tekken": ("v11", True),
+    "v13-tekken": ("v13", True),
+    "v13-tekken-nothink": ("v13", False),
+    "v15-tekken": ("v15", True),
+}
+
+
+@pytest.fixture(scope="session")
+def tekken_files(tmp_path_factory) -> dict:
+    """name -> the tekken.json of TEKKEN_VERSIONS, each alone in a model folder."""
+    from tekken_files import write_tekken
+
+    root = tmp_path_factory.mktemp("tekken")
+    return {name: write_tekken(root / name, version, think) for name, (version, think) in TEKKEN_VERSIONS.items()}

@@ -149,7 +149,7 @@ def test_load_from_file_and_folder(tmp_path):
 
 
 def test_bad_specs(tmp_path):
-    with pytest.raises(MftError, match="v1, v3, v7"):
+    with pytest.raises(MftError, match="v1, v2, v3, v7"):
         load_tokenizer("v42")
     with pytest.raises(MftError, match="no Mistral tokenizer file"):
         load_tokenizer(tmp_path)

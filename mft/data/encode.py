@@ -38,7 +38,7 @@ def encode_sample(sample: Sample, tokenizer: Tokenizer, control: str = "warn") -
         ids = tokenizer.encode_text(sample.text, bos=True, eos=True, control=control)
         return Encoded(ids, [False] + [True] * (len(ids) - 1), sample.source, is_text=True)
     if isinstance(sample, ChatSample):
-        ids, mask = tokenizer.encode_chat(sample.messages, sample.tools)
+        ids, mask = tokenizer.encode_chat(sample.messages, sample.tools, sample.reasoning_effort)
         return Encoded(ids, mask, sample.source, is_text=False)
     raise TypeError(f"not a sample: {type(sample).__name__}")
 
@@ -50,6 +50,6 @@ def control_strings(sample: Sample, tokenizer: Tokenizer) -> list[str]:
         return tokenizer.find_control_strings(sample.text)
     found = []
     for m in sample.messages:
-        if m.content:
-            found += tokenizer.find_control_strings(m.content)
+        for text in m.texts():
+            found += tokenizer.find_control_strings(text)
     return found

@@ -7,7 +7,10 @@ one of two samples:
   rendered with the classic prompt template): BOS + text + EOS, every token trained on.
 - `ChatSample`: a conversation in the Mistral fine-tuning format: roles system, user,
   assistant, tool; top-level `tools` (function specs); assistant `tool_calls`; tool results
-  with `tool_call_id`; per-assistant-message `weight` 0 or 1. Alpaca rows can map here too.
+  with `tool_call_id`; per-assistant-message `weight` 0 or 1. `content` is a string or a list
+  of chunks: {"type": "text", "text": ...} anywhere, and the reasoning of Magistral-style models,
+  {"type": "thinking", "thinking": ..., "closed": true}, in assistant (and v13 system) messages.
+  A v15 chat may name its `reasoning_effort`. Alpaca rows can map here too.
 
 Every defect raises `RowError(code, message)`; callers add the `file:line`. The codes name the
 kind of defect (for counts in reports); the messages say what is wrong and what was expected.
@@ -29,6 +32,7 @@ ALPACA_STYLES = ("chat", "prompt")
 # Keys a chat row may carry besides its data; anything else is a mistake we report (a misspelt
 # "tool" for "tools" would otherwise drop the function specs without a word).
 _CHAT_META_KEYS = {"id", "metadata", "source"}
+_CHAT_KEYS = {"messages", "tools", "reasoning_effort"}
 _MESSAGE_KEYS = {
     "system": {"role", "content"},
     "user": {"role", "content"},
@@ -36,8 +40,9 @@ _MESSAGE_KEYS = {
     "tool": {"role", "content", "tool_call_id", "name"},
 }
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # function names (mistral-common's rule)
-TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")  # tool call ids from tokenizer v3 on
-NULL_ID = "null"  # allowed only on the final assistant message (mistral-common's finetuning rule)
+TOOL_CALL_ID = re.compile(r"^[a-zA-Z0-9]{9}$")  # tool call ids of tokenizers v3 to v11 (v13 encodes none)
+NULL_ID = "null"  # allowed only on the final assistant message (mistral-common's finetuning rule), before v13
+CHUNK_TYPES = ("text", "thinking")  # a chunk {"type": t, t: "..."} keeps its string under its type's name
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
@@ -58,13 +63,28 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """One piece of a message's content: plain text, or reasoning ("thinking", in [THINK] ... [/THINK])."""
+
+    type: str  # "text" | "thinking"
+    text: str
+    closed: bool = True  # thinking only: False leaves the [THINK] block open (no [/THINK])
+
+
+@dataclass(frozen=True)
 class Message:
     role: str  # "system" | "user" | "assistant" | "tool"
-    content: str | None = None  # None only for an assistant message that only calls tools
+    content: str | tuple[Chunk, ...] | None = None  # None only for an assistant message that only calls tools
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None  # tool results
     name: str | None = None  # tool results (optional function name)
     weight: int | None = None  # assistant messages: 0 = context only, 1 or None = trained on
+
+    def texts(self) -> list[str]:
+        """Every string the content holds (text and thinking), for scans of a row's text."""
+        if self.content is None:
+            return []
+        return [self.content] if isinstance(self.content, str) else [c.text for c in self.content]
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,7 @@ class ChatSample:
     messages: tuple[Message, ...]
     source: str  # "path:line"
     tools: tuple[Any, ...] = field(default=(), compare=False)  # function specs ({"type", "function"})
+    reasoning_effort: str | None = None  # v15 tokenizers: encoded in [MODEL_SETTINGS]; None: the file's default
 
 
 Sample = TextSample | ChatSample
@@ -102,7 +123,7 @@ class RowOptions:
     format: str = "auto"  # auto | text | chat | alpaca
     text_column: str = "text"
     alpaca: str = "chat"  # chat: user = instruction (+ input), assistant = output | prompt: classic template
-    tokenizer_version: str = "v3"  # decides which tool features are allowed
+    tokenizer_version: str = "v3"  # decides which tool, system and thinking features are allowed
 
 
 def row_kind(row: Mapping[str, Any], opts: RowOptions) -> str:
@@ -198,16 +219,28 @@ def _parse_alpaca(row: Mapping[str, Any], source: str, opts: RowOptions) -> Samp
 # ---------------------------------------------------------------- chat
 
 
+def version_number(version: str) -> int:
+    """A tokenizer version as a number ("v13" -> 13), to compare versions."""
+    return int(version.removeprefix("v"))
+
+
 def _parse_chat(row: Mapping[str, Any], source: str, version: str) -> ChatSample:
-    if extra := sorted(set(row) - {"messages", "tools"} - _CHAT_META_KEYS):
-        raise RowError("unknown_key", f"unsupported key(s) {extra} (expected 'messages' and optional 'tools')")
+    if extra := sorted(set(row) - _CHAT_KEYS - _CHAT_META_KEYS):
+        raise RowError("unknown_key", f"unsupported key(s) {extra} (expected 'messages' and optional 'tools', "
+                                      "'reasoning_effort')")
     raw_tools = row.get("tools")
     tools: tuple[Any, ...] = ()
     if raw_tools is not None:
         tools = _parse_tools(raw_tools, version)
+    effort = row.get("reasoning_effort")
+    if effort is not None:
+        if version_number(version) < 15:
+            raise RowError("reasoning_effort_unsupported", f"'reasoning_effort' needs a v15 tokenizer; model.tokenizer is {version}")
+        if not isinstance(effort, str):
+            raise RowError("wrong_type", f"'reasoning_effort' must be a string (e.g. \"high\" or \"none\"), got {_type(effort)}")
     messages = _parse_messages(row.get("messages"), version)
-    _check_structure(messages, {t["function"]["name"] for t in tools} if tools else None)
-    return ChatSample(messages, source, tools)
+    _check_structure(messages, {t["function"]["name"] for t in tools} if tools else None, version)
+    return ChatSample(messages, source, tools, effort)
 
 
 def _needs_tools_support(version: str, what: str) -> None:
@@ -277,11 +310,10 @@ def _parse_messages(raw: Any, version: str) -> tuple[Message, ...]:
         if extra := sorted(set(m) - _MESSAGE_KEYS[role]):
             raise RowError("unknown_key", f"{where} ({role}): unsupported key(s) {extra}")
         where = f"{where} ({role})"
-        content = m.get("content")
         if role == "assistant":
             messages.append(_parse_assistant(m, where, version, is_last=i == len(raw) - 1))
             continue
-        _check_content(content, where)
+        content = _parse_content(m.get("content"), where, role, version)
         if role == "tool":
             _needs_tools_support(version, "tool results")
             call_id, name = m.get("tool_call_id"), m.get("name")
@@ -299,9 +331,51 @@ def _check_content(content: Any, where: str) -> None:
     if not isinstance(content, str):
         if content is None:
             raise RowError("empty_content", f"{where}: 'content' is missing")
-        raise RowError("wrong_type", f"{where}: 'content' must be a string, got {_type(content)}")
+        raise RowError("wrong_type", f"{where}: 'content' must be a string or a list of chunks, got {_type(content)}")
     if not content.strip():
         raise RowError("empty_content", f"{where}: 'content' is empty")
+
+
+def _parse_content(content: Any, where: str, role: str, version: str) -> str | tuple[Chunk, ...]:
+    """A string, or a list of text (and, where the role and tokenizer allow, thinking) chunks."""
+    if not isinstance(content, list):
+        _check_content(content, where)
+        return content
+    if not content:
+        raise RowError("empty_content", f"{where}: 'content' is an empty list")
+    chunks = []
+    for k, chunk in enumerate(content):
+        here = f"{where} content[{k}]"
+        kind = chunk.get("type") if isinstance(chunk, dict) else None
+        if kind not in CHUNK_TYPES:
+            raise RowError("bad_chunk", f"{here}: expected {{\"type\": \"text\", \"text\": \"...\"}} or "
+                                        f"{{\"type\": \"thinking\", \"thinking\": \"...\"}}, got {_show(chunk)}")
+        if extra := sorted(set(chunk) - {"type", kind} - ({"closed"} if kind == "thinking" else set())):
+            raise RowError("unknown_key", f"{here} ({kind}): unsupported key(s) {extra}")
+        if kind == "thinking":
+            _check_thinking_allowed(role, version, here)
+        text, closed = chunk.get(kind), chunk.get("closed", True)
+        if not isinstance(text, str):
+            raise RowError("wrong_type" if text is not None else "empty_content",
+                           f"{here}: '{kind}' must be a string, got {_type(text)}")
+        if not text.strip():
+            raise RowError("empty_content", f"{here}: '{kind}' is empty")
+        if not isinstance(closed, bool):
+            raise RowError("wrong_type", f"{here}: 'closed' must be true or false, got {_show(closed)}")
+        chunks.append(Chunk(kind, text, closed))
+    return tuple(chunks)
+
+
+def _check_thinking_allowed(role: str, version: str, where: str) -> None:
+    """mistral-common encodes thinking from v13 on, in assistant messages, and in system messages
+    of v13 only (v15 refuses them there); user and tool messages never hold it."""
+    if role not in ("assistant", "system"):
+        raise RowError("bad_chunk", f"{where}: thinking chunks belong to assistant messages, not {role} messages")
+    if version_number(version) < 13:
+        raise RowError("thinking_unsupported", f"{where}: thinking chunks need a v13 or newer tokenizer with [THINK] "
+                                               f"tokens (Magistral and later); model.tokenizer is {version}")
+    if role == "system" and version_number(version) >= 15:
+        raise RowError("thinking_unsupported", f"{where}: {version} tokenizers take no thinking in system messages")
 
 
 def _parse_assistant(m: dict, where: str, version: str, is_last: bool) -> Message:
@@ -312,10 +386,10 @@ def _parse_assistant(m: dict, where: str, version: str, is_last: bool) -> Messag
     if raw_calls is not None:
         calls = _parse_tool_calls(raw_calls, where, version, is_last)
     if not calls:
-        _check_content(content, where)
+        content = _parse_content(content, where, "assistant", version)
     elif content is not None and content != "":
-        _check_content(content, where)
-        if version in ("v1", "v2", "v3"):
+        content = _parse_content(content, where, "assistant", version)
+        if version_number(version) < 7:
             raise RowError(
                 "content_and_tool_calls",
                 f"{where}: 'content' and 'tool_calls' in one message need a v7 tokenizer; split them in two messages",
@@ -359,17 +433,27 @@ def _parse_tool_calls(raw: Any, where: str, version: str, is_last: bool) -> tupl
         else:
             raise RowError("wrong_type", f"{here}: 'arguments' must be a JSON object or a JSON string, got {_type(args)}")
         call_id = call.get("id", NULL_ID)
-        if not isinstance(call_id, str):
-            raise RowError("bad_tool_call_id", f"{here}: 'id' must be a string, got {_type(call_id)}")
-        if call_id == NULL_ID and not is_last:
-            raise RowError("bad_tool_call_id", f"{here}: missing 'id' (only the final assistant message may omit it)")
-        if call_id != NULL_ID and not TOOL_CALL_ID.match(call_id):
-            raise RowError("bad_tool_call_id", f"{here}: id {_show(call_id)} must be 9 characters of a-z, A-Z, 0-9")
+        _check_call_id(call_id, here, version, is_last)
         calls.append(ToolCall(call_id, name, args))
     return tuple(calls)
 
 
-def _check_structure(messages: tuple[Message, ...], tool_names: set[str] | None) -> None:
+def _check_call_id(call_id: Any, where: str, version: str, is_last: bool) -> None:
+    """v3 to v11 encode ids of 9 letters and digits, which only the final message may omit; v13 encodes
+    none but pairs calls with results by id, so every call needs one, of any form."""
+    if not isinstance(call_id, str):
+        raise RowError("bad_tool_call_id", f"{where}: 'id' must be a string, got {_type(call_id)}")
+    if version_number(version) >= 13:
+        if not call_id.strip() or call_id == NULL_ID:
+            raise RowError("bad_tool_call_id", f"{where}: missing 'id' ({version} tokenizers need one on every tool call)")
+        return
+    if call_id == NULL_ID and not is_last:
+        raise RowError("bad_tool_call_id", f"{where}: missing 'id' (only the final assistant message may omit it)")
+    if call_id != NULL_ID and not TOOL_CALL_ID.match(call_id):
+        raise RowError("bad_tool_call_id", f"{where}: id {_show(call_id)} must be 9 characters of a-z, A-Z, 0-9")
+
+
+def _check_structure(messages: tuple[Message, ...], tool_names: set[str] | None, version: str) -> None:
     """Order rules: system first, then a user turn; tool results answer the calls just made; the
     conversation ends with an assistant message and trains on at least one of them."""
     roles = [m.role for m in messages]
@@ -413,3 +497,17 @@ def _check_structure(messages: tuple[Message, ...], tool_names: set[str] | None)
                     raise RowError("bad_tool_call", f"message {i}: calls {_show(c.name)}, which 'tools' does not define (defined: {sorted(tool_names)})")
             pending, pending_at = {c.id: c.name for c in m.tool_calls}, i
     # The final assistant message may end on tool calls without results (train on the call).
+    if version == "v2":
+        _check_v2_results(roles)
+
+
+def _check_v2_results(roles: list[str]) -> None:
+    """v2 encodes the tool results after the last user message as one list per assistant turn, and
+    mistral-common refuses more than one result in such a turn."""
+    last_user = len(roles) - 1 - roles[::-1].index("user")
+    run = 0
+    for i in range(last_user + 1, len(roles)):
+        run = run + 1 if roles[i] == "tool" else 0
+        if run > 1:
+            raise RowError("tools_unsupported", f"message {i} (tool): a v2 tokenizer takes one tool result per "
+                                                "assistant turn after the last user message; use v3 or newer")

@@ -43,7 +43,7 @@ from mft.utils.errors import MftError
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 2  # bump when the encoding or the layout changes: old entries are then ignored
+STORE_VERSION = 3  # bump when the encoding, the row rules or the layout change: old entries are then ignored
 CHUNK_ROWS = 256  # rows per unit of work
 AUTO_WORKERS_MIN_BYTES = 16 << 20  # files smaller than this are tokenized in-process by default
 MAX_CONTROL_EXAMPLES = 5
@@ -89,6 +89,8 @@ def encode_records(records: Iterable[Record], path: str, tokenizer: Tokenizer, s
             literal = control_strings(sample, tokenizer)
             try:
                 enc = encode_sample(sample, tokenizer, settings.control)
+            except RowError:  # mft's own refusal (thinking without [THINK] tokens), already worded
+                raise
             except Exception as e:  # noqa: BLE001 - mistral-common's own checks, as a row error
                 raise RowError("cannot_encode", cannot_encode(e)) from None
         except RowError as e:

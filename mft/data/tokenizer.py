@@ -4,6 +4,12 @@ mistral-common is the reference encoder. `Tokenizer.encode_chat` runs mistral-co
 normalizer and its own per-message encoders, in the order `encode_instruct` uses them, so the ids
 are exactly what mistral-common produces for the same conversation; walking the messages ourselves
 is what tells us which span each message produced, hence the supervision mask.
+
+Every version mistral-common encodes works the same way, because the encoders are the version's
+own: SentencePiece v1, v2, v3, v7 and tekken v3, v7, v11, v13, v15 (the version is the file's:
+tekken.json's "config"."version", the SentencePiece file's .model.vN suffix). What differs by
+version (where the system prompt and the tool definitions go, the tool-call layout, [THINK]
+blocks, v15's [MODEL_SETTINGS]) is mistral-common's business, not ours.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import mistral_common
+from mistral_common.protocol.instruct.chunk import TextChunk, ThinkChunk
 from mistral_common.protocol.instruct.messages import (
     UATS,
     AssistantMessage,
@@ -34,22 +41,27 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
 from mistral_common.tokens.tokenizers.tekken import is_tekken
 
+from mft.data.samples import RowError
+from mft.data.tokenizer_files import find_tokenizer_file
 from mft.utils.errors import MftError
 
 _DATA = Path(mistral_common.__file__).parent / "data"
-# Named tokenizers: the files the mistral-common wheel carries, so no network is needed.
+# Named tokenizers: every file the mistral-common wheel carries, so no network is needed. The
+# "-mm" files are the same vocabularies with an image encoder (Pixtral); text encodes the same.
 BUILTIN = {
     "v1": _DATA / "tokenizer.model.v1",
+    "v2": _DATA / "mistral_instruct_tokenizer_240216.model.v2",
     "v3": _DATA / "mistral_instruct_tokenizer_240323.model.v3",
     "v7": _DATA / "mistral_instruct_tokenizer_241114.model.v7",
+    "v7-mm": _DATA / "mistral_instruct_tokenizer_241114.model.v7m1",
     "v3-tekken": _DATA / "tekken_240718.json",
+    "v3-tekken-mm": _DATA / "tekken_240911.json",
 }
-# In a model folder, the first name that exists wins; then any other Mistral tokenizer file.
-_FOLDER_PREFERENCE = ("tekken.json", "tokenizer.model.v7", "tokenizer.model.v3", "tokenizer.model.v2")
 # Literal strings users paste into text that look like control tokens. Which of them really are
 # control tokens depends on the tokenizer (v1 writes "[INST]" as plain text in its own format).
 CONTROL_STRINGS = ("<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]",
+                   "[ARGS]", "[CALL_ID]", "[THINK]", "[/THINK]", "[MODEL_SETTINGS]", "[/MODEL_SETTINGS]")
 
 
 class Tokenizer:
@@ -61,12 +73,16 @@ class Tokenizer:
         self._instruct = mistral.instruct_tokenizer
         self._raw = mistral.instruct_tokenizer.tokenizer
         # mistral-common's own normalizer for this version, built to keep FinetuningAssistantMessage
-        # (and so each assistant message's weight) through its merging of consecutive messages.
-        default = get_normalizer(self._raw.version, self._raw.model_settings_builder)
+        # (and so each assistant message's weight) through its merging of consecutive messages. v15
+        # builds its [MODEL_SETTINGS] (reasoning effort) with the file's model_settings_builder.
+        settings_builder = self._raw.model_settings_builder
+        default = get_normalizer(self._raw.version, settings_builder)
         self._normalizer = type(default)(
-            UserMessage, FinetuningAssistantMessage, ToolMessage, SystemMessage, InstructRequest[UATS, Tool], None
+            UserMessage, FinetuningAssistantMessage, ToolMessage, SystemMessage, InstructRequest[UATS, Tool],
+            settings_builder,
         )
         self.control_ids = _control_ids(self._raw)
+        self.has_thinking = {"[THINK]", "[/THINK]"} <= set(self.control_ids)
         self._control_re = re.compile("|".join(re.escape(s) for s in sorted(self.control_ids, key=len, reverse=True)))
 
     @property
@@ -126,21 +142,31 @@ class Tokenizer:
         policy = SpecialTokenPolicy.KEEP if keep_special else SpecialTokenPolicy.IGNORE
         return self._raw.decode(list(ids), special_token_policy=policy)
 
-    def encode_chat(self, messages: Sequence[Any], tools: Sequence[Any] = ()) -> tuple[list[int], list[bool]]:
+    def encode_chat(
+        self, messages: Sequence[Any], tools: Sequence[Any] = (), reasoning_effort: str | None = None
+    ) -> tuple[list[int], list[bool]]:
         """Encode a conversation exactly as mistral-common does, with its supervision mask.
 
         `messages`: mft.data.samples.Message objects or mappings in the Mistral fine-tuning format
-        (roles system, user, assistant, tool; assistant `tool_calls` and `weight`; tool
-        `tool_call_id`). `tools`: the function specs ({"type": "function", "function": {...}}).
-        The mask is True on the tokens of assistant messages (content, tool calls and EOS) whose
-        weight is not 0; prompts, system prompts, tool definitions and tool results are context.
-        Validate samples first (mft.data.samples): mistral-common asserts on malformed input.
+        (roles system, user, assistant, tool; content a string or a list of text / thinking chunks;
+        assistant `tool_calls` and `weight`; tool `tool_call_id`). `tools`: the function specs
+        ({"type": "function", "function": {...}}). `reasoning_effort`: v15 only (None: the file's
+        default). The mask is True on the tokens of assistant messages (thinking, content, tool
+        calls and EOS) whose weight is not 0; system prompts, tool definitions, model settings,
+        prompts and tool results are context. Validate samples first (mft.data.samples):
+        mistral-common asserts on malformed input.
         """
+        converted = [_to_mistral(m) for m in messages]
+        if not self.has_thinking and any(_has_thinking(m) for m in converted):
+            raise RowError("thinking_unsupported", f"thinking chunks need a tokenizer with [THINK] and [/THINK] "
+                                                   f"tokens; {Path(self.path).name} ({self.version}) has none")
         request = ChatCompletionRequest(
-            messages=[_to_mistral(m) for m in messages],
+            messages=converted,
             tools=[Tool.model_validate(t) for t in tools] or None,
+            reasoning_effort=reasoning_effort,
         )
         instruct = self._normalizer.from_chat_completion_request(request)
+        self._instruct.validate_messages(instruct.messages)
         first_user, last_user = self._instruct.find_first_last_user(instruct)
         ids = list(self._instruct.start())
         mask = [False] * len(ids)
@@ -186,6 +212,21 @@ def _control_ids(raw) -> dict[str, int]:
     return out
 
 
+def _has_thinking(message: Any) -> bool:
+    return isinstance(message.content, list) and any(isinstance(c, ThinkChunk) for c in message.content)
+
+
+def _to_chunk(chunk: Any) -> TextChunk | ThinkChunk:
+    """An mft Chunk, or a mapping {"type": "text", "text"} / {"type": "thinking", "thinking", "closed"}."""
+    if isinstance(chunk, Mapping):
+        if chunk.get("type") == "thinking":
+            return ThinkChunk(thinking=chunk["thinking"], closed=chunk.get("closed", True))
+        return TextChunk(text=chunk["text"])
+    if chunk.type == "thinking":
+        return ThinkChunk(thinking=chunk.text, closed=chunk.closed)
+    return TextChunk(text=chunk.text)
+
+
 def _to_mistral(message: Any):
     """An mft Message (or a mapping in the same shape) -> the mistral-common message object."""
     if isinstance(message, Mapping):
@@ -193,6 +234,8 @@ def _to_mistral(message: Any):
     else:
         get = lambda k: getattr(message, k, None)  # noqa: E731
     role, content = get("role"), get("content")
+    if isinstance(content, (list, tuple)):
+        content = [_to_chunk(c) for c in content]
     if role == "system":
         return SystemMessage(content=content)
     if role == "user":
@@ -211,7 +254,8 @@ def _to_mistral(message: Any):
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """Load "v1" | "v3" | "v7" | "v3-tekken", a tokenizer file, or a model folder holding one."""
+    """Load a BUILTIN name ("v1", "v2", "v3", "v7", "v7-mm", "v3-tekken", "v3-tekken-mm"), a tokenizer
+    file (tekken.json of any version, tokenizer.model.vN), or a model folder holding one."""
     spec = str(spec)
     path = BUILTIN.get(spec) or Path(spec).expanduser()
     if path.is_dir():
@@ -234,17 +278,13 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
 
 
 def _find_in_folder(folder: Path) -> Path:
-    for name in _FOLDER_PREFERENCE:
-        if (folder / name).is_file():
-            return folder / name
-    others = sorted(p for p in folder.iterdir() if is_tekken(p) or is_sentencepiece(p))
-    if not others:
+    found = find_tokenizer_file(folder)
+    if found is None:
         raise MftError(
             f"model folder {folder} has no Mistral tokenizer file "
             "(tekken.json, tokenizer.model.vN or tokenizer.model)"
         )
-    # Prefer a versioned .model.vN over the bare tokenizer.model (which mistral-common reads as v1).
-    return sorted(others, key=lambda p: (p.name == "tokenizer.model", p.name))[0]
+    return found
 
 
 def check_vocab(tokenizer: Tokenizer, vocab_size: int, model_name: str, tokenizer_spec: str) -> None:

@@ -373,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="validation data files (after the training files; default: the config's data.valid_files)")
     parser.add_argument("--model", help=f"a conf/model preset: its shape gives the ETA, its tokenizer is the default "
                                         f"(default: the config's; files alone: {DEFAULT_MODEL})")
-    parser.add_argument("--tokenizer", help="v1 | v3 | v7 | a tokenizer file or model folder (default: the model's)")
+    parser.add_argument("--tokenizer", help="v1 | v2 | v3 | v7 | v3-tekken | a tokenizer file (tekken.json of any version, "
+                                            "tokenizer.model.vN) or model folder (default: the model's)")
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--too-long", choices=[c.value for c in TooLong])
     parser.add_argument("--batch-size", type=int)

@@ -3,9 +3,12 @@
 Conversations are lists of OpenAI-style message dicts (roles system, user, assistant, tool;
 assistant `tool_calls`, tool `tool_call_id`) plus tool definitions
 ({"type": "function", "function": {...}}). mistral-common encodes them, in its inference
-("test") validation mode: the conversation ends with a user message or tool results and the
-prompt stops where the assistant's answer starts. A generated answer is either text or
-[TOOL_CALLS] followed by a JSON list of calls, which `ChatFormat.parse` turns into ToolCalls.
+("test") validation mode, with the tokenizer file's own version: the conversation ends with a
+user message or tool results and the prompt stops where the assistant's answer starts. A
+generated answer is text, possibly after a [THINK] ... [/THINK] block (reasoning models, v13+),
+possibly followed by tool calls, which `ChatFormat.parse` turns into ToolCalls: [TOOL_CALLS] and a
+JSON list (v2 to v7), or [TOOL_CALLS]name[CALL_ID]id[ARGS]{...} per call (v11) and
+[TOOL_CALLS]name[ARGS]{...} (v13 on).
 """
 
 from __future__ import annotations
@@ -47,8 +50,11 @@ class Reply:
     content: str
     tool_calls: list[ToolCall] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    thinking: str = ""  # the [THINK] block of a reasoning model, without its markers
 
     def to_message(self) -> dict[str, Any]:
+        """The answer as the next prompt's history: content and tool calls. The thinking stays out
+        (shorter prompts; the next answer reasons afresh)."""
         message: dict[str, Any] = {"role": "assistant", "content": self.content or None}
         if self.tool_calls:
             message["tool_calls"] = [c.to_openai() for c in self.tool_calls]
@@ -78,6 +84,9 @@ class ChatFormat:
         self._mistral = MistralTokenizer.from_file(tokenizer.path, mode=ValidationMode.test)
         self._raw = self._mistral.instruct_tokenizer.tokenizer
         self.tool_calls_id = self._special("[TOOL_CALLS]")
+        self.args_id = self._special("[ARGS]")  # v11+: a call is name [CALL_ID] id [ARGS] json
+        self.call_id_id = self._special("[CALL_ID]")
+        self.think_ids = (self._special("[THINK]"), self._special("[/THINK]"))
 
     def _special(self, text: str) -> Optional[int]:
         try:
@@ -108,18 +117,19 @@ class ChatFormat:
         return self._raw.decode(list(ids), special_token_policy=SpecialTokenPolicy.IGNORE)
 
     def parse(self, ids: Sequence[int], stop_strings: Sequence[str] = ()) -> Reply:
-        """Split a generated answer into text and tool calls ([TOOL_CALLS] + a JSON list).
+        """Split a generated answer into thinking, text and tool calls.
 
         A call without an id gets a fresh one (the next prompt must name it). Output after
-        [TOOL_CALLS] that is not a JSON list of {"name", "arguments"} stays text, so nothing
-        the model wrote is lost.
+        [TOOL_CALLS] that is not a call in the tokenizer's format stays text, so nothing the
+        model wrote is lost.
         """
-        ids = list(ids)
+        generated = list(ids)
+        thinking, ids = self._split_thinking(generated)
         if self.tool_calls_id is None or self.tool_calls_id not in ids:
-            return Reply(cut_at_stop(self.decode(ids), stop_strings), [], ids)
+            return Reply(cut_at_stop(self.decode(ids), stop_strings), [], generated, thinking)
         cut = ids.index(self.tool_calls_id)
         content = self.decode(ids[:cut]).strip()
-        # Some versions repeat [TOOL_CALLS] before each call; treat every part as JSON.
+        # v11+ put [TOOL_CALLS] before each call; a JSON-list model may repeat it too.
         parts, current = [], []
         for token in ids[cut + 1:]:
             if token == self.tool_calls_id:
@@ -130,14 +140,38 @@ class ChatFormat:
         parts.append(current)
         calls: list[ToolCall] = []
         for part in parts:
-            text = self.decode(part).strip()
-            if not text:
+            if not self.decode(part).strip():
                 continue
-            parsed = _parse_calls(text)
+            parsed = self._parse_named_call(part) if self.args_id in part else _parse_calls(self.decode(part).strip())
             if parsed is None:
-                return Reply(cut_at_stop(self.decode(ids), stop_strings), [], ids)
+                return Reply(cut_at_stop(self.decode(ids), stop_strings), [], generated, thinking)
             calls.extend(parsed)
-        return Reply(content, calls, ids)
+        return Reply(content, calls, generated, thinking)
+
+    def _split_thinking(self, ids: list[int]) -> tuple[str, list[int]]:
+        """The text of a [THINK] ... [/THINK] block (unclosed: to the end), and the ids without it."""
+        begin, end = self.think_ids
+        if begin is None or begin not in ids:
+            return "", ids
+        start = ids.index(begin)
+        stop = ids.index(end, start) if end in ids[start:] else len(ids)
+        return self.decode(ids[start + 1:stop]).strip(), ids[:start] + ids[stop + 1:]
+
+    def _parse_named_call(self, part: list[int]) -> Optional[list[ToolCall]]:
+        """One v11+ call: name [CALL_ID] id [ARGS] json (v11) or name [ARGS] json (v13 on)."""
+        k = part.index(self.args_id)
+        head, call_id = part[:k], ""
+        if self.call_id_id is not None and self.call_id_id in head:
+            j = head.index(self.call_id_id)
+            head, call_id = head[:j], self.decode(head[j + 1:]).strip()
+        name = self.decode(head).strip()
+        try:
+            arguments = json.loads(self.decode(part[k + 1:]))
+        except json.JSONDecodeError:
+            return None
+        if not name or not isinstance(arguments, dict):
+            return None
+        return [ToolCall(name, arguments, call_id or new_call_id())]
 
 
 def _parse_calls(text: str) -> Optional[list[ToolCall]]:
@@ -252,7 +286,8 @@ def chat_loop(
 
 
 class TextStreamer:
-    """Print row 0's text as its tokens arrive, up to a stop string or a [TOOL_CALLS] token.
+    """Print row 0's text as its tokens arrive, up to a stop string or a [TOOL_CALLS] token; a
+    [THINK] ... [/THINK] block is not printed (Reply.thinking has it).
 
     Decodes the whole answer so far and prints what is new, so multi-token characters and
     SentencePiece's leading spaces come out right. Holds back a trailing incomplete character
@@ -267,6 +302,7 @@ class TextStreamer:
         self.tokens: list[int] = []
         self.printed = 0  # characters of the text written so far
         self.stopped = False
+        self.thinking = False  # inside [THINK] ... [/THINK]
 
     def _write(self, text: str) -> None:
         if text:
@@ -284,6 +320,11 @@ class TextStreamer:
             return
         if token == self.fmt.tool_calls_id:
             self.stopped = True
+            return
+        if token in self.fmt.think_ids:
+            self.thinking = token == self.fmt.think_ids[0]
+            return
+        if self.thinking:
             return
         self.tokens.append(token)
         full = self.fmt.decode(self.tokens)
