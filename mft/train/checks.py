@@ -25,7 +25,7 @@ from mft.config import (
     TrainConfig,
 )
 from mft.data.config import DataConfig
-from mft.model.args import ModelArgs
+from mft.model.args import ModelArgs, layer_windows
 from mft.utils.errors import MftError
 
 
@@ -55,8 +55,9 @@ def model_args(mcfg: ModelConfig) -> ModelArgs:
              f"a divisor of model.n_heads={preset.n_heads} (each KV head serves a group of query heads)")
     _require(preset.norm_eps > 0, "model.norm_eps", preset.norm_eps, "a positive number")
     _require(preset.rope_theta > 0, "model.rope_theta", preset.rope_theta, "a positive number")
-    _require(preset.sliding_window is None or preset.sliding_window > 0, "model.sliding_window",
-             preset.sliding_window, "a positive number of tokens, or null for full causal attention")
+    _require(_windows_ok(preset), "model.sliding_window", preset.sliding_window,
+             "null for full causal attention, a positive number of tokens, or a per-layer list of them (null: "
+             f"a full causal layer) repeated over the layers, its length dividing model.n_layers={preset.n_layers}")
     if not mcfg.checkpoint:
         return preset
     _require(Path(mcfg.checkpoint).expanduser().is_dir(), "model.checkpoint", mcfg.checkpoint,
@@ -73,6 +74,14 @@ def model_args(mcfg: ModelConfig) -> ModelArgs:
             "Pick the matching preset or override these model.* keys."
         )
     return found
+
+
+def _windows_ok(args: ModelArgs) -> bool:
+    try:
+        layer_windows(args.sliding_window, args.n_layers)
+    except ValueError:
+        return False
+    return True
 
 
 def _check_peft(pcfg: PeftConfig) -> None:
