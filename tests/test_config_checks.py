@@ -11,6 +11,7 @@ import pytest
 
 from mft.compose import compose, to_dataclass
 from mft.config import register_configs
+from mft.train.checks import model_args
 from mft.train.optim import lr_multiplier
 from mft.utils.errors import MftError
 
@@ -66,6 +67,17 @@ def test_warmup_steps_and_ratio_together_are_one_clear_error(tmp_path):
     result = mft_train("optim.warmup_steps=5", "optim.warmup_ratio=0.1", *SHORT, cwd=tmp_path)
     assert result.returncode == 1
     assert "optim.warmup_steps=5 and optim.warmup_ratio=0.1 are both set" in result.stderr
+
+
+@pytest.mark.parametrize("window", ["0", "[]", "[128,-1]", "[null,128,128]"])
+def test_a_window_that_is_not_a_layer_pattern_is_one_clear_error(window):
+    with pytest.raises(MftError, match=r"model\.sliding_window=.*whose length divides n_layers=4"):
+        model_args(composed(f"model.sliding_window={window}").model)
+
+
+def test_a_window_pattern_repeats_over_the_layers():
+    args = model_args(composed("model.sliding_window=[null,128]").model)
+    assert args.windows == [None, 128, None, 128]
 
 
 @pytest.mark.parametrize(

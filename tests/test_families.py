@@ -314,3 +314,23 @@ def test_gradients_match_transformers(family):
     hf_wo = hf_model.get_decoder().layers[1].self_attn.o_proj.weight
     assert (ours["layers.1.attention.wo.weight"].grad - hf_wo.grad).abs().max().item() <= 1e-5
     hf_model.zero_grad()
+
+
+def test_mistral3_head_is_untied_when_the_files_hold_one(tmp_path):
+    """A Mistral3 config.json that says nothing of tying (transformers 5 then defaults to tied)
+    over files with an lm_head of their own: that head is used, as transformers does."""
+    import json
+
+    torch.manual_seed(0)
+    model = mistral3_text()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 48) * 0.2)
+    model.eval().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("tie_word_embeddings")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = read_model_args(tmp_path)
+    assert not args.tied_embeddings
+    ours = build(args, device="cpu", dtype=torch.float32, weights=tmp_path).eval()
+    toks = tokens()
+    assert (mft_logits(ours, toks) - hf_logits(model, toks)).abs().max().item() <= 1e-4

@@ -127,7 +127,8 @@ def text_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
         text = config.get("text_config")
         if not isinstance(text, dict):
             raise MftError(f"{path}: a model_type 'mistral3' config needs a 'text_config' object (its text model)")
-        # transformers ties a Mistral3 model's head by the top-level key (its default: tied).
+        # transformers 5 reads the top-level key, transformers 4 the text model's; the hub's files
+        # hold at most one of them. Whether the files hold a head of its own settles it on load.
         tied = {"tie_word_embeddings": config["tie_word_embeddings"]} if "tie_word_embeddings" in config else {}
         return {"model_type": "mistral", **text, **tied}
     if model_type not in TEXT_MODEL_TYPES:

@@ -7,6 +7,7 @@ its own device and quantises it there, one tensor at a time; mft's quantised che
 (mft/checkpoint/quantized.py) load without any dense pass.
 """
 
+import dataclasses
 import logging
 import os
 from collections import defaultdict
@@ -90,7 +91,13 @@ def read_model_args(folder: str | os.PathLike) -> ModelArgs:
         path = folder / consolidated.PARAMS_FILE
         return consolidated.params_to_args(consolidated.read_params(path), path)
     path = folder / HF_CONFIG
-    return hf.hf_config_to_args(_read_hf_config(path), path)
+    args = hf.hf_config_to_args(_read_hf_config(path), path)
+    if args.tied_embeddings and any(hf.hf_to_mft_name(key) == "output.weight"
+                                    for key in _file_tensors(_hf_weight_files(folder))):
+        # A config that says "tied" over files that hold a head of their own: transformers keeps
+        # the head (a Mistral3 config.json often says nothing, and transformers 5 defaults to tied).
+        args = dataclasses.replace(args, tied_embeddings=False)
+    return args
 
 
 def _read_hf_config(path: Path) -> dict:
