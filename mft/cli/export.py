@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=list(DTYPES),
                         help="dtype of the written weights (default: the dtype the base checkpoint stores)")
     parser.add_argument("--device", default="cpu", help="where to load and merge (cuda is faster; the output goes to disk)")
-    parser.add_argument("--tokenizer", help="tokenizer to ship: a file, a folder holding one, v1/v3/v7/v3-tekken, "
+    parser.add_argument("--tokenizer", help="tokenizer to ship: a file, a folder holding one, a name (v1 v2 v3 v7 v3-tekken ...), "
                         "or none (default: the run's, the base folder's, else by vocabulary size)")
     parser.add_argument("--max-shard-size", default="5GB", help="hf: largest safetensors shard")
     parser.add_argument("--merge", action="store_true",
@@ -109,7 +109,7 @@ def tokenizer_of(opts: argparse.Namespace, source: ModelSource, vocab_size: int)
         spec = opts.tokenizer or guess_tokenizer(source, vocab_size)
     except MftError:
         raise MftError(f"{source.base} has no tokenizer file and its vocabulary size ({vocab_size}) names none: "
-                       "pass --tokenizer (a file, a folder or v1/v3/v7/v3-tekken), or --tokenizer none.") from None
+                       "pass --tokenizer (a file, a folder or a name: v1 v2 v3 v7 v3-tekken ...), or --tokenizer none.") from None
     return load_tokenizer(spec)
 
 

@@ -40,7 +40,7 @@ class GenerateConfig:
     adapters: List[AdapterConfig] = field(default_factory=list)
     # Merge adapters into the weights (fastest); false keeps one adapter as LoRA layers.
     merge_adapters: bool = True
-    # v1 | v3 | v7 | v3-tekken | a tokenizer file; null: the run's, the folder's, or by vocab size.
+    # a name (v1 v2 v3 v7 v7-mm v3-tekken v3-tekken-mm) or a tokenizer file; null: the run's, the folder's, or by vocab size.
     tokenizer: Optional[str] = None
 
     # What to do
