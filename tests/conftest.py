@@ -60,3 +60,15 @@ def tekken_files(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("tekken")
     return {name: write_tekken(root / name, version, think) for name, (version, think) in TEKKEN_VERSIONS.items()}
+
+
+def mask_runs(mask) -> list[tuple[int, int]]:
+    """(start, end) of each maximal run of True in a supervision mask."""
+    runs, start = [], None
+    for i, m in enumerate([*mask, False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import sentencepiece
+from conftest import mask_runs
 from mistral_common.protocol.instruct.messages import (
     AssistantMessage,
     FinetuningAssistantMessage,
@@ -62,18 +63,6 @@ def _reference_ids(tok, messages):
     return ref.encode_chat_completion(request).tokens
 
 
-def _runs(mask):
-    """(start, end) of each maximal run of True."""
-    runs, start = [], None
-    for i, m in enumerate(mask + [False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
-
-
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name,system", CASES)
 def test_chat_ids_equal_mistral_common(data_tokenizers, version, name, system):
@@ -91,7 +80,7 @@ def test_chat_mask_covers_exactly_assistant_tokens(data_tokenizers, version, nam
     messages = _messages(name, system)
     ids, mask = tok.encode_chat(messages)
     answers = [m["content"] for m in messages if m["role"] == "assistant"]
-    runs = _runs(mask)
+    runs = mask_runs(mask)
     assert len(runs) == len(answers)
     for (start, end), answer in zip(runs, answers):
         assert ids[end - 1] == tok.eos_id  # each answer ends with its EOS, supervised

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TEKKEN_VERSIONS
+from conftest import TEKKEN_VERSIONS, mask_runs
 from mistral_common.protocol.instruct.messages import (
     AssistantMessage,
     FinetuningAssistantMessage,
@@ -95,18 +95,6 @@ def expected_output(m, version):
     return out + "</s>"
 
 
-def _runs(mask):
-    """(start, end) of each maximal run of True."""
-    runs, start = [], None
-    for i, m in enumerate([*mask, False]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
-
-
 def render(reference, ids):
     """ids as text, control tokens by name: SentencePiece's KEEP decoding would also spell out
     byte pieces (<0x0A>), so only the special ids are named and the rest decoded as text."""
@@ -138,7 +126,7 @@ def check_chat(name, loaded, row):
     # v2 drops the tool calls (and results) before the last user message from the encoding.
     trained = [m for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1) == 1
                and not (version == 2 and m.get("tool_calls") and i < last_user)]
-    runs = [render(reference, enc.ids[a:b]) for a, b in _runs(enc.mask)]
+    runs = [render(reference, enc.ids[a:b]) for a, b in mask_runs(enc.mask)]
     expected = [expected_output(m, version) for m in trained]
     if name in SENTENCEPIECE:
         runs, expected = [_squeeze(r) for r in runs], [_squeeze(e) for e in expected]
