@@ -43,16 +43,16 @@ def mistral_nemo_like():
     return transformers.MistralForCausalLM(transformers.MistralConfig(**SHAPE, rope_theta=5000.0, sliding_window=None))
 
 
-def ministral_interleaved():
+def ministral_interleaved(vocab=VOCAB):
     config = transformers.MinistralConfig(
-        **SHAPE, rope_theta=5000.0, sliding_window=WINDOW,
+        **{**SHAPE, "vocab_size": vocab}, rope_theta=5000.0, sliding_window=WINDOW,
         layer_types=["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"])
     return transformers.MinistralForCausalLM(config)
 
 
-def ministral3(tie=False, mscale=(1.0, 1.0)):
+def ministral3(tie=False, mscale=(1.0, 1.0), vocab=VOCAB):
     rope = {**YARN, "mscale": mscale[0], "mscale_all_dim": mscale[1], "llama_4_scaling_beta": 0.5}
-    config = transformers.Ministral3Config(**SHAPE, rope_parameters=rope, max_position_embeddings=4 * ORIGINAL,
+    config = transformers.Ministral3Config(**{**SHAPE, "vocab_size": vocab}, rope_parameters=rope, max_position_embeddings=4 * ORIGINAL,
                                            tie_word_embeddings=tie)
     return transformers.Ministral3ForCausalLM(config)
 
@@ -262,3 +262,32 @@ def test_every_family_feature_on_the_gpu(backend):
     with torch.no_grad():
         got = gpu(toks.cuda(), positions, cu, max(lengths)).cpu()
     assert (got - expected).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("make", [ministral_interleaved, ministral3], ids=["ministral", "ministral3"])
+def test_mft_generate_command_equals_transformers_generate(tmp_path, make):
+    """The mft-generate command on a transformers-written folder with its own tekken.json: the
+    chat prompt mistral-common builds, greedy, gives the text of transformers' generate."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mft.data.tokenizer import BUILTIN, load_tokenizer
+    from mft.generate.chat import ChatFormat
+
+    torch.manual_seed(0)
+    hf_model = make(vocab=131072).eval()  # the tekken vocabulary
+    hf_model.save_pretrained(tmp_path / "model")
+    shutil.copyfile(BUILTIN["v3-tekken"], tmp_path / "model" / "tekken.json")
+    fmt = ChatFormat(load_tokenizer(tmp_path / "model"))
+    ids = fmt.encode([{"role": "user", "content": "Name three rivers."}])
+    with torch.no_grad():
+        ids_t = torch.tensor([ids])
+        out = hf_model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=24, do_sample=False,
+                                eos_token_id=fmt.tokenizer.eos_id, pad_token_id=fmt.tokenizer.eos_id)
+    new = [t for t in out[0, len(ids):].tolist() if t != fmt.tokenizer.eos_id]
+    cmd = [sys.executable, "-m", "mft.generate", f"base={tmp_path / 'model'}", "prompt=Name three rivers.",
+           "max_new_tokens=24", "device=cpu", "precision=fp32", "stream=false"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == fmt.decode(new) + "\n"
