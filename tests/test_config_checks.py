@@ -3,6 +3,7 @@ check before tokenizing or building, no run dir left by a config error, and no t
 for composing and checking a config."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,19 @@ def test_warmup_steps_and_ratio_together_are_one_clear_error(tmp_path):
 def test_a_window_that_is_not_a_layer_pattern_is_one_clear_error(window):
     with pytest.raises(MftError, match=r"model\.sliding_window=.*whose length divides n_layers=4"):
         model_args(composed(f"model.sliding_window={window}").model)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.yarn.factor=4", "model.yarn.beta_fast=0"], "model.yarn.beta_fast=0.0"),
+    (["model.yarn.factor=4", "model.yarn.beta_slow=-1"], "model.yarn.beta_slow=-1.0"),
+    (["model.yarn.factor=0.5"], "model.yarn.factor=0.5"),
+    (["model.yarn.factor=4", "model.rope_theta=1"], "model.rope_theta=1.0"),
+    (["model.query_scaling.beta=0.1", "model.query_scaling.original_max_position_embeddings=0"],
+     "model.query_scaling.original_max_position_embeddings=0"),
+])
+def test_rope_settings_that_cannot_work_are_one_clear_error(overrides, key):
+    with pytest.raises(MftError, match=re.escape(key) + ": expected"):
+        model_args(composed(*overrides).model)
 
 
 def test_a_window_pattern_repeats_over_the_layers():

@@ -64,15 +64,16 @@ def mistral_yarn():
     return transformers.MistralForCausalLM(config)
 
 
-def mistral3_text(text_model_type="mistral"):
-    """A Mistral3ForConditionalGeneration (vision encoder + text model); mft reads its text model."""
+def mistral3_text(text_model_type="mistral", tie=True):
+    """A Mistral3ForConditionalGeneration (vision encoder + text model); mft reads its text model.
+    Tied by default (transformers 5's Mistral3Config default); the hub's Small 3.1 is untied."""
     text = (transformers.MistralConfig(**SHAPE, rope_theta=5000.0, sliding_window=None) if text_model_type == "mistral"
             else transformers.Ministral3Config(**SHAPE, rope_parameters={**YARN, "llama_4_scaling_beta": 0.5},
                                                max_position_embeddings=4 * ORIGINAL))
     vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                               num_attention_heads=2, image_size=32, patch_size=8, head_dim=16)
     config = transformers.Mistral3Config(vision_config=vision, text_config=text, image_token_id=VOCAB - 1,
-                                         spatial_merge_size=2)
+                                         spatial_merge_size=2, tie_word_embeddings=tie)
     return transformers.Mistral3ForConditionalGeneration(config)
 
 
@@ -84,6 +85,7 @@ FAMILIES = {
     "ministral3-mscale": lambda: ministral3(mscale=(1.0, 0.0)),
     "mistral-yarn": mistral_yarn,
     "mistral3-text": mistral3_text,
+    "mistral3-text-untied": lambda: mistral3_text(tie=False),
     "mistral3-ministral3-text": lambda: mistral3_text("ministral3"),
 }
 
@@ -134,7 +136,8 @@ def test_args_read_the_family(family):
         assert args.query_scaling == QueryScalingArgs(0.5, ORIGINAL)
     if name == "mistral-yarn":
         assert args.yarn.active and not args.query_scaling.active  # transformers' Mistral has no query scale
-    assert args.tied_embeddings == (name == "ministral3-tied" or name.startswith("mistral3"))  # Mistral3Config ties
+    tied = name == "ministral3-tied" or name.startswith("mistral3") and not name.endswith("untied")
+    assert args.tied_embeddings == tied
 
 
 def test_logits_match_transformers(family):
@@ -291,3 +294,161 @@ def test_mft_generate_command_equals_transformers_generate(tmp_path, make):
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == fmt.decode(new) + "\n"
+
+
+def test_mistral3_tensor_names_of_both_layouts(tmp_path):
+    """An untied Mistral3 (Small 3.1's layout) saved by transformers, and the same tensors renamed
+    to transformers 5's module names (model.language_model.*, lm_head): the same logits."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    hf_model = mistral3_text(tie=False).eval()
+    hf_model.save_pretrained(tmp_path / "disk")
+    tensors = load_file(str(tmp_path / "disk" / "model.safetensors"))
+    assert any(k.startswith("language_model.model.") for k in tensors) and "language_model.lm_head.weight" in tensors
+    renamed = {k.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head.", "lm_head."): v
+               for k, v in tensors.items()}
+    (tmp_path / "modules").mkdir()
+    save_file(renamed, str(tmp_path / "modules" / "model.safetensors"))
+    config = json.loads((tmp_path / "disk" / "config.json").read_text())
+    (tmp_path / "modules" / "config.json").write_text(json.dumps(config))
+    toks = tokens()
+    expected = hf_logits(hf_model, toks)
+    for folder in ("disk", "modules"):
+        model = build(read_model_args(tmp_path / folder), device="cpu", dtype=torch.float32, weights=tmp_path / folder)
+        assert not model.args.tied_embeddings
+        assert (mft_logits(model.eval(), toks) - expected).abs().max().item() <= 1e-4
+
+
+def test_mistral3_without_a_tying_key_or_a_head_is_tied(tmp_path):
+    """No top-level tie_word_embeddings, the text config saying untied, no head in the files:
+    transformers 5 ties (its Mistral3 default), and so does mft."""
+    import json
+
+    torch.manual_seed(0)
+    hf_model = mistral3_text().eval()  # tied: the files hold no head
+    hf_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("tie_word_embeddings")
+    config["text_config"]["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert read_model_args(tmp_path).tied_embeddings
+
+
+@pytest.mark.parametrize("rope, message", [
+    ({"factor": "x"}, "'rope_parameters.factor' must be a number"),
+    ({"beta_slow": -1.0}, "yarn.beta_slow is -1.0, expected a positive number"),
+    ({"factor": 0.5}, "yarn.factor is 0.5, expected a number > 1"),
+    ({"llama_4_scaling_beta": "x"}, "'rope_parameters.llama_4_scaling_beta' must be a number"),
+])
+def test_bad_rope_values_in_config_json_are_one_message(tmp_path, rope, message):
+    import json
+    import re
+
+    from mft.utils.errors import MftError
+
+    ministral3().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_parameters"].update(rope)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MftError, match=re.escape(message)):
+        read_model_args(tmp_path)
+
+
+def test_a_checkpoint_quantised_by_another_tool_is_one_message(tmp_path):
+    import json
+
+    from mft.utils.errors import MftError
+
+    ministral3().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MftError, match="quantised by another tool.*'fp8'"):
+        read_model_args(tmp_path)
+
+
+def test_consolidated_multimodal_folder_loads_its_text_model(tmp_path, caplog):
+    """A Small 3.1-style consolidated folder: the vision encoder's tensors are skipped, counted once."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    args = ModelArgs(dim=48, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=VOCAB)
+    model = build(args, device="cpu", dtype=torch.float32, seed=5).eval()
+    folder = save_consolidated(model, tmp_path / "text")
+    tensors = load_file(str(folder / "consolidated.safetensors"))
+    extra = {"vision_encoder.patch_conv.weight": torch.zeros(8, 3, 2, 2), "patch_merger.merging_layer.weight":
+             torch.zeros(8, 32), "vision_language_adapter.w_in.weight": torch.zeros(48, 8)}
+    multimodal = tmp_path / "multimodal"
+    multimodal.mkdir()
+    save_file({**tensors, **extra}, str(multimodal / "consolidated.safetensors"))
+    (multimodal / "params.json").write_text(json.dumps({**args_to_params(args), "vision_encoder": {"hidden_size": 8}}))
+    with caplog.at_level("INFO", logger="mft.checkpoint.load"):
+        again = build(read_model_args(multimodal), device="cpu", dtype=torch.float32, weights=multimodal).eval()
+    assert [r.getMessage() for r in caplog.records if "vision encoder" in r.getMessage()] == [
+        f"{multimodal}: skipped the 3 tensors of the vision encoder (mft trains the text model)"]
+    toks = tokens()
+    assert torch.equal(mft_logits(again, toks), mft_logits(model, toks))
+
+
+def test_gradients_match_transformers(family):
+    """Full fine-tuning: the loss's gradients equal transformers' (a tied head's gradient is the
+    sum of its two uses, in one parameter on both sides)."""
+    name, hf_model, folder, _ = family
+    model = build(read_model_args(folder), device="cpu", dtype=torch.float32, weights=folder).eval()
+    toks = tokens()
+    loss = torch.nn.functional.cross_entropy(mft_forward(model, toks)[:-1], toks[1:])
+    loss.backward()
+    hf_model.zero_grad()
+    theirs = torch.nn.functional.cross_entropy(hf_model(input_ids=toks[None]).logits[0, :-1], toks[1:])
+    theirs.backward()
+    ours = dict(model.named_parameters())
+    hf_embed = hf_model.get_input_embeddings()
+    rows = torch.arange(VOCAB) != (hf_embed.padding_idx if hf_embed.padding_idx is not None else -1)
+    # transformers' Ministral3 embedding never trains its pad id's row (padding_idx); mft's does.
+    assert (ours["tok_embeddings.weight"].grad - hf_embed.weight.grad)[rows].abs().max().item() <= 1e-5
+    hf_wo = hf_model.get_decoder().layers[1].self_attn.o_proj.weight
+    assert (ours["layers.1.attention.wo.weight"].grad - hf_wo.grad).abs().max().item() <= 1e-5
+    hf_model.zero_grad()
+
+
+def test_mistral3_head_is_untied_when_the_files_hold_one(tmp_path):
+    """A Mistral3 config.json that says nothing of tying (transformers 5 then defaults to tied)
+    over files with an lm_head of their own: that head is used, as transformers does."""
+    import json
+
+    torch.manual_seed(0)
+    model = mistral3_text()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 48) * 0.2)
+    model.eval().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("tie_word_embeddings")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = read_model_args(tmp_path)
+    assert not args.tied_embeddings
+    ours = build(args, device="cpu", dtype=torch.float32, weights=tmp_path).eval()
+    toks = tokens()
+    assert (mft_logits(ours, toks) - hf_logits(model, toks)).abs().max().item() <= 1e-4
+
+
+def test_params_json_yarn_attention_factor(tmp_path):
+    """params.json's yarn: the attention factor of transformers' conversion (1 with a vision
+    encoder, else YaRN's own), unless apply_scale says which."""
+    from mft.model.rope import yarn_attention_factor
+
+    base = {"dim": 48, "n_layers": 2, "hidden_dim": 96, "n_heads": 4, "vocab_size": VOCAB, "rope_theta": 1e6,
+            "llama_4_scaling": {"original_max_position_embeddings": 16, "beta": 0.1}}
+    yarn = {"factor": 16.0, "original_max_position_embeddings": 16, "beta": 32.0, "alpha": 1.0}
+    own = 1 + 0.1 * torch.log(torch.tensor(16.0)).item()
+    cases = [({**base, "yarn": yarn, "vision_encoder": {"hidden_size": 8}}, 1.0), ({**base, "yarn": yarn}, own),
+             ({**base, "yarn": {**yarn, "apply_scale": False}}, 1.0),
+             ({**base, "yarn": {**yarn, "apply_scale": True}, "vision_encoder": {}}, own)]
+    for params, factor in cases:
+        args = params_to_args(params, tmp_path)
+        assert yarn_attention_factor(args.yarn) == pytest.approx(factor)
+        assert args.query_scaling == QueryScalingArgs(0.1, 16)
+        assert params_to_args(args_to_params(args), tmp_path) == args

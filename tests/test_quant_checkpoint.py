@@ -18,6 +18,8 @@ from mft.checkpoint.load import detect_format, load_weights, read_model_args
 from mft.checkpoint.quantized import save_quantized
 from mft.cli.export import main as mft_export
 from mft.cli.quantize import main as mft_quantize
+from mft.data.tokenizer import BUILTIN, load_tokenizer
+from mft.data.tokenizer_files import model_tokenizer
 from mft.peft.lora import LoRASettings, apply_lora, lora_modules
 from mft.quant.formats import QuantSpec
 from mft.quant.linear import QuantizedLinear, dense_weight, quantized_layers
@@ -118,8 +120,10 @@ def test_loading_a_checkpoint_quantised_differently_is_a_clear_error(tmp_path):
 def test_quantize_command_output_loads_with_no_dense_pass(tmp_path, monkeypatch):
     torch.manual_seed(0)
     dense = build(ARGS, device="cpu", dtype=torch.bfloat16)
-    source = export_hf(dense, tmp_path / "hf", dtype=torch.bfloat16)
+    source = export_hf(dense, tmp_path / "hf", dtype=torch.bfloat16, tokenizer_file=BUILTIN["v3"])
     assert mft_quantize([str(source), str(tmp_path / "q"), "--format", "nf4", "--device", "cpu"]) == 0
+    # The quantised folder keeps its source's tokenizer, so presets resolve it as the source's.
+    assert load_tokenizer(tmp_path / "q").version == "v3" and model_tokenizer(tmp_path / "q", "v1") == str(tmp_path / "q")
 
     def no_quantize(*_):
         raise AssertionError("a quantised checkpoint must load without quantising")

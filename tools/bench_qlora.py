@@ -153,6 +153,10 @@ def main() -> int:
     args = preset_args(opts.shape)
     if opts.layers:
         args = replace(args, n_layers=opts.layers)
+        try:
+            args.windows
+        except ValueError as e:
+            parser.error(f"--layers {opts.layers}: {e}")
     import triton
 
     try:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs
+from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs, rope_problems
 from mft.model.names import canonical_name
 from mft.utils.atomic import atomic_dir
 from mft.utils.dtensor import full_tensor
@@ -97,9 +97,10 @@ def read_params(path: Path) -> dict[str, Any]:
 def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
     """ModelArgs from params.json; older files lack head_dim, n_kv_heads, rope_theta, sliding_window.
 
-    YaRN's attention factor: with `"apply_scale": true`, 0.1 ln(factor) + 1 (vLLM's reading);
-    otherwise 1, as transformers' conversion of these files makes it (mscale = mscale_all_dim = 1);
-    mscale / mscale_all_dim in the file, when given, win.
+    YaRN's attention factor follows transformers' conversion of these files (mscale 1, and
+    mscale_all_dim 1 for a checkpoint with a vision encoder, whose factor is then 1, else 0, whose
+    factor is 0.1 ln(factor) + 1); "apply_scale" true / false, when the file has it, asks for the
+    second / the first (vLLM's reading); mscale / mscale_all_dim in the file win over both.
     """
     if params.get("moe"):
         raise MftError(f"{path}: mixture-of-experts checkpoints ('moe' key) are not supported yet")
@@ -126,14 +127,20 @@ def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
             beta_fast=float(yarn.get("beta") or 32.0),
             beta_slow=float(yarn.get("alpha") or 1.0),
             mscale=float(yarn.get("mscale", 1.0)),
-            mscale_all_dim=float(yarn.get("mscale_all_dim", 0.0 if yarn.get("apply_scale") else 1.0)),
+            mscale_all_dim=float(yarn.get("mscale_all_dim", _yarn_mscale_all_dim(yarn, params))),
         ),
         query_scaling=QueryScalingArgs() if llama4 is None else QueryScalingArgs(
             beta=float(llama4["beta"]), original_max_position_embeddings=llama4["original_max_position_embeddings"]),
         tied_embeddings=bool(params.get("tied_embeddings", False)),
     )
-    _check_windows(args, path)
+    check_args(args, path)
     return args
+
+
+def _yarn_mscale_all_dim(yarn: dict[str, Any], params: dict[str, Any]) -> float:
+    if "apply_scale" in yarn:
+        return 0.0 if yarn["apply_scale"] else 1.0
+    return 1.0 if params.get("vision_encoder") else 0.0
 
 
 def args_to_params(args: ModelArgs) -> dict[str, Any]:
@@ -157,15 +164,20 @@ def args_from_dict(saved: dict[str, Any], path: Path, within: str = "") -> Model
         if saved.get(key) is not None:
             check_fields(saved[key], nested, path, within=f"{within}{key}.", only_known=True)
     args = ModelArgs(**saved)
-    _check_windows(args, path)
+    check_args(args, path)
     return args
 
 
-def _check_windows(args: ModelArgs, path: Path) -> None:
+def check_args(args: ModelArgs, path: Path) -> None:
+    """One MftError naming `path` when its windows or rope settings cannot work."""
     try:
         args.windows
     except ValueError as e:
         raise MftError(f"{path}: {e}") from None
+    problems = rope_problems(args)
+    if problems:
+        raise MftError(f"{path}: " + "; ".join(f"{key} is {value!r}, expected {expected}"
+                                               for key, value, expected in problems) + ".")
 
 
 def weight_files(folder: Path) -> list[Path]:

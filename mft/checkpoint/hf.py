@@ -4,8 +4,8 @@ Families (config.json's model_type): "mistral" (7B, Nemo, Small 3, Codestral, De
 Magistral: one window or none), "ministral" (Ministral 8B: `layer_types` interleave sliding and
 full layers), "ministral3" (Ministral 3: YaRN rope and Llama 4's query scale) and "mistral3"
 (Small 3.1+, Ministral 3 checkpoints with a vision encoder: the text model is `text_config`, its
-tensors are under model.language_model. (transformers 5) or language_model.model. (the hub's
-older names); the vision tensors are skipped).
+tensors are under language_model.model. (the hub's files, and what transformers writes) or
+model.language_model. (transformers 5's module names); the vision tensors are skipped).
 """
 
 import re
@@ -15,9 +15,18 @@ from typing import Any, Optional
 
 import torch
 
+from mft.checkpoint.consolidated import check_args
 from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs
 from mft.utils.errors import MftError
-from mft.utils.jsonfile import read_json_object
+from mft.utils.jsonfile import (
+    NUMBER,
+    POSITIVE_INT,
+    POSITIVE_NUMBER,
+    STRING,
+    Field,
+    check_fields,
+    read_json_object,
+)
 
 # (HF name, consolidated name) templates; {i} is the layer index.
 _NAME_PAIRS = [
@@ -53,7 +62,7 @@ def _rename(name: str, table: list[tuple[re.Pattern, str]]) -> Optional[str]:
 
 
 # Where a Mistral3 (vision + text) checkpoint keeps its text model's tensors: (prefix, replacement
-# giving a MistralForCausalLM name); transformers 5 first, then the names older hub files use.
+# giving a MistralForCausalLM name): transformers 5's module names, then the names on disk.
 _MULTIMODAL_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                              ("language_model.lm_head.", "lm_head."))
 # Prefixes of a Mistral3 checkpoint's vision tensors (skipped: mft trains the text model).
@@ -118,6 +127,19 @@ def is_multimodal_folder(folder: Path) -> bool:
 
 
 TEXT_MODEL_TYPES = ("mistral", "llama", "ministral", "ministral3")
+# rope_parameters (rope_scaling in transformers 4) keys mft reads, checked before any is used.
+_ROPE_FIELDS = {
+    "rope_type": Field(STRING),
+    "type": Field(STRING),
+    "rope_theta": Field(POSITIVE_NUMBER),
+    "factor": Field(NUMBER),
+    "original_max_position_embeddings": Field(POSITIVE_INT),
+    "beta_fast": Field(NUMBER),
+    "beta_slow": Field(NUMBER),
+    "mscale": Field(NUMBER),
+    "mscale_all_dim": Field(NUMBER),
+    "llama_4_scaling_beta": Field(NUMBER),
+}
 
 
 def text_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -150,12 +172,13 @@ def hf_config_to_args(config: dict[str, Any], path: Path) -> ModelArgs:
     # transformers 5 moved rope_theta into rope_parameters; older configs keep it at top level.
     # rope_scaling is the transformers 4 name of a non-default rope (llama3, yarn, ...).
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    check_fields(rope, _ROPE_FIELDS, path, within="rope_parameters.")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "yarn"):
         raise MftError(f"{path}: rope type {rope_type!r} is not supported; expected 'default' or 'yarn'")
     rope_theta = rope.get("rope_theta", config.get("rope_theta")) or 10000.0
     n_layers, n_heads = config["num_hidden_layers"], config["num_attention_heads"]
-    return ModelArgs(
+    args = ModelArgs(
         dim=config["hidden_size"],
         n_layers=n_layers,
         head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
@@ -171,6 +194,8 @@ def hf_config_to_args(config: dict[str, Any], path: Path) -> ModelArgs:
         query_scaling=_query_scaling(rope, path) if model_type == "ministral3" else QueryScalingArgs(),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
+    check_args(args, path)
+    return args
 
 
 def _windows(config: dict[str, Any], n_layers: int, path: Path) -> Any:

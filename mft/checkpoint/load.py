@@ -91,12 +91,15 @@ def read_model_args(folder: str | os.PathLike) -> ModelArgs:
         path = folder / consolidated.PARAMS_FILE
         return consolidated.params_to_args(consolidated.read_params(path), path)
     path = folder / HF_CONFIG
-    args = hf.hf_config_to_args(_read_hf_config(path), path)
-    if args.tied_embeddings and any(hf.hf_to_mft_name(key) == "output.weight"
-                                    for key in _file_tensors(_hf_weight_files(folder))):
-        # A config that says "tied" over files that hold a head of their own: transformers keeps
-        # the head (a Mistral3 config.json often says nothing, and transformers 5 defaults to tied).
+    config = _read_hf_config(path)
+    args = hf.hf_config_to_args(config, path)
+    has_head = any(hf.hf_to_mft_name(key) == "output.weight" for key in _file_tensors(_hf_weight_files(folder)))
+    # transformers 5 keeps a head the files hold even when the config says "tied", and ties a
+    # Mistral3 model whose config.json does not say (its default); the files settle both cases.
+    if args.tied_embeddings and has_head:
         args = dataclasses.replace(args, tied_embeddings=False)
+    elif not has_head and config.get("model_type") == "mistral3" and "tie_word_embeddings" not in config:
+        args = dataclasses.replace(args, tied_embeddings=True)
     return args
 
 
@@ -104,7 +107,13 @@ def _read_hf_config(path: Path) -> dict:
     """config.json, its text model's keys checked (a Mistral3 checkpoint's are under text_config)."""
     config = hf.read_hf_config(path)
     check_fields(config, {"model_type": Field(STRING), "text_config": Field(OBJECT)}, path)
-    check_fields(hf.text_config(config, path), HF_CONFIG_FIELDS, path)
+    text = hf.text_config(config, path)
+    check_fields(text, HF_CONFIG_FIELDS, path)
+    quantization = config.get("quantization_config") or text.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise MftError(f"{path}: a checkpoint quantised by another tool (quantization_config: {method!r}) cannot be "
+                       "loaded; use the model's bf16 / fp16 / fp32 release (mft-quantize makes a 4-bit base of it).")
     return config
 
 

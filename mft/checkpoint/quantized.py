@@ -18,6 +18,7 @@ A layer quantised with a different spec than the model's is an error, never requ
 
 import json
 import os
+import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -25,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from mft.checkpoint import consolidated
+from mft.data.tokenizer_files import find_tokenizer_file
 from mft.model.args import ModelArgs
 from mft.model.names import canonical_name
 from mft.quant.dequant import dequantize
@@ -123,7 +125,9 @@ def assign_weight_(target, tensor: torch.Tensor) -> None:
 
 
 def save_quantized(model: torch.nn.Module, folder: str | os.PathLike, source: Optional[str] = None) -> Path:
-    """Write a quantised Transformer (LoRA factors, if any, are left out) atomically."""
+    """Write a quantised Transformer (LoRA factors, if any, are left out) atomically; `source`, the
+    folder it was quantised from, also gives it its Mistral tokenizer file (when it has one), so
+    the quantised folder names its own tokenizer as the source did."""
     return write_quantized(quantized_state(model), model, folder, source)
 
 
@@ -153,6 +157,9 @@ def write_quantized(tensors: Dict[str, torch.Tensor], model: torch.nn.Module, fo
         (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(consolidated.args_to_params(model.args), indent=2) + "\n")
         (tmp / QUANT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        tokenizer = find_tokenizer_file(Path(source)) if source and Path(source).is_dir() else None
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / tokenizer.name)
     return Path(folder)
 
 

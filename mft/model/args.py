@@ -15,8 +15,13 @@ class YarnArgs:
     original_max_position_embeddings: int = 4096  # the context the rope was pretrained with
     beta_fast: float = 32.0  # rotations above which frequencies are kept (extrapolated)
     beta_slow: float = 1.0  # rotations below which frequencies are divided by factor (interpolated)
-    mscale: float = 1.0  # attention factor numerator's log multiplier
-    mscale_all_dim: float = 0.0  # its denominator's; 0: the attention factor is 0.1 ln(factor) + 1
+    mscale: float = 0.0  # with mscale_all_dim (both non-zero): the attention factor's numerator's log multiplier
+    mscale_all_dim: float = 0.0  # its denominator's; either 0: the attention factor is 0.1 ln(factor) + 1
+
+    def __post_init__(self) -> None:
+        # transformers uses the two only as a pair: one of them 0 is the same model as both 0.
+        if not (self.mscale and self.mscale_all_dim):
+            self.mscale = self.mscale_all_dim = 0.0
 
     @property
     def active(self) -> bool:
@@ -49,6 +54,25 @@ def layer_windows(sliding_window: Any, n_layers: int) -> list[Optional[int]]:
         raise ValueError(f"sliding_window {sliding_window!r}: expected a positive int, or a list of positive ints "
                          f"and nulls whose length divides n_layers={n_layers}")
     return [pattern[i % len(pattern)] for i in range(n_layers)]
+
+
+def rope_problems(args: "ModelArgs") -> list[tuple[str, object, str]]:
+    """(key, value, what was expected) for each rope setting that cannot work (YaRN's formulas
+    divide by beta_fast, beta_slow and ln(rope_theta)); empty when all can."""
+    problems: list[tuple[str, object, str]] = []
+    if args.rope_theta <= 0 or args.yarn.active and args.rope_theta == 1:
+        problems.append(("rope_theta", args.rope_theta, "a positive number (not 1 with YaRN)"))
+    if args.yarn.active:
+        y = args.yarn
+        checks = [("factor", y.factor > 1, "a number > 1 (1: no YaRN)"),
+                  ("original_max_position_embeddings", y.original_max_position_embeddings > 0, "a positive number"),
+                  ("beta_fast", y.beta_fast > 0, "a positive number"),
+                  ("beta_slow", y.beta_slow > 0, "a positive number")]
+        problems += [(f"yarn.{key}", getattr(y, key), expected) for key, ok, expected in checks if not ok]
+    if args.query_scaling.active and args.query_scaling.original_max_position_embeddings <= 0:
+        problems.append(("query_scaling.original_max_position_embeddings",
+                         args.query_scaling.original_max_position_embeddings, "a positive number"))
+    return problems
 
 
 @dataclass

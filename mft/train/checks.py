@@ -25,7 +25,7 @@ from mft.config import (
     TrainConfig,
 )
 from mft.data.config import DataConfig
-from mft.model.args import ModelArgs
+from mft.model.args import ModelArgs, rope_problems
 from mft.utils.errors import MftError
 
 
@@ -54,20 +54,13 @@ def model_args(mcfg: ModelConfig) -> ModelArgs:
     _require(preset.n_heads % preset.n_kv_heads == 0, "model.n_kv_heads", preset.n_kv_heads,
              f"a divisor of model.n_heads={preset.n_heads} (each KV head serves a group of query heads)")
     _require(preset.norm_eps > 0, "model.norm_eps", preset.norm_eps, "a positive number")
-    _require(preset.rope_theta > 0, "model.rope_theta", preset.rope_theta, "a positive number")
     try:
         preset.windows
     except ValueError:
         _require(False, "model.sliding_window", preset.sliding_window, "a positive number of tokens, null for full "
                  f"causal attention, or a per-layer list of those whose length divides n_layers={preset.n_layers}")
-    if preset.yarn.active:
-        _require(preset.yarn.factor >= 1, "model.yarn.factor", preset.yarn.factor, "a number >= 1")
-        _require(preset.yarn.original_max_position_embeddings > 0, "model.yarn.original_max_position_embeddings",
-                 preset.yarn.original_max_position_embeddings, "a positive number of tokens")
-    if preset.query_scaling.active:
-        _require(preset.query_scaling.original_max_position_embeddings > 0,
-                 "model.query_scaling.original_max_position_embeddings",
-                 preset.query_scaling.original_max_position_embeddings, "a positive number of tokens")
+    for key, value, expected in rope_problems(preset):
+        _require(False, f"model.{key}", value, expected)
     if not mcfg.checkpoint:
         return preset
     _require(Path(mcfg.checkpoint).expanduser().is_dir(), "model.checkpoint", mcfg.checkpoint,
