@@ -93,6 +93,8 @@ def read_model_args(folder: str | os.PathLike) -> ModelArgs:
     path = folder / HF_CONFIG
     config = _read_hf_config(path)
     args = hf.hf_config_to_args(config, path)
+    if not hf.is_hf_folder(folder):
+        return args  # a config without weights (yet): the config alone
     has_head = any(hf.hf_to_mft_name(key) == "output.weight" for key in _file_tensors(_hf_weight_files(folder)))
     # transformers 5 keeps a head the files hold even when the config says "tied", and ties a
     # Mistral3 model whose config.json does not say (its default); the files settle both cases.
