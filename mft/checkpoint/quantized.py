@@ -21,12 +21,11 @@ import os
 import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
 from mft.checkpoint import consolidated
-from mft.data.tokenizer_files import find_tokenizer_file
 from mft.model.args import ModelArgs
 from mft.model.names import canonical_name
 from mft.quant.dequant import dequantize
@@ -124,11 +123,11 @@ def assign_weight_(target, tensor: torch.Tensor) -> None:
         load_dense_weight_(target, tensor.to(target.weight_q.device))
 
 
-def save_quantized(model: torch.nn.Module, folder: str | os.PathLike, source: Optional[str] = None) -> Path:
-    """Write a quantised Transformer (LoRA factors, if any, are left out) atomically; `source`, the
-    folder it was quantised from, also gives it its Mistral tokenizer file (when it has one), so
-    the quantised folder names its own tokenizer as the source did."""
-    return write_quantized(quantized_state(model), model, folder, source)
+def save_quantized(model: torch.nn.Module, folder: str | os.PathLike, source: Optional[str] = None,
+                   extra_files: Sequence[Path] = ()) -> Path:
+    """Write a quantised Transformer (LoRA factors, if any, are left out) atomically, with copies
+    of `extra_files` (the source's tokenizer file, say) in the same folder."""
+    return write_quantized(quantized_state(model), model, folder, source, extra_files)
 
 
 def quantized_state(model: torch.nn.Module, keep: bool = True) -> Dict[str, torch.Tensor]:
@@ -148,7 +147,7 @@ def quantized_state(model: torch.nn.Module, keep: bool = True) -> Dict[str, torc
 
 
 def write_quantized(tensors: Dict[str, torch.Tensor], model: torch.nn.Module, folder: str | os.PathLike,
-                    source: Optional[str] = None) -> Path:
+                    source: Optional[str] = None, extra_files: Sequence[Path] = ()) -> Path:
     """Write `quantized_state(model)` with its params.json and quant_config.json, atomically."""
     spec, modules = _model_spec(model)
     config = {"format": FORMAT_NAME, "version": 1, "quant": asdict(spec), "modules": modules,
@@ -157,9 +156,8 @@ def write_quantized(tensors: Dict[str, torch.Tensor], model: torch.nn.Module, fo
         (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(consolidated.args_to_params(model.args), indent=2) + "\n")
         (tmp / QUANT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        tokenizer = find_tokenizer_file(Path(source)) if source and Path(source).is_dir() else None
-        if tokenizer is not None:
-            shutil.copyfile(tokenizer, tmp / tokenizer.name)
+        for extra in extra_files:
+            shutil.copyfile(extra, tmp / Path(extra).name)
     return Path(folder)
 
 

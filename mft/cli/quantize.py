@@ -11,12 +11,14 @@ copies the packed tensors as they are: no bf16 copy of the base is ever made.
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from mft.build import Runtime, build_model, checkpoint_spec
 from mft.checkpoint.quantized import save_quantized
 from mft.cli import DTYPES, report_error
+from mft.data.tokenizer_files import find_tokenizer_file
 from mft.quant.formats import QuantSpec
 from mft.quant.model import LINEAR_TARGETS
 from mft.utils.errors import MftError
@@ -50,7 +52,9 @@ def main(argv=None) -> int:
         quant_modules = LINEAR_TARGETS if modules is None else tuple(modules)
         model = build_model(checkpoint_spec(opts.source, dense=True, quant=spec, quant_modules=quant_modules),
                             Runtime(device=opts.device, dtype=DTYPES[opts.dtype]))
-        folder = save_quantized(model, opts.out, source=str(opts.source))
+        # The source's tokenizer file goes along, so the quantised folder names the same tokenizer.
+        tokenizer = find_tokenizer_file(Path(opts.source))
+        folder = save_quantized(model, opts.out, source=str(opts.source), extra_files=[tokenizer] if tokenizer else [])
     except MftError as e:
         return report_error("mft-quantize", e)
     size = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
