@@ -149,3 +149,22 @@ def test_without_matplotlib_the_report_is_text_with_a_note(tmp_path, monkeypatch
     assert mft_report([str(run)]) == 0
     assert f"Report: {run / 'compare.md'}; {NO_MATPLOTLIB}" in capsys.readouterr().out
     assert not (run / "compare.png").exists()
+
+
+def test_a_run_stopped_by_an_error_records_it_as_its_summary(tmp_path):
+    from mft.compose import compose, to_dataclass
+    from mft.config import register_configs
+    from mft.train.loop import train
+    from mft.utils.errors import MftError
+
+    register_configs()
+    cfg = to_dataclass(compose("train", ["progress=false", "data.seq_len=64", "eval_every=0", "eval_batches=1",
+                                         "batch_size=2", "optim.lr=1e6", "max_steps=20", "max_nonfinite_steps=2",
+                                         "logger.log_every=1"]))
+    with pytest.raises(MftError) as stopped:
+        train(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["summary"] and summary["status"] == "failed" and summary["error"] == str(stopped.value)
+    report = write_run_report(tmp_path / "run").read_text()
+    assert f"Status: **failed** at step {summary['step']} of 20" in report and str(stopped.value) in report
+    assert table_rows(report[report.index("## Evaluations"):])[0]["step"] == "0"  # what it logged still shows

@@ -19,6 +19,7 @@ class SweepReport(Callback):
     """At the end of a multirun: print the table of its points and write report.md and report.png into the sweep dir."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Every point has returned: the table of all of them, and unfinished_points for mft-train's exit status."""
         from mft.report.cli import print_report
         from mft.report.run import RUNNING
         from mft.train.metrics import RunStatus

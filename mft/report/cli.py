@@ -48,6 +48,7 @@ def print_report(dirs: List[Path], plot: Path) -> List[Run]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """mft-report's command line; returns the exit status (1: a folder that is not a run or sweep dir)."""
     parser = argparse.ArgumentParser(prog="mft-report", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])

@@ -24,6 +24,7 @@ NONE = "-"
 
 
 def number(value: Any, digits: int = 4) -> str:
+    """A metric with `digits` decimals, or NONE where there is none (null: not finite, or not logged)."""
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else NONE
 
 
@@ -47,6 +48,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def generate_command(run_dir: Path, step: Optional[int] = None) -> str:
+    """The mft-generate command that chats with the run's latest checkpoint, or the one of `step`."""
     return shlex.join(["mft-generate", f"run_dir={run_dir}", *([f"step={step}"] if step is not None else [])])
 
 
@@ -63,7 +65,7 @@ def status_line(run: Run, resume_command: Optional[str] = None) -> str:
         return f"**preempted**: {summary.get('stopped_by') or 'a signal'} stopped it at step {step}{of}{wall}, " \
                f"after saving a checkpoint.{resume}"
     if status == RunStatus.failed:
-        return f"**failed** at step {step}{wall}: {summary.get('error') or 'no message recorded'}"
+        return f"**failed** at step {step}{of}{wall}: {summary.get('error') or 'no message recorded'}"
     if status == RUNNING:
         return f"**{RUNNING}**: no summary yet; the last record is at step {step if step is not None else NONE}."
     return f"**{status}** at step {step}."
@@ -87,6 +89,7 @@ def _setup(run: Run) -> str:
 
 
 def _data_section(summary: Dict[str, Any]) -> List[str]:
+    """The train and valid data as the loop's summary reports them (mft.train.loop.data_report)."""
     parts = [(name, summary.get(key)) for name, key in (("train", "train_data"), ("valid", "valid_data"))]
     parts = [(name, d) for name, d in parts if isinstance(d, dict)]
     if not parts:
@@ -149,6 +152,7 @@ def run_markdown(run: Run, plot: Optional[str], note: Optional[str] = None, resu
 
 
 def _checkpoint_lines(run: Run) -> List[str]:
+    """The last and the best checkpoint, and the commands that chat with them."""
     if not run.checkpoints:
         return ["None saved."]
     last_step_, last = run.checkpoints[-1]

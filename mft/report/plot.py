@@ -64,8 +64,9 @@ def plot_run(run: Run, path: Path) -> Optional[str]:
         return NO_MATPLOTLIB
     evals = evaluations(run)
     (loss, accuracy), (lr, speed) = figure.subplots(2, 2)
-    _panel(loss, None, "loss", [  # no title: the tokens axis is on top("train_loss", *_series(run.records, "train_loss"), "-"),
-                                  ("valid_loss", *_series(evals, "valid_loss"), "o-")])
+    # No title on the loss panel: the tokens axis takes its place.
+    _panel(loss, None, "loss", [("train_loss", *_series(run.records, "train_loss"), "-"),
+                                ("valid_loss", *_series(evals, "valid_loss"), "o-")])
     per_step = tokens_per_step(run)
     if per_step:
         top = loss.secondary_xaxis("top", functions=(lambda s: s * per_step / 1e6, lambda t: t * 1e6 / per_step))
@@ -74,7 +75,7 @@ def plot_run(run: Run, path: Path) -> Optional[str]:
            [("valid_mean_token_accuracy", *_series(evals, "valid_mean_token_accuracy"), "o-")])
     _panel(lr, "learning rate", "lr", [("lr", *_series(run.records, "lr"), "-")])
     _panel(speed, "throughput", "tokens/s", [("tokens_per_s", *_series(run.records, "tokens_per_s"), "-")])
-    figure.suptitle(f"{run.path} ({run.status})")
+    figure.suptitle(f"{Path(*run.path.parts[-2:])} ({run.status})")  # outputs/<date>/<time>: date and time
     _save(figure, path)
     return None
 

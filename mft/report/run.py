@@ -48,6 +48,7 @@ class Run:
 
 
 def is_run_dir(path: Path) -> bool:
+    """A folder mft-train has run in: Hydra's .hydra/, the resolved config or the metrics."""
     return (path / ".hydra").is_dir() or (path / METRICS_FILE).is_file() or (path / CONFIG_FILE).is_file()
 
 
@@ -58,6 +59,7 @@ def sweep_points(path: Path) -> List[Path]:
 
 
 def is_sweep_dir(path: Path) -> bool:
+    """A sweep dir of mft-train -m: Hydra's multirun.yaml, or run dirs inside."""
     return (path / SWEEP_FILE).is_file() or bool(sweep_points(path))
 
 
@@ -78,6 +80,7 @@ def read_runs(paths: Sequence[Path]) -> List[Run]:
 
 
 def read_run(path: Path) -> Run:
+    """A run dir as it is now; what cannot be read is in Run.problems, never an exception."""
     problems: List[str] = []
     records, summary = _read_metrics(path / METRICS_FILE, problems)
     return Run(path=path, overrides=_read_overrides(path / OVERRIDES_FILE, problems),
@@ -86,6 +89,7 @@ def read_run(path: Path) -> Run:
 
 
 def _read_metrics(path: Path, problems: List[str]) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """(step records, last summary) of metrics.jsonl; a line that is not a record is a problem and skipped."""
     if not path.is_file():
         return [], None
     records, summary = [], None
@@ -160,6 +164,7 @@ def best_evaluation(run: Run) -> Optional[Dict[str, Any]]:
 
 
 def final_evaluation(run: Run) -> Optional[Dict[str, Any]]:
+    """The latest evaluation's record."""
     evals = evaluations(run)
     return evals[-1] if evals else None
 

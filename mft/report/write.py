@@ -35,6 +35,8 @@ def write_run_report(run_dir: Path, resume_command: Optional[str] = None) -> Pat
 
 @dataclass(frozen=True)
 class RunsTable:
+    """The table across runs as printed, and what became of the plot."""
+
     table: str  # the table across runs (padded markdown)
     notes: List[str]  # a line for each run that did not finish
     plot_note: Optional[str]  # why there is no plot; None when it was drawn

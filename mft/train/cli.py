@@ -146,6 +146,7 @@ def _record(run_dir: Path, world: World, fresh: bool, error: BaseException, star
 
 
 def _write_report(run_dir: Path, resume: Optional[str]) -> None:
+    """report.md and curves.png (mft.report); `resume` is the command that continues a preempted run."""
     try:
         write_run_report(run_dir, resume)
     except Exception as e:  # the run's outcome is saved already: a report that cannot be made is only a warning

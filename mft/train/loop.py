@@ -288,6 +288,9 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     checkpoint, stopped_by, step, skipped, nonfinite_in_a_row = None, None, start, 0, 0
     signals = StopSignals()
     bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and world.is_main), dynamic_ncols=True, desc="train")
+    # In the summary however the run ends.
+    facts = {"total_steps": steps, "start_step": start, "world_size": world.size, "train_data": data_report(train_set),
+             "valid_data": data_report(valid_set) if valid_set else None}
     try:
         with logging_redirect_tqdm():
             first_valid = run_eval(0).get("valid_loss") if start == 0 else None
@@ -340,14 +343,12 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                     log.warning("%s: saved %s at step %d and stopped", stopped_by, checkpoint, step)
                     break
         summary = {"step": step, "status": RunStatus.preempted.value if stopped_by else RunStatus.finished.value,
-                   "total_steps": steps, "start_step": start, "world_size": world.size,
                    "wall_time_s": time.perf_counter() - started, "train_loss": record.get("train_loss"), **last_eval,
-                   "stopped_by": stopped_by, "skipped_nonfinite_steps": skipped, "train_data": data_report(train_set),
-                   "valid_data": data_report(valid_set) if valid_set else None}
+                   "stopped_by": stopped_by, "skipped_nonfinite_steps": skipped, **facts}
         metrics.summary(summary)
     except BaseException as e:  # the run's outcome whatever stopped it (mft-train prints the error itself)
         metrics.summary({"step": step, "status": RunStatus.failed.value, "error": failure_message(e),
-                         "wall_time_s": time.perf_counter() - started})
+                         "wall_time_s": time.perf_counter() - started, **facts})
         raise
     finally:
         bar.close()
