@@ -39,6 +39,8 @@ def test_default_run_halves_validation_loss(tmp_path):
     assert str(adapter) in result.stdout
     assert f"Chat with it: mft-generate run_dir={tmp_path / 'run'}\n" in result.stdout
     assert (tmp_path / "run" / "resolved_config.yaml").is_file()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "**finished** at step 150 of 150" in report and (tmp_path / "run" / "curves.png").stat().st_size > 0
     # Without the progress bar the train loss still reaches the console and train.log, every log_every steps.
     loss_lines = [line for line in (tmp_path / "run" / "train.log").read_text().splitlines() if "train_loss" in line]
     assert len(loss_lines) == 15 and "step 150: train_loss" in result.stdout + result.stderr

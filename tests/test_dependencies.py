@@ -17,10 +17,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = {"mft": REPO / "mft", "hydra_plugins": REPO / "launch" / "hydra_plugins"}  # our top-level packages
 ROOTS = ["mft", "mft.train.cli", "mft.generate.cli", "mft.cli.export", "mft.cli.quantize", "mft.data.validate",
-         "hydra_plugins.mft_torchrun_launcher"]
+         "mft.report.cli", "hydra_plugins.mft_torchrun_launcher"]
 # Import names whose distribution is not installed here to be looked up (the rest come from the environment).
 KNOWN = {"xformers": "xformers", "yaml": "pyyaml", "hydra": "hydra-core", "pyarrow": "pyarrow", "wandb": "wandb",
-         "triton": "triton", "transformers": "transformers"}
+         "triton": "triton", "transformers": "transformers", "matplotlib": "matplotlib"}
 
 
 def normalise(name: str) -> str:

@@ -19,6 +19,7 @@ ALLOWED = {
     "compose": {"utils"},
     "generate": {"utils", "kernels", "quant", "model", "peft", "checkpoint", "build", "data", "config", "compose"},
     "train": {"utils", "kernels", "quant", "model", "peft", "checkpoint", "build", "data", "config", "compose"},
+    "report": {"utils", "train"},  # reads what mft/train/metrics.py writes; no torch
     "cli": {"utils", "kernels", "quant", "model", "peft", "checkpoint", "build", "data", "config", "compose",
             "generate"},
 }

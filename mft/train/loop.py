@@ -5,6 +5,7 @@ import logging
 import math
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -26,13 +27,13 @@ from mft.checkpoint.train_state import (
 )
 from mft.config import TrainConfig, plain
 from mft.data.batch import Batch
-from mft.data.dataset import build_datasets
+from mft.data.dataset import PackedDataset, build_datasets
 from mft.data.tokenizer import check_vocab, load_tokenizer
 from mft.peft.lora import lora_state_dict
 from mft.train.checks import check_config
 from mft.train.evaluate import evaluate
 from mft.train.loss import supervised_loss
-from mft.train.metrics import MetricsLogger
+from mft.train.metrics import MetricsLogger, RunStatus, failure_message
 from mft.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from mft.train.resume import check_resume_fits, check_run_dir, random_base_to_resume
 from mft.train.setup import describe_base, model_spec, save_base_model, train_runtime
@@ -158,7 +159,15 @@ def nonfinite_stop(step: int, count: int, loss: float, grad_norm: float, cfg: Tr
     )
 
 
+def data_report(dataset: PackedDataset) -> Dict[str, Any]:
+    """A dataset's report for the run summary, with its skipped rows counted by reason (the row error codes)."""
+    stores = {id(part.store): part.store for part in dataset.parts}.values()  # a file listed twice is read once
+    reasons = Counter(code for store in stores for _, code, _ in store.errors)
+    return {**dataset.report(), "skipped_by_reason": dict(sorted(reasons.items()))}
+
+
 def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
+    started = time.perf_counter()
     run_dir = Path(run_dir)
     check_config(cfg)  # mft-train has run it already; here for callers that skip the CLI
     device = resolve_device(cfg.device, world.local_rank)
@@ -273,15 +282,18 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
         return record
 
     model.train()
-    first_valid = run_eval(0).get("valid_loss") if start == 0 else None
     last_eval: Dict[str, float] = {}
     record: Dict[str, Any] = {}
     window = StepWindow()
     checkpoint, stopped_by, step, skipped, nonfinite_in_a_row = None, None, start, 0, 0
     signals = StopSignals()
     bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and world.is_main), dynamic_ncols=True, desc="train")
+    # In the summary however the run ends.
+    facts = {"total_steps": steps, "start_step": start, "world_size": world.size, "train_data": data_report(train_set),
+             "valid_data": data_report(valid_set) if valid_set else None}
     try:
         with logging_redirect_tqdm():
+            first_valid = run_eval(0).get("valid_loss") if start == 0 else None
             for step in range(start + 1, steps + 1):
                 group = [next(batches) for _ in range(cfg.grad_accum)]
                 step_loss, supervised = accumulate_gradients(model, group, device, world, cfg.loss_chunk_tokens)
@@ -330,10 +342,14 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                     stopped_by = signals.received or "a signal on another rank"
                     log.warning("%s: saved %s at step %d and stopped", stopped_by, checkpoint, step)
                     break
-        summary = {"step": step, "train_loss": record.get("train_loss"), **last_eval, "stopped_by": stopped_by,
-                   "skipped_nonfinite_steps": skipped, "train_data": train_set.report(),
-                   "valid_data": valid_set.report() if valid_set else None}
+        summary = {"step": step, "status": RunStatus.preempted.value if stopped_by else RunStatus.finished.value,
+                   "wall_time_s": time.perf_counter() - started, "train_loss": record.get("train_loss"), **last_eval,
+                   "stopped_by": stopped_by, "skipped_nonfinite_steps": skipped, **facts}
         metrics.summary(summary)
+    except BaseException as e:  # the run's outcome whatever stopped it (mft-train prints the error itself)
+        metrics.summary({"step": step, "status": RunStatus.failed.value, "error": failure_message(e),
+                         "wall_time_s": time.perf_counter() - started, **facts})
+        raise
     finally:
         bar.close()
         signals.restore()

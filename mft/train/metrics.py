@@ -1,4 +1,11 @@
-"""Where metrics go: metrics.jsonl in the run dir always, W&B when logger=wandb."""
+"""Where metrics go: metrics.jsonl in the run dir always, W&B when logger=wandb.
+
+metrics.jsonl holds one JSON object a line: {"step": N, ...metrics} every log_every steps and at
+every evaluation, and a last record {"step": N, "summary": true, "status": ..., ...}: how the run
+ended (RunStatus), written by the loop when it finishes or a signal stops it, and by mft-train
+(record_failure) when it fails after its run dir existed. No summary: the run is still going, or
+was killed before it could write one. mft/report reads this file.
+"""
 
 import json
 import math
@@ -7,7 +14,18 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from mft.config import LoggerConfig, LoggerName, WandbMode
+from mft.utils.choice import Choice
 from mft.utils.errors import MftError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunStatus(Choice):
+    """How a run ended, as its summary record says."""
+
+    finished = "finished"  # trained all its steps
+    preempted = "preempted"  # a signal (SIGTERM, Ctrl-C) stopped it after saving a checkpoint: resume=auto continues
+    failed = "failed"  # an error stopped it; the summary's "error" holds its message
 
 
 class MetricsLogger:
@@ -19,7 +37,7 @@ class MetricsLogger:
         `start_step` keeps the records up to that step and drops the rest (what an interrupted start
         logged after its checkpoint, and its summary), so the file reads as one run."""
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         if enabled:
             _keep_records_up_to(self.path, start_step)
         self._wandb = _start_wandb(run_dir, cfg, resolved_config) if enabled and cfg.name == LoggerName.wandb else None
@@ -48,6 +66,36 @@ class MetricsLogger:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def failure_message(error: BaseException) -> str:
+    """What stopped a run, in one line, for its summary."""
+    if isinstance(error, MftError):
+        return str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (a second Ctrl-C, or one before training began): nothing more was saved"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror.lower()} ({error.filename})" if error.filename else error.strerror.lower()
+    return f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')}"
+
+
+def record_failure(run_dir: Path, error: BaseException, wall_time_s: float) -> None:
+    """Append the summary of a run that failed before the loop could record it: status failed, the
+    error's message (failure_message), and the last step metrics.jsonl holds (0 when it holds none)."""
+    path = Path(run_dir) / METRICS_FILE
+    step = 0
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                step = record["step"]
+    record = {"step": step, "summary": True, "status": RunStatus.failed.value, "error": failure_message(error),
+              "wall_time_s": wall_time_s}
+    with open(path, "a") as f:
+        f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
 
 
 def _finite(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Write a folder atomically: readers see the old folder or the complete new one, never half."""
+"""Write a folder or a file atomically: readers see the old one or the complete new one, never half."""
 
 import os
 import shutil
@@ -32,6 +32,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file name beside `path`; on success that file replaces `path` in one rename,
+    with the umask's permissions; on error it is removed and `path` is left as it was."""
+    target = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(normal_mode(is_dir=False))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

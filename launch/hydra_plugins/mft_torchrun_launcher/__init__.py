@@ -6,6 +6,10 @@ Hydra removed its contrib torchrun launcher; this one is ours, on torch.distribu
 launch API. Each point runs `python -m mft.train <its overrides> hydra.run.dir=<its sweep
 subdir>` in `nproc_per_node` worker processes (on every node of `nnodes`), one point after
 the other, so every point gets one run dir shared by all of its ranks.
+
+As with Hydra's own launcher under mft-train, a point that fails does not stop the sweep: its
+run dir (made before it starts, so it is kept) records the failure, and the sweep ends with the
+table of its points (mft.report.callback), after which mft-train exits 1.
 """
 
 import logging
@@ -87,10 +91,13 @@ class TorchrunLauncher(Launcher):
         result = JobReturn(overrides=overrides, working_dir=str(run_dir), task_name=sweep_config.hydra.job.name)
         result.cfg = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
         result.hydra_cfg = sweep_config
+        # Made here, so mft-train sees a folder it did not create and keeps it should the point fail on its config.
+        run_dir.mkdir(parents=True, exist_ok=True)
         try:
             elastic_launch(launch_config, sys.executable)(*args)
-            result.status, result.return_value = JobStatus.COMPLETED, None
-        except ChildFailedError as e:
-            result.status, result.return_value = JobStatus.FAILED, e
-            log.error("sweep point %s failed; see %s", run_dir, run_dir)
+        except ChildFailedError:
+            # Not a failed JobReturn: Hydra would stop at it before the callbacks' on_multirun_end, which
+            # prints the sweep's table (the point shows there as failed) and makes mft-train exit 1.
+            log.error("sweep point %s failed; see %s", run_dir, run_dir / "train.log")
+        result.status, result.return_value = JobStatus.COMPLETED, None
         return result
