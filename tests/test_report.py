@@ -87,6 +87,32 @@ def test_a_sweep_ends_with_the_table_of_its_points_failed_ones_included(tmp_path
         finished = json.loads((sweep / point / "metrics.jsonl").read_text().splitlines()[-1])
         assert f"{finished['valid_loss']:.4f}" == printed[int(point)]["final valid_loss"]
     assert "Status: **failed** at step 0" in (sweep / "1" / "report.md").read_text()
+    # Another sweep into the same folder: point 0 refuses a run dir that holds a finished run, and
+    # the table shows it failed, not that run's results; point 1's folder held only a failed start,
+    # so it trains. The sweep exits 1.
+    again = mft_train("-m", "optim.lr=3e-3,4e-3", *SHORT, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert again.returncode == 1, again.stderr[-3000:]
+    rows = table_rows(again.stdout[again.stdout.index(f"Sweep: {sweep}"):])
+    assert [(row["run"], row["optim.lr"], row["status"]) for row in rows][:2] == [("0", "0.003", "failed"),
+                                                                                  ("1", "0.004", "finished")]
+    assert f"1 point(s) of the sweep did not finish: {sweep / '0'}" in again.stderr
+
+
+def test_a_resumed_run_counts_the_wall_time_of_every_start(tmp_path):
+    from mft.config import LoggerConfig
+    from mft.train.metrics import MetricsLogger
+
+    records = [{"step": 5, "train_loss": 2.0}, {"step": 10, "train_loss": 1.0},
+               {"step": 10, "summary": True, "status": "preempted", "wall_time_s": 12.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    logger = MetricsLogger(tmp_path, LoggerConfig(), {}, start_step=10)
+    logger.close()
+    assert logger.earlier_wall_time_s == 12.5
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [5, 10]
+    (tmp_path / "new").mkdir()
+    fresh = MetricsLogger(tmp_path / "new", LoggerConfig(), {})
+    fresh.close()
+    assert fresh.earlier_wall_time_s == 0.0
 
 
 def test_mft_report_reads_a_damaged_metrics_line_and_renders_the_rest(tmp_path, capsys):

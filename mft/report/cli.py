@@ -13,9 +13,9 @@ of metrics.jsonl that cannot be read is reported as file:line and the rest is st
 import argparse
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from mft.report.run import Run, is_run_dir, read_runs
+from mft.report.run import Run, is_run_dir, read_runs, with_failures
 from mft.report.write import runs_table, write_sweep_report
 from mft.utils.errors import MftError
 
@@ -25,9 +25,10 @@ def default_plot(first: Path) -> Path:
     return first / ("compare.png" if is_run_dir(first) else "report.png")
 
 
-def print_report(dirs: List[Path], plot: Path) -> List[Run]:
-    """Read the runs, print their table and write it with the plot (see main); returns the runs."""
-    runs = read_runs(dirs)
+def print_report(dirs: List[Path], plot: Path, failed: Optional[Dict[str, Tuple[str, Dict[str, str]]]] = None) -> List[Run]:
+    """Read the runs, print their table and write it with the plot (see main); returns the runs.
+    `failed`: run dirs known to have failed (mft.report.callback.failed_here), shown as failed."""
+    runs = with_failures(read_runs(dirs), failed or {})
     if not runs:
         raise MftError(f"{', '.join(map(str, dirs))}: no runs yet (a sweep dir's points appear once they start).")
     for problem in (p for run in runs for p in run.problems):

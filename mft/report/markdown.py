@@ -131,7 +131,7 @@ def run_markdown(run: Run, plot: Optional[str], note: Optional[str] = None, resu
     lines += [f"- train_loss at the end: {number(summary.get('train_loss'))}",
               f"- tokens/s (median of the train records): {NONE if speed is None else f'{speed:.0f}'}",
               f"- wall time: {duration(summary.get('wall_time_s'))}"
-              + (f" (since the resume at step {summary['start_step']})" if summary.get("start_step") else "")]
+              + (f" (every start; the last resumed at step {summary['start_step']})" if summary.get("start_step") else "")]
     if summary.get("skipped_nonfinite_steps"):
         lines.append(f"- steps skipped for a non-finite loss or gradient: {summary['skipped_nonfinite_steps']}")
     train_loss = {r["step"]: r["train_loss"] for r in run.records if "train_loss" in r}
@@ -182,9 +182,13 @@ def sweep_rows(runs: Sequence[Run]) -> tuple[List[str], List[List[str]]]:
     return header, rows
 
 
+# Overrides that say how a run was started, not what it trains.
+_NOT_SETTINGS = {"resume", "progress"}
+
+
 def differing_overrides(runs: Sequence[Run]) -> List[str]:
-    """The overridden keys whose values are not the same in every run."""
-    keys = sorted({k for run in runs for k in run.overrides})
+    """The overridden settings whose values are not the same in every run."""
+    keys = sorted({k for run in runs for k in run.overrides} - _NOT_SETTINGS)
     return [k for k in keys if len({_value(run, k) for run in runs}) > 1]
 
 

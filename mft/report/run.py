@@ -68,7 +68,8 @@ def read_runs(paths: Sequence[Path]) -> List[Run]:
     runs: List[Run] = []
     for path in map(Path, paths):
         if not path.is_dir():
-            raise MftError(f"{path}: no such folder; expected a run dir or a sweep dir of mft-train.")
+            what = "is a file, not a folder" if path.exists() else "no such folder"
+            raise MftError(f"{path}: {what}; expected a run dir or a sweep dir of mft-train.")
         if is_run_dir(path):
             runs.append(read_run(path))
         elif is_sweep_dir(path):
@@ -92,8 +93,13 @@ def _read_metrics(path: Path, problems: List[str]) -> Tuple[List[Dict[str, Any]]
     """(step records, last summary) of metrics.jsonl; a line that is not a record is a problem and skipped."""
     if not path.is_file():
         return [], None
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        problems.append(f"{path}: cannot be read ({e.strerror or e}); no metrics shown")
+        return [], None
     records, summary = [], None
-    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -115,7 +121,7 @@ def _read_yaml(path: Path, problems: List[str]) -> Any:
         return None
     try:
         return yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         problems.append(f"{path}: not readable YAML ({type(e).__name__}); ignored")
         return None
 
@@ -199,3 +205,24 @@ def tokens_per_step(run: Run) -> Optional[int]:
         return None
     batch_size, grad_accum, seq_len, world_size = values
     return batch_size * grad_accum * seq_len * world_size
+
+
+def with_failures(runs: List[Run], failed: Dict[str, Tuple[str, Dict[str, str]]]) -> List[Run]:
+    """`runs` with each run dir of `failed` (path -> (error, overrides)) shown as that failure: a
+    failed start in an earlier run's folder does not show the earlier run's results, and a point
+    that failed before its folder held anything still gets its row."""
+    shown = []
+    for run in runs:
+        if str(run.path) in failed and run.status != RunStatus.failed:  # its own failed summary says more
+            run = failed_run(run.path, *failed[str(run.path)], overrides_read=run.overrides)
+        shown.append(run)
+    known = {str(run.path) for run in runs}
+    shown += [failed_run(Path(path), error, overrides) for path, (error, overrides) in failed.items() if path not in known]
+    return shown
+
+
+def failed_run(path: Path, error: str, overrides: Dict[str, str], overrides_read: Optional[Dict[str, str]] = None) -> Run:
+    """The row of a run that failed in this process, whatever its folder holds."""
+    summary = {"step": 0, "summary": True, "status": RunStatus.failed.value, "error": error}
+    return Run(path=path, overrides=overrides_read or overrides, config={}, records=[], summary=summary,
+               checkpoints=[], problems=[])

@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from mft.report.markdown import markdown_table, run_labels, run_markdown, sweep_markdown, sweep_notes, sweep_rows
+from mft.report.markdown import (
+    markdown_table,
+    run_labels,
+    run_markdown,
+    sweep_markdown,
+    sweep_notes,
+    sweep_rows,
+)
 from mft.report.plot import plot_run, plot_runs
 from mft.report.run import Run, read_run
 from mft.utils.atomic import atomic_file

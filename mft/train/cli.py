@@ -9,8 +9,9 @@ run dir Hydra made for this job when nothing was written into it (mft.train.run_
 Every run that ends with its run dir in place gets report.md and curves.png (mft.report) from rank
 0, and a failure is recorded in metrics.jsonl as the run's summary (status failed, the message).
 In a sweep (`mft-train -m`) a point that fails keeps its run dir and the sweep goes on to the next
-point; the sweep ends with the table of its points (mft.report.callback) and exits 1 when any
-point did not finish.
+point (a signal stops the point it reaches, as a checkpoint; Hydra then starts the next one); the
+sweep ends with the table of its points (mft.report.callback) and exits 1 when any point did not
+finish (failed, preempted, or killed).
 
 Composing and checking need neither torch nor mistral-common: the training loop, and with it
 both, is imported only once the config is good, and torch.distributed only under several
@@ -32,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mft.compose import CONFIG_PATH, to_dataclass
 from mft.config import TrainConfig, register_configs
-from mft.report.callback import unfinished_points
+from mft.report.callback import record_failed_point, unfinished_points
 from mft.report.run import RUNNING, read_run
 from mft.report.write import write_run_report
 from mft.train.checks import check_config
@@ -105,6 +106,7 @@ def _run(composed: DictConfig) -> None:
         if not in_sweep:
             raise
         log.exception("sweep point %s failed; the sweep goes on", run_dir)
+        record_failed_point(run_dir, failure_message(e), HydraConfig.get().overrides.task)
         return
     if world.is_main:
         resume = resume_command(run_dir) if result.stopped_by else None
@@ -125,6 +127,7 @@ def _failed(run_dir: Path, world: World, fresh: bool, error: BaseException, mess
     print(f"mft-train: error: {message}", file=sys.stderr)
     if not in_sweep:
         sys.exit(1)
+    record_failed_point(run_dir, message, HydraConfig.get().overrides.task)
 
 
 def _record(run_dir: Path, world: World, fresh: bool, error: BaseException, started: float) -> None:
@@ -229,4 +232,4 @@ def main() -> None:
         _leave(world)
     if unfinished_points:
         _fail(f"{len(unfinished_points)} point(s) of the sweep did not finish: {', '.join(unfinished_points)} "
-              "(the table above says why).")
+              "(the table above says why; a preempted point resumes with resume=auto in its run dir).")

@@ -294,6 +294,7 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     try:
         with logging_redirect_tqdm():
             first_valid = run_eval(0).get("valid_loss") if start == 0 else None
+            window = StepWindow()  # the first tokens/s counts training steps only, not the step-0 evaluation
             for step in range(start + 1, steps + 1):
                 group = [next(batches) for _ in range(cfg.grad_accum)]
                 step_loss, supervised = accumulate_gradients(model, group, device, world, cfg.loss_chunk_tokens)
@@ -338,17 +339,17 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                         record = log_window(step, grad_norm)
                         window = StepWindow()
                     checkpoint = save(step)
-                if stopping:
+                if stopping and step < steps:  # a signal during the last step: the run has finished anyway
                     stopped_by = signals.received or "a signal on another rank"
                     log.warning("%s: saved %s at step %d and stopped", stopped_by, checkpoint, step)
                     break
         summary = {"step": step, "status": RunStatus.preempted.value if stopped_by else RunStatus.finished.value,
-                   "wall_time_s": time.perf_counter() - started, "train_loss": record.get("train_loss"), **last_eval,
+                   "wall_time_s": metrics.earlier_wall_time_s + time.perf_counter() - started, "train_loss": record.get("train_loss"), **last_eval,
                    "stopped_by": stopped_by, "skipped_nonfinite_steps": skipped, **facts}
         metrics.summary(summary)
     except BaseException as e:  # the run's outcome whatever stopped it (mft-train prints the error itself)
         metrics.summary({"step": step, "status": RunStatus.failed.value, "error": failure_message(e),
-                         "wall_time_s": time.perf_counter() - started, **facts})
+                         "wall_time_s": metrics.earlier_wall_time_s + time.perf_counter() - started, **facts})
         raise
     finally:
         bar.close()

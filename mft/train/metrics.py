@@ -38,8 +38,8 @@ class MetricsLogger:
         logged after its checkpoint, and its summary), so the file reads as one run."""
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
-        if enabled:
-            _keep_records_up_to(self.path, start_step)
+        # A resumed run's summary counts the wall time of its earlier starts too.
+        self.earlier_wall_time_s = _keep_records_up_to(self.path, start_step) if enabled else 0.0
         self._wandb = _start_wandb(run_dir, cfg, resolved_config) if enabled and cfg.name == LoggerName.wandb else None
         self._file = open(self.path, "a", buffering=1) if enabled else None
 
@@ -109,21 +109,28 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _keep_records_up_to(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl with only the records of steps <= `step` (none for a fresh start), summaries dropped."""
+def _keep_records_up_to(path: Path, step: int) -> float:
+    """Rewrite metrics.jsonl with only the records of steps <= `step` (none for a fresh start),
+    summaries dropped; returns the wall time the kept part took (the last dropped summary's, which
+    counts every earlier start; 0 for a fresh start)."""
     if not path.is_file():
-        return
-    kept = []
+        return 0.0
+    kept, wall_time = [], 0.0
     for line in path.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash
-        if isinstance(record, dict) and not record.get("summary") and 0 < step and record.get("step", 0) <= step:
+        if not isinstance(record, dict) or not 0 < step:
+            continue
+        if record.get("summary"):
+            wall_time = float(record.get("wall_time_s") or 0.0) if record.get("step", 0) <= step else wall_time
+        elif record.get("step", 0) <= step:
             kept.append(line + "\n")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
+    return wall_time
 
 
 def _wandb_mode(mode: WandbMode) -> str:

@@ -95,9 +95,15 @@ class TorchrunLauncher(Launcher):
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
             elastic_launch(launch_config, sys.executable)(*args)
-        except ChildFailedError:
+        except ChildFailedError as e:
             # Not a failed JobReturn: Hydra would stop at it before the callbacks' on_multirun_end, which
             # prints the sweep's table (the point shows there as failed) and makes mft-train exit 1.
-            log.error("sweep point %s failed; see %s", run_dir, run_dir / "train.log")
+            from mft.report.callback import record_failed_point
+
+            first = next(iter(e.failures.values()), None)
+            log.error("sweep point %s failed (%s); its output is above%s", run_dir, e.name,
+                      f" and in {run_dir / 'train.log'}" if (run_dir / "train.log").is_file() else "")
+            reason = f"torchrun: {e.name} failed (exit code {first.exitcode})" if first else f"torchrun: {e.name} failed"
+            record_failed_point(run_dir, reason, job_overrides)
         result.status, result.return_value = JobStatus.COMPLETED, None
         return result
