@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cli import SHORT, mft_train
 
 from mft.report.cli import main as mft_report
 from mft.report.plot import NO_MATPLOTLIB
 from mft.report.run import RUNNING
 from mft.report.write import write_run_report
-from test_cli import SHORT, mft_train
 
 
 def table_rows(text: str) -> list[dict]:
