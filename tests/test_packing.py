@@ -155,3 +155,18 @@ def test_collated_batch_is_a_batch():
     (batch,) = ds.batches(4)
     assert isinstance(batch, Batch) and batch.cu_seqlens.dtype == torch.int32
     assert batch.tokens.tolist() == [5, 6, 7, 9, 10] and batch.positions.tolist() == [0, 1, 2, 0, 1]
+
+
+def test_batches_count_their_padding_positions():
+    """Batch.padding is the packing padding of its sequences: what real_tokens_per_s leaves out."""
+    from mft.data.encode import Encoded
+    from mft.data.packing import collate_plan, plan_packing
+
+    docs = [Encoded(ids=list(range(1, 11)), mask=[False] + [True] * 9), Encoded(ids=list(range(1, 8)), mask=[True] * 7),
+            Encoded(ids=list(range(1, 5)), mask=[True] * 4)]
+    plan = plan_packing([len(d.ids) for d in docs], [d.num_supervised for d in docs], [False] * 3, 12, "truncate",
+                        lambda k: np.asarray(docs[k].mask))
+    fetch = lambda k: (np.asarray(docs[k].ids), np.asarray(docs[k].mask))  # noqa: E731
+    batch = collate_plan(plan, 0, plan.num_sequences, fetch, pad_id=0)
+    assert batch.padding == plan.stats.padding > 0
+    assert batch.num_real_tokens == plan.stats.tokens == batch.num_tokens - batch.padding

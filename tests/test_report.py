@@ -67,6 +67,10 @@ def test_a_run_writes_its_report_and_curves(tmp_path):
     assert f"`mft-generate run_dir={run}`" in report and "- last: `checkpoints/step_000002` (step 2)" in report
     assert "![Training curves](curves.png)" in report
     assert_png_image(run / "curves.png")
+    # Throughput three ways: every position, those holding data (no packing padding), trained targets.
+    train = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train_loss" in r
+             and not r.get("summary")]
+    assert train and all(0 < r["supervised_tokens_per_s"] < r["real_tokens_per_s"] <= r["tokens_per_s"] for r in train)
 
 
 def test_a_sweep_ends_with_the_table_of_its_points_failed_ones_included(tmp_path):

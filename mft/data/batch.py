@@ -20,6 +20,7 @@ class Batch:
     positions: torch.Tensor  # (T,) int64 position within the document
     cu_seqlens: torch.Tensor  # (n_docs + 1,) int32 document boundaries, cu_seqlens[-1] == T
     max_seqlen: int  # longest document in the batch
+    padding: int = 0  # positions that are packing padding (pad ids, never supervised), not data
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(
@@ -29,8 +30,15 @@ class Batch:
             positions=self.positions.to(device, non_blocking=True),
             cu_seqlens=self.cu_seqlens.to(device, non_blocking=True),
             max_seqlen=self.max_seqlen,
+            padding=self.padding,
         )
 
     @property
     def num_tokens(self) -> int:
+        """Every position, padding included: the work the model does."""
         return int(self.tokens.numel())
+
+    @property
+    def num_real_tokens(self) -> int:
+        """The positions that hold data (documents, not packing padding)."""
+        return self.num_tokens - self.padding

@@ -188,6 +188,7 @@ def collate_plan(
         positions=torch.from_numpy(positions),
         cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
         max_seqlen=int(doc_lens.max()),
+        padding=int(doc_lens[plan.doc[a:b] < 0].sum()),
     )
 
 

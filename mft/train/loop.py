@@ -115,11 +115,16 @@ class StepWindow:
 
     def __init__(self) -> None:
         self.loss, self.supervised, self.inputs, self.steps, self.skipped = 0.0, 0, 0, 0, 0
+        self.real, self.supervised_seen = 0, 0
         self.started = time.perf_counter()
 
-    def add(self, loss_sum: float, supervised: int, inputs: int, applied: bool) -> None:
+    def add(self, loss_sum: float, supervised: int, inputs: int, applied: bool, real: int = 0) -> None:
+        """One step: its summed loss over `supervised` targets, `inputs` positions of which `real`
+        hold data (the rest is packing padding); `applied`: its update was not skipped."""
         self.steps += 1
         self.inputs += inputs
+        self.real += real
+        self.supervised_seen += supervised
         if applied:
             self.loss += loss_sum
             self.supervised += supervised
@@ -128,11 +133,15 @@ class StepWindow:
 
     def record(self, lr: float, grad_norm: float) -> Dict[str, Any]:
         """train_loss is over the applied steps (null when every step was skipped)."""
+        elapsed = time.perf_counter() - self.started
         record = {
             "train_loss": self.loss / self.supervised if self.supervised else None,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens_per_s": self.inputs / (time.perf_counter() - self.started),
+            # All positions (the model's work), the ones that hold data, the ones trained on.
+            "tokens_per_s": self.inputs / elapsed,
+            "real_tokens_per_s": self.real / elapsed,
+            "supervised_tokens_per_s": self.supervised_seen / elapsed,
         }
         if self.skipped:
             record["skipped_steps"] = self.skipped
@@ -319,7 +328,9 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                                 grad_norm)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                window.add(step_loss, supervised, sum(b.num_tokens for b in group) * world.size, applied=finite)
+                # Every rank has as many positions; its real ones x ranks estimates theirs (no extra sync).
+                window.add(step_loss, supervised, sum(b.num_tokens for b in group) * world.size, applied=finite,
+                           real=sum(b.num_real_tokens for b in group) * world.size)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss / supervised:.3f}", refresh=False)
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
