@@ -107,6 +107,7 @@ def test_a_window_pattern_repeats_over_the_layers():
         (["resume=/no/such/run"], "resume='/no/such/run'"),
         (["data.train_files=[/no/such/train.jsonl]"], "/no/such/train.jsonl"),
         (["data.seq_len=0"], "data.seq_len=0: expected a positive"),
+        (["data.pack_buffer=0"], "data.pack_buffer=0: expected a positive number of open sequences"),
         (["data.valid_fraction=2"], "data.valid_fraction"),
         (["device=tpu"], "device='tpu'"),
     ],

@@ -170,3 +170,30 @@ def test_batches_count_their_padding_positions():
     batch = collate_plan(plan, 0, plan.num_sequences, fetch, pad_id=0)
     assert batch.padding == plan.stats.padding > 0
     assert batch.num_real_tokens == plan.stats.tokens == batch.num_tokens - batch.padding
+
+
+@pytest.mark.parametrize("too_long", ["truncate", "split", "drop"])
+def test_best_fit_wastes_less_and_places_everything_once(too_long):
+    """Open sequences to choose among (best fit) leave less padding than greedy packing in order,
+    on long and short chats mixed with texts, and still place every supervised target exactly
+    once, in sequences of seq_len positions, with the same fate for every chat."""
+    from mft.data.packing import plan_packing
+
+    rng = np.random.default_rng(0)
+    seq_len = 64
+    lengths = [int(x) for x in rng.choice([5, 9, 20, 33, 50, 61, 90], size=400)]
+    is_text = [bool(x) for x in rng.random(400) < 0.1]
+    masks = [np.array([False] + [bool(b) for b in rng.random(n - 1) < 0.7]) for n in lengths]
+    supervised = [int(m[1:].sum()) for m in masks]
+    plans = {buffer: plan_packing(lengths, supervised, is_text, seq_len, too_long, lambda k: masks[k], buffer)
+             for buffer in (1, 8, 64)}
+    assert plans[64].stats.padding <= plans[8].stats.padding < plans[1].stats.padding
+    chats = ~np.array(is_text)  # a text is split or not by where it lands; a chat's fate is its own
+    for plan in plans.values():
+        assert np.array_equal(plan.fate[chats], plans[1].fate[chats])
+        assert plan.stats.supervised == plans[1].stats.supervised
+        for i in range(plan.num_sequences):
+            a, b = plan.seq[i], plan.seq[i + 1]
+            assert int((plan.end[a:b] - plan.start[a:b] - 1).sum()) == seq_len  # full: pieces + padding
+        placed = sorted((int(k), int(s), int(e)) for k, s, e in zip(plan.doc, plan.start, plan.end) if k >= 0)
+        assert len(placed) == len(set(placed))  # no piece twice

@@ -64,6 +64,9 @@ class DataConfig:
     # Tokens per packed sequence; no default: it depends on the data and the memory (tiny_chat: 256).
     seq_len: int = MISSING
     too_long: TooLong = TooLong.truncate
+    # Packed sequences kept open at once: a chat goes into the open one it fills best (best fit),
+    # so short chats fill the gaps long ones leave; 1: greedy, in order.
+    pack_buffer: int = 64
     # Order of the training samples per epoch (the held-out split ignores it).
     seed: int = 0
     format: DataFormat = DataFormat.auto

@@ -72,9 +72,10 @@ class PackedDataset:
         shuffle: bool = True,
         name: str = "data",
         skipped: int = 0,
+        pack_buffer: int = 1,
     ):
         self.parts = list(parts)
-        self.seq_len, self.pad_id, self.too_long = seq_len, pad_id, too_long
+        self.seq_len, self.pad_id, self.too_long, self.pack_buffer = seq_len, pad_id, too_long, pack_buffer
         self.seed, self.shuffle, self.name, self.skipped = seed, shuffle, name, skipped
         weights = [p.weight for p in self.parts]
         if any(w is not None for w in weights) and any(w is None for w in weights):
@@ -106,7 +107,7 @@ class PackedDataset:
                 return stores[src[k]].doc(int(docs[src[k]][loc[k]]))[1]
 
             plan = plan_packing(self._lengths[flat], self._supervised[flat], self._is_text[flat],
-                                self.seq_len, self.too_long, mask_of)
+                                self.seq_len, self.too_long, mask_of, self.pack_buffer)
             self._cache = (epoch, src, loc, plan)
         return self._cache[1], self._cache[2], self._cache[3]
 
@@ -166,7 +167,7 @@ class PackedDataset:
     def fingerprint(self) -> str:
         """Identifies the data and the packing: a saved iterator state only fits the same one."""
         h = hashlib.sha256()
-        h.update(json.dumps([self.seq_len, self.too_long, self.seed, self.weights]).encode())
+        h.update(json.dumps([self.seq_len, self.too_long, self.seed, self.weights, self.pack_buffer]).encode())
         for p in self.parts:
             h.update(str(p.store.meta.get("key") or (p.store.path, p.store.num_tokens)).encode())
             h.update(np.ascontiguousarray(p.indices).tobytes())
@@ -399,6 +400,8 @@ def build_datasets(
         raise MftError(f"data config: valid_fraction={fraction}; expected 0 <= valid_fraction < 1")
     if seq_len < 2:
         raise MftError(f"data config: seq_len={seq_len}; expected at least 2")
+    if cfg.pack_buffer < 1:
+        raise MftError(f"data config: pack_buffer={cfg.pack_buffer}; expected at least 1 (1: greedy packing in order)")
 
     train_stores = load_stores(train_specs, tokenizer, cache_dir, workers)
     valid_stores = load_stores(valid_specs, tokenizer, cache_dir, workers)
@@ -422,10 +425,12 @@ def build_datasets(
             train_parts.append(Part(st, everything, spec.weight))
     valid_parts += [Part(st, np.arange(len(st), dtype=np.int64)) for st in valid_stores]
 
-    train = PackedDataset(train_parts, seq_len, tokenizer.eos_id, too_long, seed, True, "train", skipped_train)
+    train = PackedDataset(train_parts, seq_len, tokenizer.eos_id, too_long, seed, True, "train", skipped_train,
+                          cfg.pack_buffer)
     if train.stats.sequences == 0:
         raise MftError(f"data config: no training sequence left after packing ({train.summary()})")
     valid = None
     if valid_parts and sum(len(p.indices) for p in valid_parts):
-        valid = PackedDataset(valid_parts, seq_len, tokenizer.eos_id, too_long, seed, False, "valid", skipped_valid)
+        valid = PackedDataset(valid_parts, seq_len, tokenizer.eos_id, too_long, seed, False, "valid", skipped_valid,
+                              cfg.pack_buffer)
     return train, valid

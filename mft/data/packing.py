@@ -1,12 +1,15 @@
 """Pack documents into sequences of seq_len positions, and collate sequences into a Batch.
 
 A document of L ids gives L-1 positions: inputs ids[:-1], targets ids[1:], mask[1:]. Documents
-are placed greedily in the order given; each placed piece is a document of its own in
-cu_seqlens (positions restart at 0, attention never crosses it):
+are taken in the order given, with up to `buffer` sequences open at once (data.pack_buffer);
+each placed piece is a document of its own in cu_seqlens (positions restart at 0, attention
+never crosses it):
 
-- A chat that fits in what is left of the sequence goes there; one that does not starts the next
-  sequence, and the left-over tail becomes a padding document (pad id, never supervised).
-- A text document fills what is left and continues into the next sequence(s): no padding, and
+- A chat that fits a sequence goes into the open sequence it fills best (best fit: the least
+  room that holds it); when none has room it opens a new one, closing the fullest first when
+  `buffer` are open. A closed sequence's left-over tail becomes a padding document (pad id,
+  never supervised). buffer=1 is greedy packing in order.
+- A text document fills what is left of the newest open sequence and continues into new ones: no padding, and
   the chunks overlap by one id (the last target of a chunk is the first input of the next), so
   every target is trained on exactly once.
 - A chat longer than seq_len follows too_long: "truncate" keeps its first seq_len positions,
@@ -84,31 +87,54 @@ def plan_packing(
     seq_len: int,
     too_long: str,
     mask_of: Callable[[int], np.ndarray],
+    buffer: int = 1,
 ) -> PackPlan:
-    """Greedy placement of documents 0..n-1 in order; mask_of(k) is read only for split/truncated chats."""
+    """Place documents 0..n-1 into sequences; mask_of(k) is read only for split/truncated chats.
+
+    Up to `buffer` sequences stay open. A chat that fits goes into the open sequence it fills
+    best (the least room that holds it: best fit); one that fits none opens a new sequence,
+    first closing the fullest open one when `buffer` are open. Texts and split chats fill the
+    newest open sequence and continue in new ones. A sequence is emitted when it is closed (full,
+    or pushed out); what is open at the end is emitted in the order it was opened. buffer=1 is the
+    greedy placement in order (one sequence open at a time).
+    """
     check_too_long(too_long)
     if seq_len < 1:
         raise MftError(f"seq_len={seq_len}: expected a positive number of tokens")
+    if buffer < 1:
+        raise MftError(f"pack_buffer={buffer}: expected a positive number of open sequences")
     stats = PackStats(samples=len(lengths))
     doc, start, end, seq = [], [], [], [0]
     fate = np.full(len(lengths), PACKED, dtype=np.int8)
-    room = seq_len
+    bins: list[_Bin] = []  # the open sequences, oldest first
 
-    def close() -> None:
-        nonlocal room
-        if room < seq_len:
-            if room:
-                doc.append(-1), start.append(0), end.append(room + 1)
-                stats.padding += room
-            seq.append(len(doc))
-        room = seq_len
+    def emit(b: _Bin) -> None:
+        bins.remove(b)
+        if not b.pieces:
+            return  # opened for pieces that turned out unsupervised: nothing to emit
+        for k, a, e in b.pieces:
+            doc.append(k), start.append(a), end.append(e)
+        if b.room:
+            doc.append(-1), start.append(0), end.append(b.room + 1)
+            stats.padding += b.room
+        seq.append(len(doc))
 
-    def place(k: int, a: int, b: int, n_sup: int) -> None:
-        nonlocal room
-        doc.append(k), start.append(a), end.append(b)
-        room -= b - a - 1
-        stats.tokens += b - a - 1
+    def open_bin() -> _Bin:
+        if len(bins) == buffer:
+            emit(min(bins, key=lambda b: b.room))  # the fullest: the least left to gain
+        bins.append(_Bin(seq_len))
+        return bins[-1]
+
+    def place(b: _Bin, k: int, a: int, e: int, n_sup: int) -> None:
+        b.pieces.append((k, a, e))
+        b.room -= e - a - 1
+        stats.tokens += e - a - 1
         stats.supervised += n_sup
+        if b.room == 0:
+            emit(b)
+
+    def newest_with_room() -> _Bin:
+        return bins[-1] if bins else open_bin()
 
     lengths = lengths.tolist() if isinstance(lengths, np.ndarray) else lengths
     supervised = supervised.tolist() if isinstance(supervised, np.ndarray) else supervised
@@ -119,21 +145,19 @@ def plan_packing(
             stats.unsupervised += 1
             fate[k] = UNSUPERVISED
             continue
-        if n <= room or (n <= seq_len and not text):  # fits here, or a chat that fits a fresh sequence
-            if n > room:
-                close()
-            place(k, 0, n + 1, supervised[k])
+        if not text and n <= seq_len:  # a chat that fits a sequence: the best open one, or a new one
+            fitting = [b for b in bins if b.room >= n]
+            place(min(fitting, key=lambda b: b.room) if fitting else open_bin(), k, 0, n + 1, supervised[k])
             continue
         if text or too_long == "split":
             mask = None if text else np.asarray(mask_of(k))
             pos, pieces = 0, 0
             while pos < n:
-                if room == 0:
-                    close()
-                take = min(room, n - pos)
+                b = newest_with_room()
+                take = min(b.room, n - pos)
                 n_sup = take if text else int(mask[pos + 1 : pos + take + 1].sum())
                 if n_sup:
-                    place(k, pos, pos + take + 1, n_sup)
+                    place(b, k, pos, pos + take + 1, n_sup)
                     pieces += 1
                 else:
                     stats.unsupervised += 1
@@ -148,16 +172,24 @@ def plan_packing(
                 stats.unsupervised += 1
                 fate[k] = UNSUPERVISED
                 continue
-            close()
-            place(k, 0, seq_len + 1, n_sup)
+            place(open_bin(), k, 0, seq_len + 1, n_sup)
             fate[k] = TRUNCATED
         else:
             stats.dropped += 1
             fate[k] = DROPPED
-    close()
+    while bins:
+        emit(bins[0])
     stats.sequences = len(seq) - 1
     as_array = lambda x: np.array(x, dtype=np.int64)  # noqa: E731
     return PackPlan(as_array(doc), as_array(start), as_array(end), as_array(seq), stats, fate)
+
+
+@dataclass
+class _Bin:
+    """An open sequence: its pieces (document, start, end) and the positions left."""
+
+    room: int
+    pieces: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def collate_plan(

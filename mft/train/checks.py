@@ -137,6 +137,8 @@ def _check_data_files(dcfg: DataConfig) -> None:
 
 def _check_run(cfg: TrainConfig) -> None:
     _require(cfg.data.seq_len > 0, "data.seq_len", cfg.data.seq_len, "a positive number of tokens")
+    _require(cfg.data.pack_buffer > 0, "data.pack_buffer", cfg.data.pack_buffer,
+             "a positive number of open sequences (1: greedy packing in order)")
     _require(0 <= cfg.data.valid_fraction < 1, "data.valid_fraction", cfg.data.valid_fraction,
              "a share of each training file in [0, 1)")
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.device) is not None, "device", cfg.device,

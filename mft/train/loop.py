@@ -6,9 +6,10 @@ import math
 import signal
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -130,6 +131,15 @@ class StepWindow:
             self.supervised += supervised
         else:
             self.skipped += 1
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (an evaluation, a checkpoint) does not count towards tokens/s."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - begin
 
     def record(self, lr: float, grad_norm: float) -> Dict[str, Any]:
         """train_loss is over the applied steps (null when every step was skipped)."""
@@ -343,13 +353,15 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                                     tok_s=f"{record['tokens_per_s']:.0f}")
                     window = StepWindow()
                 if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
-                    last_eval = run_eval(step)
+                    with window.paused():  # tokens/s is the training steps' own speed
+                        last_eval = run_eval(step)
                 stopping = signals.agreed(device)
                 if (cfg.save_every and step % cfg.save_every == 0) or step == steps or stopping:
                     if window.steps:  # the steps a checkpoint holds are all in metrics.jsonl
                         record = log_window(step, grad_norm)
                         window = StepWindow()
-                    checkpoint = save(step)
+                    with window.paused():
+                        checkpoint = save(step)
                 if stopping and step < steps:  # a signal during the last step: the run has finished anyway
                     stopped_by = signals.received or "a signal on another rank"
                     log.warning("%s: saved %s at step %d and stopped", stopped_by, checkpoint, step)
