@@ -167,7 +167,9 @@ class PackedDataset:
     def fingerprint(self) -> str:
         """Identifies the data and the packing: a saved iterator state only fits the same one."""
         h = hashlib.sha256()
-        h.update(json.dumps([self.seq_len, self.too_long, self.seed, self.weights, self.pack_buffer]).encode())
+        # pack_buffer=1 (greedy) hashes as before it existed, so a run saved then resumes with it.
+        settings = [self.seq_len, self.too_long, self.seed, self.weights] + ([self.pack_buffer] if self.pack_buffer != 1 else [])
+        h.update(json.dumps(settings).encode())
         for p in self.parts:
             h.update(str(p.store.meta.get("key") or (p.store.path, p.store.num_tokens)).encode())
             h.update(np.ascontiguousarray(p.indices).tobytes())
@@ -243,7 +245,7 @@ class BatchIterator:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("fingerprint") != self.dataset.fingerprint() or state.get("batch_size") != self.batch_size:
             raise MftError(
-                "the saved data position belongs to other data or settings (files, seq_len, too_long, seed, "
+                "the saved data position belongs to other data or settings (files, seq_len, too_long, pack_buffer, seed, "
                 "weights or batch_size changed); resume with the same data config"
             )
         epoch, position, saved_world = state.get("epoch"), state.get("position"), state.get("world_size", 1)
