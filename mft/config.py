@@ -181,6 +181,8 @@ class TrainConfig:
     loss_chunk_tokens: int = 2048
     # Evaluate on the validation set every N optimizer steps; 0: only before the first step and after the last.
     eval_every: int = 50
+    # Evaluate before the first step (the baseline of the report); false: start training at once.
+    eval_at_start: bool = True
     # Cap on validation batches per evaluation; null: the whole validation set.
     eval_batches: Optional[int] = None
     # Write a checkpoint every N steps; null: only at the end.

@@ -198,3 +198,11 @@ def test_a_run_stopped_by_an_error_records_it_as_its_summary(tmp_path):
     report = write_run_report(tmp_path / "run").read_text()
     assert f"Status: **failed** at step {summary['step']} of 20" in report and str(stopped.value) in report
     assert table_rows(report[report.index("## Evaluations"):])[0]["step"] == "0"  # what it logged still shows
+
+
+def test_eval_at_start_false_starts_training_at_once(tmp_path):
+    result = mft_train(*SHORT, "eval_at_start=false", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "valid_loss" in r and not r.get("summary")] == [2]  # the end only
+    assert "**finished** at step 2 of 2" in (tmp_path / "run" / "report.md").read_text()

@@ -312,7 +312,7 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
              "valid_data": data_report(valid_set) if valid_set else None}
     try:
         with logging_redirect_tqdm():
-            first_valid = run_eval(0).get("valid_loss") if start == 0 else None
+            first_valid = run_eval(0).get("valid_loss") if start == 0 and cfg.eval_at_start else None
             window = StepWindow()  # the first tokens/s counts training steps only, not the step-0 evaluation
             for step in range(start + 1, steps + 1):
                 group = [next(batches) for _ in range(cfg.grad_accum)]
