@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs, rope_problems
+from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs, arg_problems
 from mft.model.names import canonical_name
 from mft.utils.atomic import atomic_dir
 from mft.utils.dtensor import full_tensor
@@ -170,11 +170,7 @@ def args_from_dict(saved: dict[str, Any], path: Path, within: str = "") -> Model
 
 def check_args(args: ModelArgs, path: Path) -> None:
     """One MftError naming `path` when its windows or rope settings cannot work."""
-    try:
-        args.windows
-    except ValueError as e:
-        raise MftError(f"{path}: {e}") from None
-    problems = rope_problems(args)
+    problems = arg_problems(args)
     if problems:
         raise MftError(f"{path}: " + "; ".join(f"{key} is {value!r}, expected {expected}"
                                                for key, value, expected in problems) + ".")

@@ -56,10 +56,15 @@ def layer_windows(sliding_window: Any, n_layers: int) -> list[Optional[int]]:
     return [pattern[i % len(pattern)] for i in range(n_layers)]
 
 
-def rope_problems(args: "ModelArgs") -> list[tuple[str, object, str]]:
-    """(key, value, what was expected) for each rope setting that cannot work (YaRN's formulas
-    divide by beta_fast, beta_slow and ln(rope_theta)); empty when all can."""
+def arg_problems(args: "ModelArgs") -> list[tuple[str, object, str]]:
+    """(key, value, what was expected) for each window or rope setting that cannot work (YaRN's
+    formulas divide by beta_fast, beta_slow and ln(rope_theta)); empty when all can."""
     problems: list[tuple[str, object, str]] = []
+    try:
+        args.windows
+    except ValueError:
+        problems.append(("sliding_window", args.sliding_window, "a positive number of tokens, null for full causal "
+                         f"attention, or a per-layer list of those whose length divides n_layers={args.n_layers}"))
     if args.rope_theta <= 0 or args.yarn.active and args.rope_theta == 1:
         problems.append(("rope_theta", args.rope_theta, "a positive number (not 1 with YaRN)"))
     if args.yarn.active:

@@ -25,7 +25,7 @@ from mft.config import (
     TrainConfig,
 )
 from mft.data.config import DataConfig
-from mft.model.args import ModelArgs, rope_problems
+from mft.model.args import ModelArgs, arg_problems
 from mft.utils.errors import MftError
 
 
@@ -54,12 +54,7 @@ def model_args(mcfg: ModelConfig) -> ModelArgs:
     _require(preset.n_heads % preset.n_kv_heads == 0, "model.n_kv_heads", preset.n_kv_heads,
              f"a divisor of model.n_heads={preset.n_heads} (each KV head serves a group of query heads)")
     _require(preset.norm_eps > 0, "model.norm_eps", preset.norm_eps, "a positive number")
-    try:
-        preset.windows
-    except ValueError:
-        _require(False, "model.sliding_window", preset.sliding_window, "a positive number of tokens, null for full "
-                 f"causal attention, or a per-layer list of those whose length divides n_layers={preset.n_layers}")
-    for key, value, expected in rope_problems(preset):
+    for key, value, expected in arg_problems(preset):
         _require(False, f"model.{key}", value, expected)
     if not mcfg.checkpoint:
         return preset
