@@ -102,6 +102,22 @@ def test_truncate_drop_split_and_unsupervised_are_counted():
     assert all(any(s.loss_mask) for s in seqs)
 
 
+def test_split_fills_every_sequence_with_chats_that_fit():
+    """Chats of 0.5-0.95 x seq_len rarely pair up: truncate pads a third of the positions, split
+    continues a chat's tail in the next sequence instead, keeping every supervised target once."""
+    rng = random.Random(3)
+    seq_len = 100
+    docs = [Encoded(ids, [False] * 10 + [True] * (len(ids) - 10))
+            for ids in ([1000 * d + i for i in range(rng.randint(50, 95))] for d in range(1, 60))]
+    _, padded = pack(docs, seq_len, PAD, "truncate")
+    seqs, stats = pack(docs, seq_len, PAD, "split")
+    assert padded.padding > 0.2 * seq_len * padded.sequences and padded.split == 0
+    assert stats.padding < seq_len and stats.split > 20 and stats.sequences < padded.sequences
+    got = Counter(t for s in seqs for t, m in zip(s.targets, s.loss_mask) if m)
+    assert got == _expected_targets(docs, seq_len, "split")
+    _check_sequences(seqs, seq_len)
+
+
 def _store(docs):
     ids = np.concatenate([np.asarray(d.ids, dtype=np.uint32) for d in docs])
     mask = np.concatenate([np.asarray(d.mask, dtype=np.bool_) for d in docs])
@@ -187,10 +203,14 @@ def test_best_fit_wastes_less_and_places_everything_once(too_long):
     supervised = [int(m[1:].sum()) for m in masks]
     plans = {buffer: plan_packing(lengths, supervised, is_text, seq_len, too_long, lambda k: masks[k], buffer)
              for buffer in (1, 8, 64)}
-    assert plans[64].stats.padding <= plans[8].stats.padding < plans[1].stats.padding
-    chats = ~np.array(is_text)  # a text is split or not by where it lands; a chat's fate is its own
+    if too_long == "split":  # any chat may fill a gap: padding only ends the plan
+        assert all(plan.stats.padding < seq_len for plan in plans.values())
+    else:
+        assert plans[64].stats.padding <= plans[8].stats.padding < plans[1].stats.padding
+    # Where a text or (split) a chat that fits lands decides whether it is cut; a longer chat's fate is its own.
+    own_fate = ~np.array(is_text) & ((np.array(lengths) - 1 > seq_len) | (too_long != "split"))
     for plan in plans.values():
-        assert np.array_equal(plan.fate[chats], plans[1].fate[chats])
+        assert np.array_equal(plan.fate[own_fate], plans[1].fate[own_fate])
         assert plan.stats.supervised == plans[1].stats.supervised
         for i in range(plan.num_sequences):
             a, b = plan.seq[i], plan.seq[i + 1]

@@ -18,11 +18,14 @@ from mft.utils.errors import MftError
 
 
 class TooLong(Choice):
-    """Chats longer than seq_len (texts always continue into the next sequence)."""
+    """Chats longer than seq_len, and with split chats that fit no open sequence (texts always
+    continue into the next sequence)."""
 
     truncate = "truncate"  # keep the first seq_len positions
     drop = "drop"
-    split = "split"  # continue in the next sequence, like texts
+    # cut into pieces: a chat that fits no open sequence fills the fullest and continues in the next
+    # (mistral-finetune's stream packing: almost no padding; a continued piece lacks earlier turns)
+    split = "split"
 
 
 class DataFormat(Choice):

@@ -167,8 +167,10 @@ class PackedDataset:
     def fingerprint(self) -> str:
         """Identifies the data and the packing: a saved iterator state only fits the same one."""
         h = hashlib.sha256()
-        # pack_buffer=1 (greedy) hashes as before it existed, so a run saved then resumes with it.
-        settings = [self.seq_len, self.too_long, self.seed, self.weights] + ([self.pack_buffer] if self.pack_buffer != 1 else [])
+        # pack_buffer=1 (greedy) hashes as before it existed, so a run saved then resumes with it;
+        # "split" hashes as "split-fill" since it fills sequences with pieces of chats that fit.
+        too_long = "split-fill" if self.too_long == "split" else self.too_long
+        settings = [self.seq_len, too_long, self.seed, self.weights] + ([self.pack_buffer] if self.pack_buffer != 1 else [])
         h.update(json.dumps(settings).encode())
         for p in self.parts:
             h.update(str(p.store.meta.get("key") or (p.store.path, p.store.num_tokens)).encode())

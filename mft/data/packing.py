@@ -93,8 +93,9 @@ def plan_packing(
 
     Up to `buffer` sequences stay open. A chat that fits goes into the open sequence it fills
     best (the least room that holds it: best fit); one that fits none opens a new sequence,
-    first closing the fullest open one when `buffer` are open. Texts and split chats fill the
-    newest open sequence and continue in new ones. A sequence is emitted when it is closed (full,
+    first closing the fullest open one when `buffer` are open, or with too_long="split" fills the
+    fullest open one and continues in the best fitting or a new one (so does a chat over seq_len).
+    Texts fill the newest open sequence and continue in new ones. A sequence is emitted when it is closed (full,
     or pushed out); what is open at the end is emitted in the order it was opened. buffer=1 is the
     greedy placement in order (one sequence open at a time).
     """
@@ -136,6 +137,25 @@ def plan_packing(
     def newest_with_room() -> _Bin:
         return bins[-1] if bins else open_bin()
 
+    def place_chat_pieces(k: int, n: int, mask: np.ndarray) -> int:
+        """Chat k's n positions from the fullest open sequence on, each rest into the open sequence
+        it fits best or a new one; a piece with nothing to learn is skipped. Returns pieces placed."""
+        b = min(bins, key=lambda b: b.room) if bins else open_bin()
+        pos, pieces = 0, 0
+        while pos < n:
+            take = min(b.room, n - pos)
+            n_sup = int(mask[pos + 1 : pos + take + 1].sum())
+            if n_sup:
+                place(b, k, pos, pos + take + 1, n_sup)
+                pieces += 1
+            else:
+                stats.unsupervised += 1
+            pos += take
+            if pos < n:
+                fitting = [c for c in bins if c.room >= n - pos]
+                b = min(fitting, key=lambda c: c.room) if fitting else open_bin()
+        return pieces
+
     lengths = lengths.tolist() if isinstance(lengths, np.ndarray) else lengths
     supervised = supervised.tolist() if isinstance(supervised, np.ndarray) else supervised
     is_text = is_text.tolist() if isinstance(is_text, np.ndarray) else is_text
@@ -147,23 +167,24 @@ def plan_packing(
             continue
         if not text and n <= seq_len:  # a chat that fits a sequence: the best open one, or a new one
             fitting = [b for b in bins if b.room >= n]
-            place(min(fitting, key=lambda b: b.room) if fitting else open_bin(), k, 0, n + 1, supervised[k])
-            continue
-        if text or too_long == "split":
-            mask = None if text else np.asarray(mask_of(k))
+            if fitting or too_long != "split" or not bins:
+                place(min(fitting, key=lambda b: b.room) if fitting else open_bin(), k, 0, n + 1, supervised[k])
+                continue
+        if text:
             pos, pieces = 0, 0
             while pos < n:
                 b = newest_with_room()
                 take = min(b.room, n - pos)
-                n_sup = take if text else int(mask[pos + 1 : pos + take + 1].sum())
-                if n_sup:
-                    place(b, k, pos, pos + take + 1, n_sup)
-                    pieces += 1
-                else:
-                    stats.unsupervised += 1
+                place(b, k, pos, pos + take + 1, take)
+                pieces += 1
                 pos += take
             stats.split += pieces > 1
-            if pieces > 1 or not text:  # a chat over seq_len is cut into pieces, even if only one has an answer
+            if pieces > 1:
+                fate[k] = SPLIT
+        elif too_long == "split":
+            pieces = place_chat_pieces(k, n, np.asarray(mask_of(k)))
+            stats.split += pieces > 1
+            if pieces > 1 or n > seq_len:  # a chat over seq_len is cut into pieces, even if only one has an answer
                 fate[k] = SPLIT
         elif too_long == "truncate":
             n_sup = int(np.asarray(mask_of(k))[1 : seq_len + 1].sum())

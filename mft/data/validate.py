@@ -102,7 +102,8 @@ def check_file(path: str, tokenizer: Tokenizer, settings: EncodeSettings, seq_le
 
 def packing_defects(store: TokenStore, seq_len: int, too_long: TooLong) -> list[tuple[int, str, str]]:
     """The samples training would cut or leave out, from the packer's own plan (file order: what
-    becomes of a sample over seq_len does not depend on its neighbours)."""
+    becomes of a sample over seq_len does not depend on its neighbours; a chat that fits, split
+    to fill a sequence under too_long=split, is not a defect)."""
     plan = plan_packing(store.lengths, store.supervised, store.is_text, seq_len, too_long.value,
                         lambda k: store.doc(k)[1])
     setting = f"data.too_long={too_long.value}"
@@ -116,8 +117,8 @@ def packing_defects(store: TokenStore, seq_len: int, too_long: TooLong) -> list[
     defects = []
     for k in np.flatnonzero(plan.fate != PACKED).tolist():
         fate, length, line = int(plan.fate[k]), int(store.lengths[k]), int(store.lines[k])
-        if store.is_text[k] and fate == SPLIT:
-            continue  # texts always continue into the next sequence
+        if fate == SPLIT and (store.is_text[k] or length - 1 <= seq_len):
+            continue  # texts, and with too_long=split chats too, continue into the next sequence to fill it
         if length - 1 <= seq_len:
             defects.append((line, "unsupervised", "sample has no token to train on; training would drop it"))
         else:
