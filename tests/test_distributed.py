@@ -53,7 +53,7 @@ def test_two_ranks_match_one_process(tmp_path, peft, family):
     # The sharded run also checkpoints every block (the wrapper goes on before fully_shard) and
     # takes the head + loss in checkpointed chunks of 16 supervised tokens inside FSDP's root
     # forward; the single process does neither.
-    run([*args, "batch_size=2", "activation_checkpointing=true", "loss_chunk_tokens=16",
+    run([*args, "batch_size=2", "activation_checkpointing=selective", "loss_chunk_tokens=16",
          f"hydra.run.dir={tmp_path}/fsdp"], tmp_path, torchrun=True)
     single, sharded = train_losses(tmp_path / "single"), train_losses(tmp_path / "fsdp")
     assert list(single) == [1, 2, 3, 4] and single.keys() == sharded.keys()
