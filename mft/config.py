@@ -132,6 +132,15 @@ class WandbMode(Choice):
     disabled = "disabled"
 
 
+class ActivationCheckpointing(Choice):
+    """What each transformer block keeps for backward (mft/build/memory.py)."""
+
+    none = "none"  # everything autograd saves: fastest, most memory
+    full = "full"  # only the block's input; backward runs the block's forward again (~30% slower)
+    selective = "selective"  # matmul and attention outputs; norms, activations, rope, casts recomputed
+    auto = "auto"  # CUDA: per block, the least recomputation whose estimated peak fits memory_budget_gib; CPU: none
+
+
 @dataclass
 class LoggerConfig:
     """metrics.jsonl in the run dir is always written, whatever the logger."""
@@ -172,8 +181,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # A step whose loss or gradient norm is NaN/inf is skipped (no update); stop after this many in a row.
     max_nonfinite_steps: int = 3
-    # Recompute each block's activations in backward (saves memory, costs a forward).
-    activation_checkpointing: bool = False
+    # none | full | selective | auto (see ActivationCheckpointing). The true/false of older configs are refused
+    # when the config is composed, with the allowed values: write full or none.
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.auto
+    # auto's budget per GPU in GiB; null: the GPU's free memory at start minus 10% and 1 GiB.
+    memory_budget_gib: Optional[float] = None
     # torch.compile each transformer block (first steps slower while it compiles; attention runs eagerly).
     compile: bool = False
     # Output head + cross-entropy over this many supervised tokens at a time, recomputed in backward, so

@@ -67,6 +67,7 @@ def test_sweep_gives_one_run_dir_per_point(tmp_path):
         ("model.dimm=3", "dimm"),
         ("optim.schedule=cosin", "optim.schedule"),  # choices are Enums: Hydra lists the allowed values
         ("precision=bf61", "expected one of [auto, bf16, fp32]"),
+        ("activation_checkpointing=true", "expected one of [none, full, selective, auto]"),  # a bool before issue 14
         ("peft.method=lora2", "peft.method"),
         ("model.attn_backend=tritn", "model.attn_backend"),
         ("quant.format=fp3", "quant.format"),

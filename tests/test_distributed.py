@@ -50,10 +50,11 @@ def test_two_ranks_match_one_process(tmp_path, peft, family):
     # The whole validation set: 49 batches of 2 at seq_len 64, so one rank repeats a batch and drops it.
     args = [*BASE, f"peft={peft}", "max_steps=4", "eval_batches=null", *(FAMILY if family else [])]
     run([*args, "batch_size=4", f"hydra.run.dir={tmp_path}/single"], tmp_path)
-    # The sharded run also checkpoints every block (the wrapper goes on before fully_shard) and
+    # The sharded run also checkpoints every block selectively (torch's selective checkpointing:
+    # matmul outputs kept, the rest recomputed; the wrapper goes on before fully_shard) and
     # takes the head + loss in checkpointed chunks of 16 supervised tokens inside FSDP's root
     # forward; the single process does neither.
-    run([*args, "batch_size=2", "activation_checkpointing=true", "loss_chunk_tokens=16",
+    run([*args, "batch_size=2", "activation_checkpointing=selective", "loss_chunk_tokens=16",
          f"hydra.run.dir={tmp_path}/fsdp"], tmp_path, torchrun=True)
     single, sharded = train_losses(tmp_path / "single"), train_losses(tmp_path / "fsdp")
     assert list(single) == [1, 2, 3, 4] and single.keys() == sharded.keys()
@@ -104,7 +105,8 @@ def test_qlora_two_ranks_match_one_process(tmp_path, quant):
     losses equal one process's and the adapter records the quantised base."""
     args = [*BASE, f"quant={quant}", "model.dim=128", "model.head_dim=32", "model.hidden_dim=256", "max_steps=3"]
     run([*args, "batch_size=4", f"hydra.run.dir={tmp_path}/single"], tmp_path)
-    run([*args, "batch_size=2", f"hydra.run.dir={tmp_path}/fsdp"], tmp_path, torchrun=True)
+    run([*args, "batch_size=2", "activation_checkpointing=full", f"hydra.run.dir={tmp_path}/fsdp"], tmp_path,
+        torchrun=True)
     single, sharded = train_losses(tmp_path / "single"), train_losses(tmp_path / "fsdp")
     assert list(single) == [1, 2, 3] and single.keys() == sharded.keys()
     for step in single:

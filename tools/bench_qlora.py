@@ -52,7 +52,7 @@ SPECS = {
 def build(variant: str, args: ModelArgs, device: torch.device, opts):
     """mft-train's build: the base (quantised for nf4/int4) with LoRA, checkpointed blocks."""
     spec = ModelSpec(args, attn_backend=opts.attn, quant=SPECS.get(variant), lora=LoRASettings(r=opts.rank, alpha=2 * opts.rank))
-    runtime = Runtime(device=device, dtype=torch.bfloat16, train=True, activation_checkpointing=not opts.no_ac)
+    runtime = Runtime(device=device, dtype=torch.bfloat16, train=True, activation_checkpointing="none" if opts.no_ac else "full")
     return build_model(spec, runtime)
 
 

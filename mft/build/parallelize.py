@@ -1,29 +1,39 @@
 """Step 3 of the build pipeline: how a meta-built model runs, applied from outside the model.
 
 In torchtitan's order: activation checkpointing, then torch.compile, then FSDP2, each per
-TransformerBlock. Under torchrun (world > 1) every block and the root become fully_shard units:
+TransformerBlock. Activation checkpointing is chosen per block (`block_policies`): none, selective
+(torch's selective checkpointing keeps the outputs mft.build.memory.keeps_output names and
+recomputes the cheap ops) or full (the block's forward again in backward); `auto` picks the mix
+with the least recomputation whose estimated peak fits the memory budget (mft/build/memory.py). Under torchrun (world > 1) every block and the root become fully_shard units:
 parameters sharded on dim 0, gathered in the compute dtype for forward and backward, gradients
 reduced in fp32, so the sharded parameters (fp32 masters for full fine-tuning) and their AdamW
 states stay in their own dtype. One process with fp32 masters and a lower compute dtype gets
 the same split from autocast around the model's forward.
 """
 
+import functools
+import logging
+
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    apply_activation_checkpointing,
-)
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from mft.model.transformer import TransformerBlock
+from mft.build import memory
+
+log = logging.getLogger(__name__)
 
 
 def parallelize(model: nn.Module, runtime, param_dtype: torch.dtype) -> None:
     """Wrap `model`'s blocks in place as `runtime` (mft.build.Runtime) asks; works on meta models."""
     device = torch.device(runtime.device)
-    if runtime.activation_checkpointing:
-        apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
+    for i, policy in enumerate(block_policies(model, runtime, param_dtype)):
+        if policy == "full":
+            model.layers[i] = checkpoint_wrapper(model.layers[i])
+        elif policy == "selective":
+            model.layers[i] = checkpoint_wrapper(model.layers[i], context_fn=selective_contexts)
     if runtime.compile:
         for i, block in enumerate(model.layers):
             model.layers[i] = torch.compile(block)  # attention kernels break the graph: fullgraph off
@@ -31,6 +41,39 @@ def parallelize(model: nn.Module, runtime, param_dtype: torch.dtype) -> None:
         shard(model, runtime.world.size, device, runtime.dtype)
     elif param_dtype != runtime.dtype:
         compute_under_autocast(model, device.type, runtime.dtype)
+
+
+def block_policies(model: nn.Module, runtime, param_dtype: torch.dtype) -> tuple[str, ...]:
+    """Each block's activation checkpointing: runtime.activation_checkpointing for every block, or
+    for `auto` the plan of mft.build.memory (none on a device other than CUDA), logged once."""
+    choice = str(runtime.activation_checkpointing)
+    if choice not in ("auto", *memory.POLICIES):
+        raise ValueError(f"activation_checkpointing {choice!r}: expected none, full, selective or auto")
+    n = len(model.layers)
+    if choice != "auto":
+        return (choice,) * n
+    device = torch.device(runtime.device)
+    if device.type != "cuda":
+        return ("none",) * n
+    if runtime.tokens_per_microbatch <= 0:
+        raise ValueError("activation_checkpointing auto needs Runtime.tokens_per_microbatch (batch_size * seq_len)")
+    tokens = runtime.tokens_per_microbatch
+    budget = (int(runtime.memory_budget_gib * memory.GIB) if runtime.memory_budget_gib is not None
+              else memory.default_budget(device))
+    one_process_autocast = not runtime.world.distributed and param_dtype != runtime.dtype
+    blocks = memory.measure_blocks(model, tokens, runtime.dtype, autocast=one_process_autocast)
+    head = memory.head_bytes(model.args.dim, model.args.vocab_size, tokens, runtime.loss_chunk_tokens, runtime.dtype)
+    plan = memory.plan_policies(memory.fixed_bytes(model, runtime.world.size, runtime.dtype), blocks, head, budget)
+    log.info("activation checkpointing auto, %d tokens per micro-batch: %s", tokens, plan.summary())
+    return plan.policies
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if memory.keeps_output(op, args) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# torch.utils.checkpoint's context_fn for selective blocks (a fresh pair of contexts per call).
+selective_contexts = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
 
 
 def compute_under_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> None:

@@ -2,7 +2,8 @@
 
 1. construct on the meta device (shapes only: a 7B model costs no memory yet);
 2. convert: quantise the chosen linear layers (QLoRA bases), then wrap the LoRA targets;
-3. parallelise (mft/build/parallelize.py): activation checkpointing, torch.compile per block,
+3. parallelise (mft/build/parallelize.py): activation checkpointing (none, selective or full per
+   block; `auto` plans the mix from activations measured on meta, mft/build/memory.py), torch.compile per block,
    fully_shard per block and root when world > 1, or autocast for mixed precision in one process;
 4. materialise: allocate every tensor once, directly on the device (a rank only its shards);
 5. fill: load a checkpoint folder tensor by tensor, or draw random weights from the seed
@@ -57,7 +58,13 @@ class Runtime:
     dtype: torch.dtype = torch.float32  # compute dtype (and storage of the frozen base)
     train: bool = False  # parameters that train (all of them without LoRA) keep fp32 masters
     world: World = field(default_factory=World)  # > 1 process: parameters sharded with FSDP2
-    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # Per block: "none" | "full" (the block's forward again in backward) | "selective" (matmul and
+    # attention outputs kept, cheap ops recomputed) | "auto" (the least recomputation that fits
+    # memory_budget_gib; on CUDA only, none elsewhere). See mft/build/memory.py.
+    activation_checkpointing: str = "none"
+    memory_budget_gib: Optional[float] = None  # auto's budget; None: the device's free memory minus a margin
+    tokens_per_microbatch: int = 0  # auto: tokens of one micro-batch (batch_size * seq_len)
+    loss_chunk_tokens: int = 0  # auto: the loss's chunk (TrainConfig.loss_chunk_tokens; 0: all tokens at once)
     compile: bool = False  # torch.compile each block
 
 

@@ -140,6 +140,8 @@ def _check_run(cfg: TrainConfig) -> None:
              "auto, cpu, cuda, cuda:N or mps")
     _require(cfg.batch_size > 0, "batch_size", cfg.batch_size, "a positive number of sequences")
     _require(cfg.grad_accum > 0, "grad_accum", cfg.grad_accum, "a positive number of micro-steps")
+    _require(cfg.memory_budget_gib is None or cfg.memory_budget_gib > 0, "memory_budget_gib", cfg.memory_budget_gib,
+             "a positive number of GiB, or null for the GPU's free memory at start minus a margin")
     _require(cfg.loss_chunk_tokens >= 0, "loss_chunk_tokens", cfg.loss_chunk_tokens,
              "a number of tokens >= 0 (0: the whole head at once)")
     if cfg.max_steps is not None:

@@ -40,7 +40,9 @@ def model_spec(cfg) -> ModelSpec:
 
 def train_runtime(cfg, device: torch.device, dtype: torch.dtype, world: World) -> Runtime:
     return Runtime(device=device, dtype=dtype, train=True, world=world,
-                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile)
+                   activation_checkpointing=str(cfg.activation_checkpointing),
+                   memory_budget_gib=cfg.memory_budget_gib, tokens_per_microbatch=cfg.batch_size * cfg.data.seq_len,
+                   loss_chunk_tokens=cfg.loss_chunk_tokens, compile=cfg.compile)
 
 
 def save_base_model(model: nn.Module, folder: Path, world: World) -> Path:
