@@ -29,9 +29,12 @@ position supervised.
   (nf4, double quant, bf16 compute), quantised one at a time from the random bf16 model; the
   other weights stay bf16 (no fp32 upcast of prepare_model_for_kbit_training: the faster baseline).
 
-Groups (--groups): seq4096 (no checkpointing), seq4096-ac (checkpointing on, auto at <= 17 GiB:
-the note says whether each row fits 17 GiB), seq16k (one 16384-token document), packed32k (8
-documents x 4096 in one 32768-token stream, mft only), qlora (seq 4096, checkpointing on), and
+Groups (--groups): seq4096 (no checkpointing: mft eager and compiled, tf+peft, +liger),
+seq4096-ac (checkpointing on: mft eager and compiled x full, selective, auto at 17 GiB, tf+peft,
++liger; the note says whether each row fits 17 GiB), seq16k (one 16384-token document: mft
+compiled x full, selective, auto at the free memory, tf+peft), packed32k (8 documents x 4096 in
+one 32768-token stream: mft compiled x the same three), qlora (seq 4096, checkpointing on: mft
+compiled bf16, nf4, int4 full, nf4 and int4 auto at 7 GiB, tf+peft+bnb nf4), and
 load-7b (not in "all"; --load-7b adds it): a random model of the shape written as a sharded
 Hugging Face folder (10 GB shards, as the hub's Mistral-7B-v0.1) to --tmp-dir, then mft's load of
 it (checkpoint_spec + build_model, bf16, on the device) in GB/s of safetensors, page cache warm
@@ -126,10 +129,9 @@ def group_rows(group: str, seq: Optional[int], seq_list: list[int]) -> list[Row]
             Row(group, "hf", seq=s), Row(group, "hf", seq=s, liger=True))]
     if group == "seq4096-ac":
         return [r for s in short for r in (
-            Row(group, "mft", "full", s), Row(group, "mft", "full", s, compile=True),
-            Row(group, "mft", "selective", s, compile=True),
-            Row(group, "mft", "auto", s, compile=True, budget_gib=FIT_GIB),
-            Row(group, "hf", "on", s), Row(group, "hf", "on", s, liger=True))]
+            [Row(group, "mft", policy, s, compile=compiled, budget_gib=FIT_GIB if policy == "auto" else None)
+             for compiled in (False, True) for policy in ("full", "selective", "auto")]
+            + [Row(group, "hf", "on", s), Row(group, "hf", "on", s, liger=True)])]
     if group == "seq16k":
         s = seq or 16384
         return [Row(group, "mft", policy, s, compile=True) for policy in ("full", "selective", "auto")] + [
