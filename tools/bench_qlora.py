@@ -15,38 +15,20 @@ Imports torch, triton and mft's model/peft/quant/kernels only (no Hydra).
 
 import argparse
 import gc
-import subprocess
 import sys
 import time
-from dataclasses import fields, replace
-from pathlib import Path
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
-import yaml
 
+from bench_common import GIB, PEAK_TFLOPS, SPECS, commit, flops_per_token, preset_args, preset_names
 from mft.build import ModelSpec, Runtime, build_model
 from mft.model.args import ModelArgs
 from mft.peft.lora import LoRASettings
 from mft.quant.dequant import dequantize, dequantize_torch
-from mft.quant.formats import QuantSpec, quantize
+from mft.quant.formats import quantize
 from mft.train.optim import build_optimizer
-
-GIB = 2**30
-PEAK_TFLOPS = 790.0  # bf16 dense matmul measured on the lent H100/H200 (DESIGN.md)
-PRESETS = Path(__file__).resolve().parent.parent / "conf" / "model"
-
-
-def preset_args(name: str) -> ModelArgs:
-    """The architecture of conf/model/<name>.yaml (its ModelArgs fields; the rest is ignored)."""
-    values = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
-    return ModelArgs(**{f.name: values[f.name] for f in fields(ModelArgs) if f.name in values})
-
-SPECS = {
-    "nf4": QuantSpec("nf4", 64, double_quant=True),
-    "nf4-fp32-absmax": QuantSpec("nf4", 64, double_quant=False),
-    "int4": QuantSpec("int4", 128),
-}
 
 
 def build(variant: str, args: ModelArgs, device: torch.device, opts):
@@ -54,17 +36,6 @@ def build(variant: str, args: ModelArgs, device: torch.device, opts):
     spec = ModelSpec(args, attn_backend=opts.attn, quant=SPECS.get(variant), lora=LoRASettings(r=opts.rank, alpha=2 * opts.rank))
     runtime = Runtime(device=device, dtype=torch.bfloat16, train=True, activation_checkpointing="none" if opts.no_ac else "full")
     return build_model(spec, runtime)
-
-
-def flops_per_token(args: ModelArgs, seq: int) -> float:
-    """Matmul FLOPs of one token: forward (2N) + backward to the activations (2N), no weight grads
-    for the frozen base, plus causal attention (forward 2 * seq * n_heads * head_dim per layer,
-    backward twice that). Activation-checkpointing recompute is not counted (MFU convention)."""
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    linear = args.n_layers * (2 * args.dim * q + 2 * args.dim * kv + 3 * args.dim * args.hidden_dim)
-    head = args.dim * args.vocab_size
-    attention = args.n_layers * 3 * 2 * seq * q
-    return 4 * (linear + head) + attention
 
 
 def run_variant(variant: str, args: ModelArgs, opts, device: torch.device) -> dict:
@@ -132,7 +103,7 @@ def dequant_bandwidth(args: ModelArgs, device: torch.device) -> list:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(p.stem for p in PRESETS.glob("*.yaml")), default="mistral-7b-v0.3",
+    parser.add_argument("--shape", choices=preset_names(), default="mistral-7b-v0.3",
                         help="a conf/model/ preset")
     parser.add_argument("--variants", default="bf16,nf4,int4", help=f"comma list of bf16, {', '.join(SPECS)}")
     parser.add_argument("--layers", type=int, help="override n_layers (quick runs)")
@@ -159,13 +130,8 @@ def main() -> int:
             parser.error(f"--layers {opts.layers}: {e}")
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
     print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | "
-          f"triton {triton.__version__} | commit {commit}")
+          f"triton {triton.__version__} | commit {commit()}")
     print(f"command: {' '.join(sys.argv)}")
     print(f"shape {opts.shape} ({args.n_layers} layers), seq {opts.seq}, batch 1, LoRA r={opts.rank} on all linear "
           f"layers, activation checkpointing {'off' if opts.no_ac else 'on'}, CE chunk {opts.ce_chunk}\n")

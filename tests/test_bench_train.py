@@ -1,0 +1,48 @@
+"""tools/bench_train.py runs on CPU (its smoke-test form): every row of the seq4096 group but the
+compiled one (inductor's CPU compile alone takes a minute on two cores) gives tokens/s and a loss
+in its own subprocess, or says why it was skipped; none fails."""
+
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from mft.build import Runtime
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """The table's cells by row name (second column), the header and rule lines left out."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] not in ("group", "---"):
+            rows[cells[1]] = cells
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("memory_budget_gib" not in {f.name for f in fields(Runtime)},
+                    reason="needs Runtime's activation checkpointing policies (issue 14, helper 'ac')")
+def test_bench_train_smoke_on_cpu():
+    command = [sys.executable, "tools/bench_train.py", "--device", "cpu", "--shape", "tiny", "--seq", "64",
+               "--steps", "1", "--warmup", "0", "--layers", "1", "--groups", "seq4096",
+               "--rows", "mft eager,tf+peft,tf+peft+liger"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = table_rows(done.stdout)
+    assert set(rows) == {"mft eager", "tf+peft", "tf+peft+liger"}, done.stdout
+    for name in ("mft eager", "tf+peft"):
+        group, _, checkpointing, seq, tokens_per_s, peak, ratio, mfu, loss, note = rows[name]
+        assert (group, checkpointing, seq, peak, mfu, note) == ("seq4096", "none", "64", "-", "-", ""), rows[name]
+        assert float(tokens_per_s.replace(",", "")) > 0 and 0 < float(loss) < 20, rows[name]
+    assert rows["tf+peft"][6] == "1.00x"
+    liger_note = rows["tf+peft+liger"][-1]
+    assert liger_note in ("skipped: liger-kernel not installed", "skipped: liger-kernel's Triton kernels need a GPU")
+    assert "failed" not in done.stdout
+    assert "command: python tools/bench_train.py --device cpu" in done.stdout
