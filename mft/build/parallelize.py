@@ -16,6 +16,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from mft.model.attention import compiles_whole
 from mft.model.transformer import TransformerBlock
 
 
@@ -25,12 +26,27 @@ def parallelize(model: nn.Module, runtime, param_dtype: torch.dtype) -> None:
     if runtime.activation_checkpointing:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
     if runtime.compile:
-        for i, block in enumerate(model.layers):
-            model.layers[i] = torch.compile(block)  # attention kernels break the graph: fullgraph off
+        compile_blocks(model)
     if runtime.world.distributed:
         shard(model, runtime.world.size, device, runtime.dtype)
     elif param_dtype != runtime.dtype:
         compute_under_autocast(model, device.type, runtime.dtype)
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each block in place: one graph per block (fullgraph) where the attention backend
+    compiles whole (sdpa, triton and auto: their kernels are custom ops), else with graph breaks.
+    The blocks share one compiled graph (nn modules are inlined, their weights are inputs); the
+    document boundaries never reach it (the backend's `prepare` runs before the blocks)."""
+    fullgraph = compiles_whole(model.attn_fn)
+    for i, block in enumerate(model.layers):
+        model.layers[i] = torch.compile(block, backend=backend, fullgraph=fullgraph)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in torch.compile so far: dynamo and the backend, the forward
+    graphs and the backward ones (compiled at the first backward)."""
+    return torch._dynamo.utils.calculate_time_spent().get("total_wall_time", 0.0)
 
 
 def compute_under_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> None:
