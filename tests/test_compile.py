@@ -83,7 +83,7 @@ def lora_model(backend, **spec):
 
 
 # Same token count, other boundaries: the tile tables differ in values and in length.
-PACKINGS = ([5, 23, 1, 12], [20, 11, 3, 7])
+PACKINGS = ([5, 23, 1, 12], [20, 11, 3, 3, 4])
 
 
 @needs_kernels
@@ -187,19 +187,19 @@ def test_auto_on_cuda_picks_torch_attention_where_every_document_fits(monkeypatc
     cuda = torch.device("cuda")
     choose = attention._auto_choice
     monkeypatch.setattr(attention, "_VARLEN", (None, "window_size", True))  # a torch with varlen_attn
-    fit = choose(_docs([5, 300, 220, 400]), 512, cuda)
-    assert fit.backend == "varlen" and fit.max_seqlen == 512  # 300 rounded up to a power of two
-    assert choose(_docs([5, 3000, 20]), None, cuda).backend == "varlen"  # no window: every document fits
-    assert choose(_docs([5, 600, 20]), 512, cuda).backend == "triton"
+    fit = choose(_docs([5, 300, 220, 400]), 512, cuda)[0]
+    assert fit.backend == "varlen" and fit.max_seqlen == 512  # 400 rounded up to a power of two
+    assert choose(_docs([5, 3000, 20]), None, cuda)[0].backend == "varlen"  # no window: every document fits
+    assert choose(_docs([5, 600, 20]), 512, cuda)[0].backend == "triton"
     monkeypatch.setattr(attention, "_VARLEN", None)  # a torch without varlen_attn
-    same = choose(_docs([64, 64, 64]), 512, cuda)
+    same = choose(_docs([64, 64, 64]), 512, cuda)[0]
     assert same.backend == "batched_sdpa" and same.doc_len == 64
-    assert choose(_docs([64, 60, 64]), 512, cuda).backend == "triton"
+    assert choose(_docs([64, 60, 64]), 512, cuda)[0].backend == "triton"
 
 
 def test_auto_logs_each_choice_once(monkeypatch, caplog):
-    monkeypatch.setattr(attention, "_auto_choice", lambda docs, window, device: attention.AutoChoice(
-        "batched_sdpa" if len(set(docs.lengths)) == 1 else "sdpa", "a test"))
+    monkeypatch.setattr(attention, "_auto_choice", lambda docs, window, device: (attention.AutoChoice(
+        "batched_sdpa" if len(set(docs.lengths)) == 1 else "sdpa"), "a test"))
     auto = attention.AutoAttention()
     with caplog.at_level(logging.INFO, logger="mft.model.attention"):
         for lengths in ([4, 4], [3, 5], [2, 2], [1, 7]):

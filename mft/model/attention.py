@@ -250,8 +250,8 @@ def _xformers_works(device: torch.device) -> bool:
             _xformers_ok[device.type] = True
         except Exception as e:  # ImportError, or a build without this device's kernels
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            log.warning("attn_backend xformers unavailable on %s (%s); using auto's choice instead",
-                        device.type, first_line)
+            log.warning("attn_backend xformers unavailable on %s (%s); using %s instead", device.type, first_line,
+                        "auto's choice per batch" if device.type == "cuda" else "sdpa")
             _xformers_ok[device.type] = False
     return _xformers_ok[device.type]
 
@@ -307,35 +307,34 @@ _VARLEN = _varlen_call_style()
 
 @dataclass(frozen=True)
 class AutoChoice:
-    """What `auto` runs for one window of one batch; plain values only (a compiled block guards
-    on them, so a new choice compiles once more and the same choice never again)."""
+    """What `auto` runs for one window of one batch; plain values only, and only those the call
+    reads (a compiled block guards on them: a new choice compiles once more, a known one never)."""
 
     backend: str  # "varlen" | "batched_sdpa" | "triton" | "sdpa"
-    reason: str  # for the log line
     max_seqlen: int = 0  # varlen: the longest document rounded up to a power of two (few distinct values)
     doc_len: int = 0  # batched_sdpa: the one document length
 
 
-def _auto_choice(docs: PackedDocs, window: Optional[int], device: torch.device) -> AutoChoice:
-    """torch's attention where every document fits in the window, the Triton kernel otherwise."""
+def _auto_choice(docs: PackedDocs, window: Optional[int], device: torch.device) -> tuple[AutoChoice, str]:
+    """(the choice, why) for one window: torch's attention where every document fits in the window,
+    the Triton kernel otherwise."""
     if device.type != "cuda":
-        return AutoChoice("sdpa", "on CPU")
+        return AutoChoice("sdpa"), "on CPU"
     lengths = [n for n in docs.lengths if n > 0]
     longest = max(lengths, default=0)
     fits = "there is no window" if window is None else f"every document fits in the window of {window}"
     if window is None or longest <= window:
         if _VARLEN is not None:
             bucket = min(1 << max(longest - 1, 0).bit_length(), max(docs.bounds[-1], 1))
-            return AutoChoice("varlen", f"{fits} (torch's varlen_attn)", max_seqlen=bucket)
+            return AutoChoice("varlen", max_seqlen=bucket), f"{fits} (torch's varlen_attn)"
         if len(set(lengths)) == 1:
-            return AutoChoice("batched_sdpa", f"{fits} and all documents have {longest} tokens (one SDPA call)",
-                              doc_len=longest)
+            return AutoChoice("batched_sdpa", doc_len=longest), f"{fits} and all documents have one length"
         reason = f"{fits} but the documents differ in length and this torch has no varlen_attn"
     else:
         reason = f"a document of {longest} tokens is longer than the window of {window}"
     if _auto_name(device) == "triton":
-        return AutoChoice("triton", reason)
-    return AutoChoice("sdpa", f"{reason}, and triton does not import")
+        return AutoChoice("triton"), reason
+    return AutoChoice("sdpa"), f"{reason}, and triton does not import"
 
 
 def _varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocs,
@@ -369,11 +368,11 @@ class AutoAttention:
     def prepare(self, docs: PackedDocs, windows: Sequence[Optional[int]], head_dim: int) -> None:
         device = docs.cu_seqlens.device
         for window in windows:
-            choice = _auto_choice(docs, window, device)
+            choice, reason = _auto_choice(docs, window, device)
             docs.cache[("auto", window)] = choice
             if (choice.backend, window) not in self._logged:
                 self._logged.add((choice.backend, window))
-                log.info("attn_backend auto, window %s: %s, since %s", window, choice.backend, choice.reason)
+                log.info("attn_backend auto, window %s: %s, since %s", window, choice.backend, reason)
             if choice.backend == "triton":
                 triton_attention.prepare(docs, [window], head_dim)
             elif choice.backend == "varlen":
