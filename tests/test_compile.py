@@ -91,7 +91,7 @@ def test_compiled_triton_model_is_one_graph_per_block_never_recompiles_and_match
     model = lora_model("triton")
     reference = lora_model("sdpa")  # the same weights, attention by torch SDPA in fp32
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compile_blocks(model, backend=counter)  # fullgraph: a graph break would raise
+    compile_blocks(model, torch.device("cpu"), backend=counter)  # fullgraph: a graph break would raise
     frames = []
     for seed, lengths in enumerate(PACKINGS):
         batch = packed(lengths, seed)
@@ -109,7 +109,7 @@ def test_compiled_triton_model_is_one_graph_per_block_never_recompiles_and_match
 def test_compiled_sdpa_model_matches_eager_without_graph_breaks():
     model = lora_model("sdpa")
     eager = copy.deepcopy(model)
-    compile_blocks(model, backend="aot_eager")
+    compile_blocks(model, torch.device("cpu"), backend="aot_eager")
     batch = packed(PACKINGS[0], 0)
     (loss, grads), (ref_loss, ref_grads) = loss_and_grads(model, batch), loss_and_grads(eager, batch)
     assert rel_err(loss, ref_loss) < 1e-6 and all(rel_err(grads[n], ref_grads[n]) < 1e-5 for n in grads)
@@ -130,7 +130,7 @@ def test_compiled_qlora_model_matches_eager():
     model = lora_model("sdpa", quant=QuantSpec("nf4", 64, double_quant=True, dq_block_size=4))
     eager = copy.deepcopy(model)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compile_blocks(model, backend=counter)
+    compile_blocks(model, torch.device("cpu"), backend=counter)
     batch = packed(PACKINGS[1], 1)
     (loss, grads), (ref_loss, ref_grads) = loss_and_grads(model, batch), loss_and_grads(eager, batch)
     assert rel_err(loss, ref_loss) < 1e-6 and all(rel_err(grads[n], ref_grads[n]) < 1e-5 for n in grads)

@@ -26,19 +26,23 @@ def parallelize(model: nn.Module, runtime, param_dtype: torch.dtype) -> None:
     if runtime.activation_checkpointing:
         apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, TransformerBlock))
     if runtime.compile:
-        compile_blocks(model)
+        compile_blocks(model, device)
     if runtime.world.distributed:
         shard(model, runtime.world.size, device, runtime.dtype)
     elif param_dtype != runtime.dtype:
         compute_under_autocast(model, device.type, runtime.dtype)
 
 
-def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
-    """torch.compile each block in place: one graph per block (fullgraph) where the attention backend
-    compiles whole (sdpa, triton and auto: their kernels are custom ops), else with graph breaks.
-    The blocks share one compiled graph (nn modules are inlined, their weights are inputs); the
-    document boundaries never reach it (the backend's `prepare` runs before the blocks)."""
-    fullgraph = compiles_whole(model.attn_fn)
+def compile_blocks(model: nn.Module, device: torch.device, backend: str = "inductor") -> None:
+    """torch.compile each block in place, as one graph (fullgraph) where the attention backend allows
+    (`compiles_whole`: its kernels are custom ops and the document boundaries never reach the
+    block, since the backend's `prepare` runs before it). The blocks share their compiled graphs
+    (nn modules are inlined, their weights are inputs)."""
+    fullgraph = compiles_whole(model.attn_fn, device)
+    if fullgraph:
+        # Graphs per (grad mode, first block or not, auto's choice and its one dynamic recompile):
+        # about 10, past dynamo's default of 8, where a fullgraph block fails instead of running eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for i, block in enumerate(model.layers):
         model.layers[i] = torch.compile(block, backend=backend, fullgraph=fullgraph)
 

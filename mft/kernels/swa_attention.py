@@ -523,7 +523,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Opti
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
         raise ValueError(f"expected q (T, Hq, D) and k, v (T, Hkv, D), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    T, n_heads, head_dim = q.shape
+    _, n_heads, head_dim = q.shape
     if n_heads % k.shape[1]:
         raise ValueError(f"{n_heads} query heads do not split into groups over {k.shape[1]} KV heads")
     if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):

@@ -402,10 +402,12 @@ def prepare_attention(attn_fn: AttentionFn, docs: PackedDocs, windows: Sequence[
         prepare(docs, windows, head_dim)
 
 
-def compiles_whole(attn_fn: AttentionFn) -> bool:
-    """Whether a block with this backend compiles as one graph (torch.compile fullgraph): sdpa,
-    triton and auto do; flex (its own compiled call) and xformers are left to break the graph."""
-    return attn_fn is sdpa_attention or attn_fn is triton_attention or attn_fn is auto_attention
+def compiles_whole(attn_fn: AttentionFn, device: torch.device) -> bool:
+    """Whether a block with this backend compiles as one graph (torch.compile fullgraph) that only a
+    bounded number of batches recompile: triton, and auto on CUDA (a few choices). Not sdpa (a loop
+    over documents: every packing compiles anew, until dynamo's limit makes the block run eagerly,
+    where fullgraph would fail instead), flex (its own compiled call) or xformers."""
+    return attn_fn is triton_attention or (attn_fn is auto_attention and device.type == "cuda")
 
 
 _BACKENDS: dict[str, AttentionFn] = {
