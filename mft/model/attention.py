@@ -373,10 +373,11 @@ class AutoAttention:
             if (choice.backend, window) not in self._logged:
                 self._logged.add((choice.backend, window))
                 log.info("attn_backend auto, window %s: %s, since %s", window, choice.backend, reason)
-            if choice.backend == "triton":
-                triton_attention.prepare(docs, [window], head_dim)
-            elif choice.backend == "varlen":
+            if choice.backend == "varlen":
                 torch._dynamo.maybe_mark_dynamic(docs.cu_seqlens, 0)  # the document count varies per batch
+            # varlen too: FlashAttention takes half types only, so fp32 runs the kernel (see __call__).
+            if choice.backend == "triton" or (choice.backend == "varlen" and _auto_name(device) == "triton"):
+                triton_attention.prepare(docs, [window], head_dim)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocs,
                  window: Optional[int]) -> torch.Tensor:
@@ -387,9 +388,9 @@ class AutoAttention:
             return _varlen_attention(q, k, v, docs, choice)
         if choice.backend == "batched_sdpa":
             return _batched_sdpa(q, k, v, choice.doc_len)
-        if choice.backend == "triton":
+        if choice.backend == "triton" or ("triton_plan", window, q.shape[2]) in docs.cache:
             return triton_attention(q, k, v, docs, window)
-        return sdpa_attention(q, k, v, docs, window)  # CPU, and fp32 on CUDA (FlashAttention takes half types)
+        return sdpa_attention(q, k, v, docs, window)
 
 
 auto_attention = AutoAttention()
