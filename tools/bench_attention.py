@@ -119,7 +119,7 @@ def tune(shapes):
     for _, lengths, window in shapes:
         q, k, v, dout, cu = make_inputs(lengths)
         bounds = tuple(int(b) for b in cu.tolist())
-        out, lse = swa._forward(q.detach(), k.detach(), v.detach(), swa.make_plan(bounds, window, q.shape[0], HEAD_DIM, True))
+        out, lse = swa._forward(q.detach(), k.detach(), v.detach(), swa.make_plan(bounds, window, q.shape[0], HEAD_DIM, q.device))
         inputs.append((q.detach(), k.detach(), v.detach(), dout, out, lse, bounds, window))
     best = {}
     for kind, cfgs in candidates().items():
@@ -129,7 +129,7 @@ def tune(shapes):
             try:
                 total, per_shape = 0.0, []
                 for q, k, v, dout, out, lse, bounds, window in inputs:
-                    plan = swa.make_plan(bounds, window, q.shape[0], HEAD_DIM, True, {}, config)
+                    plan = swa.make_plan(bounds, window, q.shape[0], HEAD_DIM, q.device, {}, config)
                     if kind == "fwd":
                         fn = lambda: swa._forward(q, k, v, plan)  # noqa: E731
                     elif kind == "dq":

@@ -22,6 +22,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from mft.build import memory
+from mft.model.attention import compiles_whole
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,7 @@ def parallelize(model: nn.Module, runtime, param_dtype: torch.dtype) -> None:
         elif policy == "selective":
             model.layers[i] = checkpoint_wrapper(model.layers[i], context_fn=selective_contexts)
     if runtime.compile:
-        for i, block in enumerate(model.layers):
-            model.layers[i] = torch.compile(block)  # attention kernels break the graph: fullgraph off
+        compile_blocks(model, device)
     if runtime.world.distributed:
         shard(model, runtime.world.size, device, runtime.dtype)
     elif param_dtype != runtime.dtype:
@@ -74,6 +74,26 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 # torch.utils.checkpoint's context_fn for selective blocks (a fresh pair of contexts per call).
 selective_contexts = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+
+
+def compile_blocks(model: nn.Module, device: torch.device, backend: str = "inductor") -> None:
+    """torch.compile each block in place, as one graph (fullgraph) where the attention backend allows
+    (`compiles_whole`: its kernels are custom ops and the document boundaries never reach the
+    block, since the backend's `prepare` runs before it). The blocks share their compiled graphs
+    (nn modules are inlined, their weights are inputs)."""
+    fullgraph = compiles_whole(model.attn_fn, device)
+    if fullgraph:
+        # Graphs per (grad mode, first block or not, auto's choice and its one dynamic recompile):
+        # about 10, past dynamo's default of 8, where a fullgraph block fails instead of running eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    for i, block in enumerate(model.layers):
+        model.layers[i] = torch.compile(block, backend=backend, fullgraph=fullgraph)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent in torch.compile so far: dynamo and the backend, the forward
+    graphs and the backward ones (compiled at the first backward)."""
+    return torch._dynamo.utils.calculate_time_spent().get("total_wall_time", 0.0)
 
 
 def compute_under_autocast(model: nn.Module, device_type: str, dtype: torch.dtype) -> None:

@@ -351,7 +351,7 @@ def config_for(head_dim: int, on_cuda: bool) -> SwaConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Host side: tile tables, autograd, entry point
+# Host side: tile tables, the custom ops (torch.compile sees them as single nodes), entry point
 # ---------------------------------------------------------------------------------------------
 
 
@@ -381,22 +381,49 @@ def _tile_table(bounds: Sequence[int], tile: int, window: int, queries: bool, de
     return table
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Plan:
-    bounds: Sequence[int]
+    """Everything the kernels need besides q, k, v: built on the host, once per forward and window.
+
+    Only tensors and numbers that stay the same from batch to batch of one model (the window, the
+    launch shapes), so a compiled block that reads a plan neither guards on document boundaries
+    nor recompiles when they move; the tables' lengths are marked dynamic for the same reason.
+    """
+
+    fwd_tiles: torch.Tensor
+    dq_tiles: torch.Tensor
+    dkdv_tiles: torch.Tensor
     window: int  # effective: never larger than the token count
     config: SwaConfig
-    cache: Optional[dict]
 
-    def tiles(self, cfg: TileConfig, queries: bool, device: torch.device) -> torch.Tensor:
-        return _tile_table(self.bounds, cfg.tile, self.window, queries, device, self.cache)
+
+def make_plan(bounds: Sequence[int], window: Optional[int], num_tokens: int, head_dim: int, device: torch.device,
+              cache: Optional[dict] = None, config: Optional[SwaConfig] = None) -> _Plan:
+    """The tile tables of `bounds` for `window` on `device`, in the launch shapes of `config` (the
+    head dim's default when None); `cache` (PackedDocs.cache) shares tables between layers."""
+    device = torch.device(device)
+    config = config or config_for(head_dim, device.type == "cuda")
+    window = num_tokens if window is None else min(window, num_tokens)
+    tables = [_tile_table(bounds, cfg.tile, window, queries, device, cache)
+              for cfg, queries in ((config.fwd, True), (config.dq, True), (config.dkdv, False))]
+    for table in tables:
+        torch._dynamo.maybe_mark_dynamic(table, 0)
+    return _Plan(*tables, window=window, config=config)
+
+
+def _config_ints(config: SwaConfig) -> list[int]:
+    return [x for cfg in (config.fwd, config.dq, config.dkdv) for x in (cfg.tile, cfg.step, cfg.num_warps, cfg.num_stages)]
+
+
+def _config_of(ints: Sequence[int]) -> SwaConfig:
+    return SwaConfig(*(TileConfig(*ints[i:i + 4]) for i in (0, 4, 8)))
 
 
 def _forward(q, k, v, plan: _Plan):
     T, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     cfg = plan.config.fwd
-    tiles = plan.tiles(cfg, True, q.device)
+    tiles = plan.fwd_tiles
     out = _new(q)
     lse = _new(q, (n_heads, T), torch.float32)
     sm_scale = head_dim ** -0.5
@@ -413,7 +440,7 @@ def _backward_dq(q, k, v, out, lse, dout, plan: _Plan):
     """dq, and delta = rowsum(dO * O) for the dk/dv kernel."""
     T, n_heads, head_dim = q.shape
     cfg = plan.config.dq
-    tiles = plan.tiles(cfg, True, q.device)
+    tiles = plan.dq_tiles
     dq, delta = _new(q), _new(lse)
     sm_scale = head_dim ** -0.5
     _swa_bwd_dq_kernel[(tiles.numel() // 3 * n_heads,)](
@@ -429,7 +456,7 @@ def _backward_dkdv(q, k, v, dout, lse, delta, plan: _Plan):
     T, n_heads, head_dim = q.shape
     n_kv_heads = k.shape[1]
     cfg = plan.config.dkdv
-    tiles = plan.tiles(cfg, False, q.device)
+    tiles = plan.dkdv_tiles
     dk, dv = _new(k), _new(v)
     sm_scale = head_dim ** -0.5
     _swa_bwd_dkdv_kernel[(tiles.numel() // 3 * n_kv_heads,)](
@@ -441,21 +468,82 @@ def _backward_dkdv(q, k, v, dout, lse, delta, plan: _Plan):
     return dk, dv
 
 
-class _SwaAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan):
-        out, lse = _forward(q, k, v, plan)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan
-        return out
+# The ops take the plan as tensors and plain numbers (the config as 12 ints: tile, step, warps and
+# stages of fwd, dq and dkdv): custom ops accept nothing else, and dynamo guards on none of it per batch.
+@torch.library.custom_op("mft::swa_attention", mutates_args=())
+def swa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fwd_tiles: torch.Tensor,
+                     dq_tiles: torch.Tensor, dkdv_tiles: torch.Tensor, window: int, config: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out (T, Hq, D) like q, lse (Hq, T) fp32 in base 2; q, k, v contiguous."""
+    plan = _Plan(fwd_tiles, dq_tiles, dkdv_tiles, window, _config_of(config))
+    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), plan)
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dout = dout.contiguous()
-        dq, delta = _backward_dq(q, k, v, out, lse, dout, ctx.plan)
-        dk, dv = _backward_dkdv(q, k, v, dout, lse, delta, ctx.plan)
-        return dq, dk, dv, None
+
+@swa_attention_op.register_fake
+def _(q, k, v, fwd_tiles, dq_tiles, dkdv_tiles, window, config):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mft::swa_attention_backward", mutates_args=())
+def swa_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor, dout: torch.Tensor, dq_tiles: torch.Tensor,
+                              dkdv_tiles: torch.Tensor, window: int, config: list[int]
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of swa_attention_op's out for the gradient `dout`."""
+    plan = _Plan(dq_tiles, dq_tiles, dkdv_tiles, window, _config_of(config))  # no forward table needed
+    q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
+    dq, delta = _backward_dq(q, k, v, out, lse, dout, plan)
+    dk, dv = _backward_dkdv(q, k, v, dout, lse, delta, plan)
+    return dq, dk, dv
+
+
+@swa_attention_backward_op.register_fake
+def _(q, k, v, out, lse, dout, dq_tiles, dkdv_tiles, window, config):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, _, dq_tiles, dkdv_tiles, window, config = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, dq_tiles, dkdv_tiles)
+    ctx.window, ctx.config = window, config
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, dq_tiles, dkdv_tiles = ctx.saved_tensors
+    dq, dk, dv = swa_attention_backward_op(q, k, v, out, lse, dout, dq_tiles, dkdv_tiles, ctx.window, ctx.config)
+    return dq, dk, dv, None, None, None, None, None
+
+
+swa_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int]) -> None:
+    """Raise for shapes, head dims, dtypes or windows the kernels do not take."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"expected q (T, Hq, D) and k, v (T, Hkv, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    _, n_heads, head_dim = q.shape
+    if n_heads % k.shape[1]:
+        raise ValueError(f"{n_heads} query heads do not split into groups over {k.shape[1]} KV heads")
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        raise MftError(f"attn_backend 'triton' supports head dims 16, 32, 64, 128, 256, not {head_dim}; "
+                       "use attn_backend sdpa or flex")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise MftError(f"attn_backend 'triton' takes bf16, fp16 or fp32 q, k, v of one dtype, got "
+                       f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be at least 1 (the query itself), got {window}")
+
+
+def swa_attention_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """Attention out (T, Hq, D) with a plan built by make_plan for these tokens; differentiable,
+    and one node for torch.compile (no graph break)."""
+    if q.shape[0] == 0:
+        return q.clone()
+    out, _ = swa_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), plan.fwd_tiles, plan.dq_tiles,
+                              plan.dkdv_tiles, plan.window, _config_ints(plan.config))
+    return out
 
 
 def swa_attention(
@@ -473,28 +561,10 @@ def swa_attention(
     `bounds` are the document boundaries (0, ..., T) on the host; `cache` (PackedDocs.cache)
     keeps the tile tables for the other layers of the same forward and their backward.
     """
-    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
-        raise ValueError(f"expected q (T, Hq, D) and k, v (T, Hkv, D), got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    T, n_heads, head_dim = q.shape
-    if n_heads % k.shape[1]:
-        raise ValueError(f"{n_heads} query heads do not split into groups over {k.shape[1]} KV heads")
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise MftError(f"attn_backend 'triton' supports head dims 16, 32, 64, 128, 256, not {head_dim}; "
-                       "use attn_backend sdpa or flex")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise MftError(f"attn_backend 'triton' takes bf16, fp16 or fp32 q, k, v of one dtype, got "
-                       f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be at least 1 (the query itself), got {window}")
+    check_inputs(q, k, v, window)
+    T, _, head_dim = q.shape
     if len(bounds) < 1 or bounds[0] != 0 or bounds[-1] != T:
         raise ValueError(f"bounds must run from 0 to {T} (the token count), got {tuple(bounds)}")
     if T == 0:
         return q.clone()
-    plan = make_plan(bounds, window, T, head_dim, q.is_cuda, cache, config)
-    return _SwaAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan)
-
-
-def make_plan(bounds, window, num_tokens, head_dim, on_cuda, cache=None, config=None) -> _Plan:
-    return _Plan(bounds=tuple(bounds), window=num_tokens if window is None else min(window, num_tokens),
-                 config=config or config_for(head_dim, on_cuda), cache=cache)
+    return swa_attention_planned(q, k, v, make_plan(bounds, window, T, head_dim, q.device, cache, config))

@@ -4,20 +4,29 @@ A backend is a function ``attn(q, k, v, docs, window) -> out`` with q (T, n_head
 k and v (T, n_kv_heads, head_dim) and out (T, n_heads, head_dim). Its semantics are fixed:
 causal, no attention across documents, and with a window W a query sees itself and the
 previous W - 1 tokens of its own document (W keys, the convention of transformers, vLLM and
-xformers). window None means plain causal. The model picks a backend once, by name:
+xformers). window None means plain causal. A backend may also have a host-side
+``prepare(docs, windows, head_dim)`` that the model runs once per forward, before the blocks
+(`prepare_attention`): it puts what depends on the document boundaries (tile tables, the choice
+of `auto`) into ``docs.cache`` as tensors and plain values, so a block compiled with
+torch.compile reads no boundaries and does not recompile when they move. The model picks a
+backend once, by name:
 
 - ``sdpa``: torch SDPA once per document; the reference, and what ``auto`` runs on CPU;
-- ``triton``: mft's own sliding-window varlen kernel (mft/kernels/swa_attention.py), what
-  ``auto`` runs on CUDA; work grows with tokens x window, not tokens^2;
+- ``triton``: mft's own sliding-window varlen kernel (mft/kernels/swa_attention.py), a custom op
+  for torch.compile; work grows with tokens x window, not tokens^2;
+- ``auto``: on CUDA, per batch (in `prepare`): torch's own attention where every document fits
+  in the window (varlen_attn where torch has it, else one batched SDPA call when the documents
+  have one length), the Triton kernel otherwise; sdpa on CPU;
 - ``flex``: torch flex_attention with a document + window block mask (compiled on CUDA);
 - ``xformers``: xformers' memory_efficient_attention, used only where it imports and a probe
   call works; otherwise one log line and the ``auto`` choice.
 """
 
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,18 +105,42 @@ def sdpa_attention(
     return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
 
 
-def triton_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocs, window: Optional[int]
-) -> torch.Tensor:
-    """mft's Triton kernel: on CUDA, or on CPU under Triton's interpreter (TRITON_INTERPRET=1)."""
+def _swa_kernels():
+    """mft.kernels.swa_attention, or an MftError when triton does not import."""
     try:
-        from mft.kernels.swa_attention import INTERPRETED, swa_attention
+        import mft.kernels.swa_attention as swa
     except ImportError as e:
         raise MftError(f"attn_backend 'triton' needs the triton package ({e}); use attn_backend auto or sdpa") from e
-    if not q.is_cuda and not INTERPRETED:
-        raise MftError(f"attn_backend 'triton' needs a CUDA device, the tensors are on {q.device}; "
-                       "use attn_backend auto (sdpa on CPU) or sdpa")
-    return swa_attention(q, k, v, docs.bounds, window, cache=docs.cache)
+    return swa
+
+
+def _triton_plan(docs: PackedDocs, window: Optional[int], head_dim: int):
+    """The kernels' tile tables for `window`, built once per forward into docs.cache."""
+    key = ("triton_plan", window, head_dim)
+    if key not in docs.cache:
+        docs.cache[key] = _swa_kernels().make_plan(docs.bounds, window, docs.bounds[-1], head_dim,
+                                                   docs.cu_seqlens.device, docs.cache)
+    return docs.cache[key]
+
+
+class TritonAttention:
+    """mft's Triton kernel: on CUDA, or on CPU under Triton's interpreter (TRITON_INTERPRET=1)."""
+
+    def prepare(self, docs: PackedDocs, windows: Sequence[Optional[int]], head_dim: int) -> None:
+        for window in windows:
+            _triton_plan(docs, window, head_dim)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocs,
+                 window: Optional[int]) -> torch.Tensor:
+        swa = _swa_kernels()
+        if not q.is_cuda and not swa.INTERPRETED:
+            raise MftError(f"attn_backend 'triton' needs a CUDA device, the tensors are on {q.device}; "
+                           "use attn_backend auto (sdpa on CPU) or sdpa")
+        swa.check_inputs(q, k, v, window)
+        return swa.swa_attention_planned(q, k, v, _triton_plan(docs, window, q.shape[2]))
+
+
+triton_attention = TritonAttention()
 
 
 # ---- flex_attention --------------------------------------------------------------------------
@@ -217,8 +250,8 @@ def _xformers_works(device: torch.device) -> bool:
             _xformers_ok[device.type] = True
         except Exception as e:  # ImportError, or a build without this device's kernels
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            log.warning("attn_backend xformers unavailable on %s (%s); using %s instead",
-                        device.type, first_line, _auto_name(device))
+            log.warning("attn_backend xformers unavailable on %s (%s); using %s instead", device.type, first_line,
+                        "auto's choice per batch" if device.type == "cuda" else "sdpa")
             _xformers_ok[device.type] = False
     return _xformers_ok[device.type]
 
@@ -237,7 +270,8 @@ _triton_missing_logged = False
 
 
 def _auto_name(device: torch.device) -> str:
-    """The backend `auto` runs on `device`: the Triton kernel on CUDA (if triton imports), else sdpa."""
+    """The backend `auto` runs on `device` for documents torch's attention does not take: the
+    Triton kernel on CUDA (if triton imports), else sdpa."""
     global _triton_missing_logged
     if device.type != "cuda":
         return "sdpa"
@@ -251,11 +285,130 @@ def _auto_name(device: torch.device) -> str:
     return "triton"
 
 
-def auto_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocs, window: Optional[int]
-) -> torch.Tensor:
-    """Chooses per call from the tensors' device: the model is built on meta and moved later."""
-    return _BACKENDS[_auto_name(q.device)](q, k, v, docs, window)
+def _varlen_call_style() -> Optional[tuple[Callable, str, bool]]:
+    """torch.nn.attention.varlen.varlen_attn (torch >= 2.10), how it is told to be causal
+    ("is_causal" or "window_size") and whether it takes enable_gqa; None where torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" in params:
+        causal = "is_causal"
+    elif "window_size" in params:
+        causal = "window_size"
+    else:
+        return None
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+_VARLEN = _varlen_call_style()
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What `auto` runs for one window of one batch; plain values only, and only those the call
+    reads (a compiled block guards on them: a new choice compiles once more, a known one never)."""
+
+    backend: str  # "varlen" | "batched_sdpa" | "triton" | "sdpa"
+    max_seqlen: int = 0  # varlen: the longest document rounded up to a power of two (few distinct values)
+    doc_len: int = 0  # batched_sdpa: the one document length
+
+
+def _auto_choice(docs: PackedDocs, window: Optional[int], device: torch.device) -> tuple[AutoChoice, str]:
+    """(the choice, why) for one window: torch's attention where every document fits in the window,
+    the Triton kernel otherwise."""
+    if device.type != "cuda":
+        return AutoChoice("sdpa"), "on CPU"
+    lengths = [n for n in docs.lengths if n > 0]
+    longest = max(lengths, default=0)
+    fits = "there is no window" if window is None else f"every document fits in the window of {window}"
+    if window is None or longest <= window:
+        if _VARLEN is not None:
+            bucket = min(1 << max(longest - 1, 0).bit_length(), max(docs.bounds[-1], 1))
+            return AutoChoice("varlen", max_seqlen=bucket), f"{fits} (torch's varlen_attn)"
+        if len(set(lengths)) == 1:
+            return AutoChoice("batched_sdpa", doc_len=longest), f"{fits} and all documents have one length"
+        reason = f"{fits} but the documents differ in length and this torch has no varlen_attn"
+    else:
+        reason = f"a document of {longest} tokens is longer than the window of {window}"
+    if _auto_name(device) == "triton":
+        return AutoChoice("triton"), reason
+    return AutoChoice("sdpa"), f"{reason}, and triton does not import"
+
+
+def _varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocs,
+                      choice: AutoChoice) -> torch.Tensor:
+    varlen_attn, causal, takes_gqa = _VARLEN
+    kwargs = {"is_causal": True} if causal == "is_causal" else {"window_size": (-1, 0)}
+    if q.shape[1] != k.shape[1]:
+        if takes_gqa:
+            kwargs["enable_gqa"] = True
+        else:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    cu = docs.cu_seqlens
+    return varlen_attn(q, k, v, cu, cu, choice.max_seqlen, choice.max_seqlen, **kwargs)
+
+
+def _batched_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_len: int) -> torch.Tensor:
+    """Documents of one length as the rows of one causal SDPA call."""
+    T, n_heads, head_dim = q.shape
+    rows = [x.view(T // doc_len, doc_len, x.shape[1], head_dim).transpose(1, 2) for x in (q, k, v)]
+    out = F.scaled_dot_product_attention(*rows, is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2).reshape(T, n_heads, head_dim)
+
+
+class AutoAttention:
+    """Picks per batch, on the host, in `prepare` (see AutoChoice); each choice logged once."""
+
+    def __init__(self) -> None:
+        self._logged: set[tuple[str, Optional[int]]] = set()
+
+    def prepare(self, docs: PackedDocs, windows: Sequence[Optional[int]], head_dim: int) -> None:
+        device = docs.cu_seqlens.device
+        for window in windows:
+            choice, reason = _auto_choice(docs, window, device)
+            docs.cache[("auto", window)] = choice
+            if (choice.backend, window) not in self._logged:
+                self._logged.add((choice.backend, window))
+                log.info("attn_backend auto, window %s: %s, since %s", window, choice.backend, reason)
+            if choice.backend == "varlen":
+                torch._dynamo.maybe_mark_dynamic(docs.cu_seqlens, 0)  # the document count varies per batch
+            # varlen too: FlashAttention takes half types only, so fp32 runs the kernel (see __call__).
+            if choice.backend == "triton" or (choice.backend == "varlen" and _auto_name(device) == "triton"):
+                triton_attention.prepare(docs, [window], head_dim)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: PackedDocs,
+                 window: Optional[int]) -> torch.Tensor:
+        if ("auto", window) not in docs.cache:  # called outside a model's forward
+            self.prepare(docs, [window], q.shape[2])
+        choice = docs.cache[("auto", window)]
+        if choice.backend == "varlen" and q.dtype in (torch.bfloat16, torch.float16):
+            return _varlen_attention(q, k, v, docs, choice)
+        if choice.backend == "batched_sdpa":
+            return _batched_sdpa(q, k, v, choice.doc_len)
+        if choice.backend == "triton" or ("triton_plan", window, q.shape[2]) in docs.cache:
+            return triton_attention(q, k, v, docs, window)
+        return sdpa_attention(q, k, v, docs, window)
+
+
+auto_attention = AutoAttention()
+
+
+def prepare_attention(attn_fn: AttentionFn, docs: PackedDocs, windows: Sequence[Optional[int]], head_dim: int) -> None:
+    """Run the backend's host-side `prepare` for this forward's documents, if it has one."""
+    prepare = getattr(attn_fn, "prepare", None)
+    if prepare is not None:
+        prepare(docs, windows, head_dim)
+
+
+def compiles_whole(attn_fn: AttentionFn, device: torch.device) -> bool:
+    """Whether a block with this backend compiles as one graph (torch.compile fullgraph) that only a
+    bounded number of batches recompile: triton, and auto on CUDA (a few choices). Not sdpa (a loop
+    over documents: every packing compiles anew, until dynamo's limit makes the block run eagerly,
+    where fullgraph would fail instead), flex (its own compiled call) or xformers."""
+    return attn_fn is triton_attention or (attn_fn is auto_attention and device.type == "cuda")
 
 
 _BACKENDS: dict[str, AttentionFn] = {
@@ -278,7 +431,7 @@ def attention_backend_names() -> list[str]:
 
 
 def get_attention_backend(name: str) -> AttentionFn:
-    """Resolve a config name to a backend; "auto" picks per device at call time (triton on CUDA, sdpa on CPU)."""
+    """Resolve a config name to a backend; "auto" picks per batch (AutoAttention)."""
     if name == "auto":
         return auto_attention
     if name not in _BACKENDS:

@@ -19,7 +19,7 @@ from torch import nn
 
 from mft.kernels.cross_entropy import chunked_cross_entropy
 from mft.model.args import ModelArgs
-from mft.model.attention import AttentionFn, PackedDocs, get_attention_backend
+from mft.model.attention import AttentionFn, PackedDocs, get_attention_backend, prepare_attention
 from mft.model.kv_cache import CachePlan
 from mft.model.rope import RopeTables, apply_rope, rope_tables
 
@@ -111,6 +111,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         attn_fn = get_attention_backend(attn_backend)  # chosen once, shared by every layer
+        self.attn_fn = attn_fn
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, attn_fn, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
@@ -138,6 +139,8 @@ class Transformer(nn.Module):
             raise ValueError("packed tokens need cu_seqlens (their document boundaries), or pass a cache plan")
         tokens, positions = tokens.reshape(-1), positions.reshape(-1)
         docs = None if cache is not None else PackedDocs.from_cu_seqlens(cu_seqlens, max_seqlen, tokens.shape[0])
+        if docs is not None:  # host-side work on the boundaries, outside the (compiled) blocks
+            prepare_attention(self.attn_fn, docs, tuple(dict.fromkeys(self.args.windows)), self.args.head_dim)
         rope = rope_tables(positions, self.args)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):

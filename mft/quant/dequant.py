@@ -16,24 +16,59 @@ from mft.quant.formats import dequantize as dequantize_torch
 _LEVELS: Dict[torch.device, torch.Tensor] = {}  # the NF4 table, once per device
 
 
+def _levels(device: torch.device) -> torch.Tensor:
+    if device not in _LEVELS:
+        _LEVELS[device] = nf4_levels(device)
+    return _LEVELS[device]
+
+
+# The kernels as custom ops: torch.compile sees one node each (no graph break) and never traces
+# into Triton's launcher. Arguments are tensors and plain numbers; block 0: the kernels' default.
+@torch.library.custom_op("mft::dequantize_nf4", mutates_args=())
+def dequantize_nf4_op(q: torch.Tensor, absmax: torch.Tensor, absmax_scale: Optional[torch.Tensor],
+                      absmax_offset: Optional[torch.Tensor], rows: int, cols: int, block_size: int,
+                      dq_block_size: int, dtype: torch.dtype, block: int) -> torch.Tensor:
+    """NF4 codes to a dense (rows, cols) weight; absmax holds int8 codes when absmax_scale is given."""
+    from mft.kernels.dequant import BLOCK_BYTES, dequantize_nf4
+
+    return dequantize_nf4(q, absmax, _levels(q.device), (rows, cols), block_size, dtype,
+                          absmax_scale=absmax_scale, absmax_offset=absmax_offset, dq_block_size=dq_block_size,
+                          block=block or BLOCK_BYTES)
+
+
+@dequantize_nf4_op.register_fake
+def _(q, absmax, absmax_scale, absmax_offset, rows, cols, block_size, dq_block_size, dtype, block):
+    return q.new_empty((rows, cols), dtype=dtype)
+
+
+@torch.library.custom_op("mft::dequantize_int4", mutates_args=())
+def dequantize_int4_op(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, rows: int, cols: int,
+                       block_size: int, dtype: torch.dtype, block: int) -> torch.Tensor:
+    """int4 codes to a dense (rows, cols) weight."""
+    from mft.kernels.dequant import BLOCK_BYTES, dequantize_int4
+
+    return dequantize_int4(q, scale, zero, (rows, cols), block_size, dtype, block=block or BLOCK_BYTES)
+
+
+@dequantize_int4_op.register_fake
+def _(q, scale, zero, rows, cols, block_size, dtype, block):
+    return q.new_empty((rows, cols), dtype=dtype)
+
+
 def dequantize_triton(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, block: Optional[int] = None
                       ) -> torch.Tensor:
     """The Triton kernels on qt's device (CUDA, or CPU under TRITON_INTERPRET=1); `block`: packed
     bytes per program (the kernels' default when None)."""
-    from mft.kernels.dequant import dequantize_int4, dequantize_nf4
-
     qt.check()
     spec, p = qt.spec, qt.parts
-    tiling = {} if block is None else {"block": block}
+    rows, cols = qt.shape
     if spec.format == "int4":
-        return dequantize_int4(p["q"], p["scale"], p["zero"], qt.shape, spec.block_size, dtype, **tiling)
-    if qt.device not in _LEVELS:
-        _LEVELS[qt.device] = nf4_levels(qt.device)
+        return dequantize_int4_op(p["q"], p["scale"], p["zero"], rows, cols, spec.block_size, dtype, block or 0)
     if spec.double_quant:
-        return dequantize_nf4(p["q"], p["absmax_q"], _LEVELS[qt.device], qt.shape, spec.block_size, dtype,
-                              absmax_scale=p["absmax_scale"], absmax_offset=p["absmax_offset"],
-                              dq_block_size=spec.dq_block_size, **tiling)
-    return dequantize_nf4(p["q"], p["absmax"], _LEVELS[qt.device], qt.shape, spec.block_size, dtype, **tiling)
+        return dequantize_nf4_op(p["q"], p["absmax_q"], p["absmax_scale"], p["absmax_offset"], rows, cols,
+                                 spec.block_size, spec.dq_block_size, dtype, block or 0)
+    return dequantize_nf4_op(p["q"], p["absmax"], None, None, rows, cols, spec.block_size, spec.dq_block_size,
+                             dtype, block or 0)
 
 
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

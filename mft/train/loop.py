@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mft.build import build_model
+from mft.build.parallelize import compile_seconds
 from mft.checkpoint.adapter import write_adapter
 from mft.checkpoint.consolidated import consolidated_state, write_consolidated
 from mft.checkpoint.train_state import (
@@ -209,7 +210,8 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     if valid_set is not None:
         log.info("valid data: %s", valid_set.summary())
 
-    model = build_model(spec, train_runtime(cfg, device, dtype, world))
+    runtime = train_runtime(cfg, device, dtype, world)
+    model = build_model(spec, runtime)
     if saved_base is not None:
         base_checkpoint = str(saved_base)
         log.info("the random base drawn when this run started: %s", saved_base)
@@ -301,6 +303,7 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
         return record
 
     model.train()
+    compile_before = compile_seconds()  # this process may have compiled before (a multirun's earlier points)
     last_eval: Dict[str, float] = {}
     record: Dict[str, Any] = {}
     window = StepWindow()
@@ -338,6 +341,9 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                                 grad_norm)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if step == start + 1 and runtime.compile:
+                    log.info("torch.compile: %.1f s spent compiling the blocks by the end of the first step "
+                             "(forward and backward, the first evaluation's included)", compile_seconds() - compile_before)
                 # Every rank has as many positions; its real ones x ranks estimates theirs (no extra sync).
                 window.add(step_loss, supervised, sum(b.num_tokens for b in group) * world.size, applied=finite,
                            real=sum(b.num_real_tokens for b in group) * world.size)
@@ -368,7 +374,8 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                     break
         summary = {"step": step, "status": RunStatus.preempted.value if stopped_by else RunStatus.finished.value,
                    "wall_time_s": metrics.earlier_wall_time_s + time.perf_counter() - started, "train_loss": record.get("train_loss"), **last_eval,
-                   "stopped_by": stopped_by, "skipped_nonfinite_steps": skipped, **facts}
+                   "stopped_by": stopped_by, "skipped_nonfinite_steps": skipped,
+                   "compile_s": compile_seconds() - compile_before if runtime.compile else None, **facts}
         metrics.summary(summary)
     except BaseException as e:  # the run's outcome whatever stopped it (mft-train prints the error itself)
         metrics.summary({"step": step, "status": RunStatus.failed.value, "error": failure_message(e),
