@@ -133,10 +133,11 @@ def test_lora_linear_equals_peft_lora_layer():
 R = 3  # a rank no other tensor dimension of these tests equals (the cast counter relies on it)
 
 
-def bf16_lora_model(seed: int = 0, checkpointing: bool = False, qlora: bool = False, **settings) -> nn.Module:
+def bf16_lora_model(seed: int = 0, checkpointing: bool = False, qlora: bool = False, device="cpu",
+                    **settings) -> nn.Module:
     """The tiny model in bf16 with fp32 LoRA factors (as mft-train builds it), B random; an nf4
     base with `qlora`."""
-    model = build(ARGS, dtype=torch.bfloat16, seed=seed, lora=LoRASettings(r=R, alpha=6, **settings),
+    model = build(ARGS, device=device, dtype=torch.bfloat16, seed=seed, lora=LoRASettings(r=R, alpha=6, **settings),
                   quant=QuantSpec("nf4", 32) if qlora else None)
     torch.manual_seed(seed + 7)
     randomise_b(model)
@@ -145,9 +146,9 @@ def bf16_lora_model(seed: int = 0, checkpointing: bool = False, qlora: bool = Fa
     return model
 
 
-def batch(seed: int, n: int = 12):
+def batch(seed: int, n: int = 12, device="cpu"):
     tokens = torch.randint(0, ARGS.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
-    return tokens, torch.arange(n), torch.tensor([0, n], dtype=torch.int32), n
+    return tokens.to(device), torch.arange(n, device=device), torch.tensor([0, n], dtype=torch.int32, device=device), n
 
 
 def lora_grads(model) -> dict:
@@ -155,12 +156,12 @@ def lora_grads(model) -> dict:
             for f in ("lora_a", "lora_b")}
 
 
-def one_step(model, copies: bool, micro_steps: int = 2) -> tuple[list[torch.Tensor], dict]:
+def one_step(model, copies: bool, micro_steps: int = 2, device="cpu") -> tuple[list[torch.Tensor], dict]:
     """Forward + backward over `micro_steps` batches, as accumulate_gradients does: losses and grads."""
     losses = []
     with lora_step_copies(model) if copies else contextlib.nullcontext():
         for i in range(micro_steps):
-            loss = model(*batch(i)).float().pow(2).mean()
+            loss = model(*batch(i, device=device)).float().pow(2).mean()
             loss.backward()
             losses.append(loss.detach())
     return losses, lora_grads(model)
@@ -326,3 +327,41 @@ def test_factors_are_cast_once_per_step_not_once_per_forward(checkpointing):
     assert casts(copies=False, micro_steps=1) == per_forward
     assert casts(copies=False, micro_steps=3) == 3 * per_forward
     assert casts(copies=True, micro_steps=1) == casts(copies=True, micro_steps=3) == 2 * layers
+
+
+def test_the_training_step_casts_the_factors_once():
+    from mft.data.batch import Batch
+    from mft.train.loop import accumulate_gradients
+
+    def micro_batch(seed: int, n: int = 12) -> Batch:
+        tokens, positions, cu_seqlens, _ = batch(seed, n + 1)
+        return Batch(tokens[:-1], tokens[1:], torch.ones(n, dtype=torch.bool), positions[:-1],
+                     torch.tensor([0, n], dtype=torch.int32), n)
+
+    model = bf16_lora_model()
+    with CastCounter() as counter:
+        accumulate_gradients(model, [micro_batch(0), micro_batch(1), micro_batch(2)], torch.device("cpu"))
+    assert counter.casts == 2 * 7 * ARGS.n_layers
+    assert all(m.lora_a.grad is not None for m in lora_modules(model).values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("qlora", [False, True], ids=["dense", "qlora"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_step_copies_and_shared_a_on_cuda(per_layer, compiled, qlora):
+    """On the GPU (Triton attention, cuBLAS addmm), with torch.compile per block as mft-train
+    runs it: the loss and grads of the per-layer path without copies, up to bf16 rounding."""
+    model = bf16_lora_model(checkpointing=True, qlora=qlora, device="cuda")
+    if compiled:
+        for i, block in enumerate(model.layers):
+            model.layers[i] = torch.compile(block)
+    shared = one_step(model, copies=True, device="cuda")
+    model.zero_grad()
+    again = one_step(model, copies=True, device="cuda")  # a second step through fresh copies
+    per_layer()
+    separate = one_step(bf16_lora_model(qlora=qlora, device="cuda"), copies=False, device="cuda")
+    for path in (shared, again):
+        for ours, ref in zip(path[0], separate[0]):
+            torch.testing.assert_close(ours, ref, rtol=1e-2, atol=0)
+        assert_grads_close(path[1], separate[1], rel=3e-2)
