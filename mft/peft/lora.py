@@ -150,8 +150,8 @@ class LoRALinear(nn.Module):
         a, b = self.lora_factors(x.dtype)
         return add_lora_update(out, F.linear(self.dropout(x), a), b)
 
-    @classmethod
-    def project_together(cls, x: torch.Tensor, layers: Sequence["LoRALinear"]) -> List[torch.Tensor]:
+    @staticmethod
+    def project_together(x: torch.Tensor, layers: Sequence["LoRALinear"]) -> List[torch.Tensor]:
         """The outputs of `layers` that all read `x`, with one x @ cat(A_1, .., A_n)^T for all
         their A products (then each its own B); the base products stay separate (dense or
         quantised). Layers with an active dropout run one by one instead: peft draws a separate
