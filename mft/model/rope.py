@@ -23,8 +23,10 @@ from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs
 class RopeTables:
     """What every attention layer of one forward needs for positions; computed once per forward."""
 
-    cos: torch.Tensor  # (T, head_dim // 2) fp32, times YaRN's attention factor
-    sin: torch.Tensor  # (T, head_dim // 2)
+    # Per dimension of a head, in the interleaved layout: pair i's cos twice, and its sin as
+    # (-sin, +sin), so that apply_rope is two products and a sum (no stack of the halves).
+    cos: torch.Tensor  # (T, head_dim) fp32, times YaRN's attention factor
+    sin: torch.Tensor  # (T, head_dim)
     query_scale: Optional[torch.Tensor] = None  # (T,) fp32 Llama 4 query scale; None: 1
 
 
@@ -80,16 +82,23 @@ def rope_tables(positions: torch.Tensor, args: ModelArgs) -> RopeTables:
         factor = yarn_attention_factor(args.yarn)
         cos, sin = cos * factor, sin * factor
     scale = query_scale(positions, args.query_scaling) if args.query_scaling.active else None
-    return RopeTables(cos, sin, scale)
+    return RopeTables(cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2), scale)
+
+
+def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x0, x3, x2, ...): each interleaved pair of the last dimension swapped."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Rotate x (T, heads, head_dim) by the angles of its tokens, then multiply token t by
-    scale[t] when given; math in fp32, result in x's dtype."""
-    pairs = x.to(torch.float32).unflatten(-1, (-1, 2))  # (T, heads, head_dim // 2, 2)
-    even, odd = pairs.unbind(-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    """Rotate x (T, heads, head_dim) by the angles of its tokens (tables of rope_tables), then
+    multiply token t by scale[t] when given; math in fp32, result in x's dtype.
+
+    Pair (e, o) becomes (e cos - o sin, o cos + e sin): the same products and sums, each rounded
+    once in fp32, as the rotation written per pair, so the result is bit for bit the same.
+    """
+    xf = x.to(torch.float32)
+    rotated = xf * cos[:, None, :] + swap_pairs(xf) * sin[:, None, :]  # tables broadcast over heads
     if scale is not None:
         rotated = rotated * scale[:, None, None]
     return rotated.to(x.dtype)

@@ -8,6 +8,8 @@ step differs: the packed backend, or attention over the cache.
 Parameter names are those of Mistral's consolidated checkpoints. This file knows nothing of
 FSDP, LoRA or activation checkpointing: they are applied from outside (mft/build/), and LoRA
 replaces the plain nn.Linear attributes wq..wo and w1..w3 by modules that keep a `weight`.
+Layers that read the same input (wq, wk, wv; w1, w3) are called through `project`, so a layer
+type that can share work between them (LoRA's A products) may do so.
 """
 
 from dataclasses import dataclass
@@ -32,6 +34,20 @@ class FusedProjections:
 
     qkv: Optional[torch.Tensor]  # (n_heads * hd + 2 * n_kv_heads * hd, dim)
     w13: Optional[torch.Tensor]  # (2 * hidden_dim, dim): w1's rows then w3's
+
+
+def project(x: torch.Tensor, *layers: nn.Module) -> Sequence[torch.Tensor]:
+    """The outputs of linear `layers` that all read `x`, in order.
+
+    When every layer is of one type that defines `project_together(x, layers)`, that computes
+    them together (LoRALinear shares one product with its concatenated A factors); otherwise
+    each layer runs on its own. The layers' own forward hooks are not run by project_together.
+    """
+    kind = type(layers[0])
+    together = getattr(kind, "project_together", None)
+    if together is not None and all(type(layer) is kind for layer in layers):
+        return together(x, layers)
+    return [layer(x) for layer in layers]
 
 
 class RMSNorm(nn.Module):
@@ -65,7 +81,7 @@ class Attention(nn.Module):
         """x (T, dim) -> (T, dim): over packed `docs`, or, with `cache`, over the cached keys too."""
         T, hd = x.shape[0], self.head_dim
         if qkv is None:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            q, k, v = project(x, self.wq, self.wk, self.wv)
         else:
             q, k, v = F.linear(x, qkv).split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = apply_rope(q.view(T, self.n_heads, hd), rope.cos, rope.sin, rope.query_scale)
@@ -86,8 +102,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, w13: Optional[torch.Tensor] = None) -> torch.Tensor:
         if w13 is None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        gate, up = F.linear(x, w13).chunk(2, dim=-1)
+            gate, up = project(x, self.w1, self.w3)
+        else:
+            gate, up = F.linear(x, w13).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 

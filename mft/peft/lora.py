@@ -5,15 +5,23 @@ the Mistral parameter names whether or not adapters are applied; the adapter add
 `<module>.lora_a` (r, in) and `<module>.lora_b` (out, r). On a quantised base (QLoRA) it
 takes over the QuantizedLinear's `weight_<part>` buffers under the same names instead of
 `weight` (mft/quant/linear.py); everything else, the adapter files included, is identical.
+
+The update runs in the input's dtype: A, and B with the scale folded in, are cast from their
+fp32 masters, and `torch.addmm` adds x A^T (sB)^T into the base output in one kernel. The
+training loop makes those casts once per optimizer step (`lora_step_copies`) rather than once
+per forward, and layers that read the same input share one product with their concatenated A
+(`LoRALinear.project_together`, called through mft.model.transformer.project).
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from mft.model.names import canonical_name
 from mft.quant.linear import (
@@ -47,12 +55,42 @@ def init_lora_factors_(a: torch.Tensor, b: torch.Tensor, generator: Optional[tor
     nn.init.zeros_(b)
 
 
+class _ScaledCast(torch.autograd.Function):
+    """(t * scale).to(dtype), saving no tensor for backward.
+
+    Autograd's own `t * scale` keeps the scalar as a saved tensor, which the first backward
+    frees; this node keeps only numbers, so the several backward passes of one optimizer step
+    (micro-steps, checkpoint recomputes) may all go through a copy made once (lora_step_copies).
+    """
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        ctx.scale, ctx.master_dtype = scale, t.dtype
+        return (t * scale).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.master_dtype) * ctx.scale, None, None
+
+
+def scaled_cast(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """`t * scale` in `dtype`, multiplied in t's own (master) precision before the cast."""
+    return _ScaledCast.apply(t, scale, dtype)
+
+
+def add_lora_update(base_out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """base_out + xa @ b^T as one addmm accumulating into the base output (xa (..., r), b (out, r))."""
+    out2d = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t())
+    return out2d.view(base_out.shape)
+
+
 class LoRALinear(nn.Module):
     """A bias-free linear layer whose frozen `weight` is adapted by `lora_b @ lora_a`.
 
     A starts kaiming-uniform and B at zero, so the layer equals its base at init. The LoRA
     parameters keep their own dtype (fp32 by default) and are cast to the input's dtype in
-    forward, so a bf16 base still gets fp32 adapter weights and optimizer states.
+    forward, so a bf16 base still gets fp32 adapter weights and optimizer states. Inside
+    `lora_step_copies`, `step_copies` holds those casts, made once for the whole step.
     """
 
     def __init__(
@@ -77,6 +115,9 @@ class LoRALinear(nn.Module):
         self.lora_a = nn.Parameter(torch.empty(self.r, self.in_features, device=device, dtype=lora_dtype))
         self.lora_b = nn.Parameter(torch.empty(self.out_features, self.r, device=device, dtype=lora_dtype))
         self.merged = False
+        # (A, scale * B) in the compute dtype, with autograd to the masters; set only inside
+        # lora_step_copies. A plain attribute: never in the state dict, never moved or saved.
+        self.step_copies: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -96,12 +137,37 @@ class LoRALinear(nn.Module):
             return quantized_linear(x, quantized_weight_of(self))
         return F.linear(x, self.weight)
 
+    def lora_factors(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A and scale * B in `dtype`: this step's copies when there are some, else cast now."""
+        if self.step_copies is not None and self.step_copies[0].dtype == dtype:
+            return self.step_copies
+        return self.lora_a.to(dtype), scaled_cast(self.lora_b, self.scale, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_linear(x)
         if self.merged:
             return out
-        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)
-        return out + F.linear(F.linear(self.dropout(x), a), b) * self.scale
+        a, b = self.lora_factors(x.dtype)
+        return add_lora_update(out, F.linear(self.dropout(x), a), b)
+
+    @staticmethod
+    def project_together(x: torch.Tensor, layers: Sequence["LoRALinear"]) -> List[torch.Tensor]:
+        """The outputs of `layers` that all read `x`, with one x @ cat(A_1, .., A_n)^T for all
+        their A products (then each its own B); the base products stay separate (dense or
+        quantised). Layers with an active dropout run one by one instead: peft draws a separate
+        mask per layer, so their A products do not read the same input. Merged layers also."""
+        if any(layer.merged or (layer.training and isinstance(layer.dropout, nn.Dropout)) for layer in layers):
+            return [layer(x) for layer in layers]
+        outs = [layer.base_linear(x) for layer in layers]
+        factors = [layer.step_copies for layer in layers]
+        if all(f is not None and f[0].dtype == x.dtype for f in factors):
+            a = torch.cat([f[0] for f in factors])
+            bs = [f[1] for f in factors]
+        else:  # one cast of the concatenated masters instead of one per layer
+            a = torch.cat([layer.lora_a for layer in layers]).to(x.dtype)
+            bs = [scaled_cast(layer.lora_b, layer.scale, x.dtype) for layer in layers]
+        parts = F.linear(x, a).split([layer.r for layer in layers], dim=-1)
+        return [add_lora_update(out, xa, b) for out, xa, b in zip(outs, parts, bs)]
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A in fp32."""
@@ -157,6 +223,43 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> List[str]:
     if not replaced:
         raise MftError(f"peft.target_modules {settings.target_modules} matched no linear layer of the model.")
     return replaced
+
+
+def compute_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype the model computes in: that of its base's floating-point parameters (a LoRA
+    model runs without autocast). None when it has none."""
+    for name, p in model.named_parameters():
+        if not name.endswith(("lora_a", "lora_b")) and p.is_floating_point():
+            return p.dtype
+    return None
+
+
+@contextmanager
+def lora_step_copies(model: nn.Module) -> Iterator[None]:
+    """Inside, every LoRALinear whose factors are kept in a wider dtype than the model computes
+    in uses copies cast once on entry (A, and B with the scale folded in), not once per forward.
+
+    Wrap all micro-steps (forward and backward) of one optimizer step, never optimizer.step():
+    the copies are made with autograd on, so every backward pass still reaches the fp32
+    masters (the cast nodes save no tensors, so micro-steps and checkpoint recomputes may all
+    go through them), and they are dropped on exit, so they never outlive the weights they were
+    cast from. Nothing changes for factors FSDP2 shards (DTensors): its mixed-precision policy
+    already gathers them in the compute dtype. Outside the context, forward casts per call.
+    """
+    dtype = compute_dtype(model)
+    copied = [
+        m for m in lora_modules(model).values()
+        if dtype is not None and m.step_copies is None and not isinstance(m.lora_a, DTensor)
+        and m.lora_a.is_floating_point() and torch.finfo(dtype).bits < torch.finfo(m.lora_a.dtype).bits
+    ]
+    with torch.enable_grad():
+        for m in copied:
+            m.step_copies = (m.lora_a.to(dtype), scaled_cast(m.lora_b, m.scale, dtype))
+    try:
+        yield
+    finally:
+        for m in copied:
+            m.step_copies = None
 
 
 def init_lora_(model: nn.Module, seed: int) -> None:

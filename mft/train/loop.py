@@ -31,7 +31,7 @@ from mft.config import TrainConfig, plain
 from mft.data.batch import Batch
 from mft.data.dataset import PackedDataset, build_datasets
 from mft.data.tokenizer import check_vocab, load_tokenizer
-from mft.peft.lora import lora_state_dict
+from mft.peft.lora import lora_state_dict, lora_step_copies
 from mft.train.checks import check_config
 from mft.train.evaluate import evaluate
 from mft.train.loss import supervised_loss
@@ -70,10 +70,11 @@ def accumulate_gradients(model, group: list[Batch], device: torch.device, world:
     local = sum(int(b.loss_mask.sum()) for b in group)
     supervised = max(1, int(all_reduce_sum(local, device)))
     loss_sum = 0.0
-    for batch in group:
-        sums = supervised_loss(model, batch.to(device), loss_chunk=loss_chunk)
-        (sums.loss * world.size / supervised).backward()
-        loss_sum += float(sums.loss.detach())
+    with lora_step_copies(model):  # LoRA factors cast once for all micro-steps
+        for batch in group:
+            sums = supervised_loss(model, batch.to(device), loss_chunk=loss_chunk)
+            (sums.loss * world.size / supervised).backward()
+            loss_sum += float(sums.loss.detach())
     return all_reduce_sum(loss_sum, device), supervised
 
 
