@@ -187,7 +187,7 @@ class TrainConfig:
     # auto's budget per GPU in GiB; null: the GPU's free memory at start minus 10% and 1 GiB.
     memory_budget_gib: Optional[float] = None
     # torch.compile each transformer block, one graph each (attention and 4-bit dequantise kernels are
-    # custom ops): LoRA steps ~1.27x faster on an H200; the first step pays the compile time (logged, and
+    # custom ops; speed in docs/benchmarks.md); the first step pays the compile time (logged, and
     # compile_s in the summary). null: on when the device is CUDA, off on CPU.
     compile: Optional[bool] = None
     # Output head + cross-entropy over this many supervised tokens at a time, recomputed in backward, so
