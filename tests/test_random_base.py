@@ -156,6 +156,16 @@ def test_a_streamed_quantized_file_is_safetensors_own_byte_for_byte(tmp_path):
     assert written.read_bytes() == reference
 
 
+def test_streaming_leaves_the_parameters_storage_resizable(tmp_path):
+    """FSDP2 frees a parameter's unsharded storage by resizing it: writing it must not pin it
+    (Tensor.numpy() would)."""
+    model = build(ARGS)
+    save_consolidated(model, tmp_path / "base")
+    for p in model.parameters():
+        storage = p.detach().untyped_storage()
+        storage.resize_(storage.nbytes())
+
+
 def test_a_failed_stream_leaves_no_folder(tmp_path):
     model = build(ARGS)
 

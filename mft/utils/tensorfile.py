@@ -6,6 +6,7 @@ gives one message naming it instead of a Rust error. safetensors never unpickles
 downloaded file runs no code.
 """
 
+import ctypes
 import errno
 import json
 import os
@@ -179,14 +180,14 @@ class _BackgroundWriter:
             data, release = item
             try:
                 if self._error is None:
-                    self._file.write(data)
+                    self._file.write(_memory(data))
             except BaseException as e:  # raised in the caller's thread at its next put or at exit
                 self._error = e
             finally:
                 if release is not None:
                     release()
 
-    def _put(self, data, release: Callable[[], None] | None = None) -> None:
+    def _put(self, data: torch.Tensor, release: Callable[[], None] | None = None) -> None:
         if self._error is not None:
             raise self._error
         self._pending.put((data, release))
@@ -194,7 +195,7 @@ class _BackgroundWriter:
     def put(self, tensor: torch.Tensor) -> None:
         raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         if raw.device.type == "cpu":
-            self._put(raw.numpy())  # the array keeps the tensor alive until it is written
+            self._put(raw)  # held in the queue until written
             return
         if not self._buffers:
             self._buffers = [torch.empty(_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
@@ -205,4 +206,10 @@ class _BackgroundWriter:
             index = self._free_buffers.get()
             staged = self._buffers[index][:piece.numel()]
             staged.copy_(piece)  # synchronous: the device tensor may be freed once this returns
-            self._put(staged.numpy(), lambda index=index: self._free_buffers.put(index))
+            self._put(staged, lambda index=index: self._free_buffers.put(index))
+
+
+def _memory(raw: torch.Tensor) -> Any:
+    """A CPU uint8 tensor's bytes as a buffer, without numpy: Tensor.numpy() would make its storage
+    unresizable, and FSDP2 frees a parameter's unsharded storage by resizing it."""
+    return (ctypes.c_char * raw.numel()).from_address(raw.data_ptr()) if raw.numel() else b""
