@@ -188,3 +188,13 @@ def test_a_cuda_model_streams_through_pinned_chunks_into_the_same_file(tmp_path,
     reference = state_file({name: params[name] for name in expected_shapes(ARGS)}, tmp_path / "reference.safetensors")
     written = save_consolidated(model, tmp_path / "base") / "consolidated.safetensors"
     assert written.read_bytes() == reference
+
+
+def test_a_base_that_cannot_be_written_stops_the_run_before_its_checkpoint(tmp_path, monkeypatch):
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop, "save_base_model", no_space)
+    with pytest.raises(MftError, match=r"step 1: writing the random base .*save_random_base=false"):
+        run(tmp_path / "run", "max_steps=2", "save_every=1")
+    assert not (tmp_path / "run" / "checkpoints").exists()

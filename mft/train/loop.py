@@ -300,7 +300,12 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
         check_finite_weights(model, device, step)
         if base_pending:  # before the first checkpoint, whose adapter names it
             begin = time.perf_counter()
-            save_base_model(model, Path(base_checkpoint), world)
+            try:
+                save_base_model(model, Path(base_checkpoint), world)
+            except OSError as e:
+                raise MftError(f"step {step}: writing the random base to {base_checkpoint} failed ({e}), so no "
+                               "checkpoint was written (an adapter is usable only with its base). Free disk space, "
+                               "or set save_random_base=false to keep no base.") from None
             base_pending = False
             log.info("saved the random base to %s in %.1f s", base_checkpoint, time.perf_counter() - begin)
         # Each rank's data position: ranks can be in different epochs when batches do not divide evenly.
