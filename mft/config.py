@@ -201,6 +201,10 @@ class TrainConfig:
     eval_batches: Optional[int] = None
     # Write a checkpoint every N steps; null: only at the end.
     save_every: Optional[int] = None
+    # LoRA on a random base (model.checkpoint=null): write that base to <run dir>/base_model with the first
+    # checkpoint, which the adapter and a resume need; false saves the time and disk, and leaves an adapter
+    # that nothing can load or resume.
+    save_random_base: bool = True
     # Show the progress bar (loss, tokens/s, ETA).
     progress: bool = True
     # null | auto (latest complete checkpoint of this run dir) | a run dir or its checkpoints/step_N.

@@ -2,6 +2,7 @@
 
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -211,3 +212,29 @@ def test_bundled_builds_datasets(data_tok):
     assert train.stats.samples == 2000 and valid.stats.samples == 200
     batch = next(train.batches(batch_size=2))
     assert batch.num_tokens == 512 and int(batch.cu_seqlens[-1]) == 512
+
+
+def test_the_summary_states_the_padding_share_of_the_planned_sequences(data_tok, data_files):
+    train, valid = build_datasets(_cfg([data_files], fraction=0.2, seq_len=48), data_tok)
+    for dataset in (train, valid):
+        batches = list(dataset.batches(batch_size=4, epoch=0))
+        padding, positions = sum(b.padding for b in batches), sum(b.num_tokens for b in batches)
+        assert 0 < padding < positions  # short chats that do not fill their sequences
+        assert f"padding {padding / positions:.1%} of positions" in dataset.summary()
+
+
+def test_a_long_chat_split_over_sequences_keeps_every_supervised_token_once(data_tok, tmp_path):
+    """too_long=split against the same chats packed whole into long sequences."""
+    rows = [_chat(("tell me a story", "once upon a time " * 12), ("and then?", "they lived happily " * 9)),
+            _chat(("short", "yes"))]
+    path = _write(tmp_path / "long.jsonl", rows)
+
+    def supervised_targets(seq_len: int, too_long: str):
+        dataset, _ = build_datasets({**_cfg([path], seq_len=seq_len), "too_long": too_long}, data_tok)
+        batches = list(dataset.batches(batch_size=2, epoch=0))
+        return Counter(t for b in batches for t in b.targets[b.loss_mask].tolist()), dataset.stats
+
+    whole, whole_stats = supervised_targets(512, "truncate")
+    split, split_stats = supervised_targets(24, "split")
+    assert whole_stats.truncated == 0 and split_stats.split == 1 and split_stats.sequences > 3
+    assert split == whole and split_stats.supervised == whole_stats.supervised == sum(whole.values())

@@ -44,7 +44,9 @@ CONFIG_FIELDS = {
     "base_model": Field(OBJECT),
     "step": Field(COUNT),
 }
-BASE_FIELDS = {"name": Field(STRING), "checkpoint": Field(STRING), "tokenizer": Field(STRING), "args": Field(OBJECT)}
+# "random_draw" {"seed", "saved"}: the base was drawn at random by mft-train ("saved": false, not kept).
+BASE_FIELDS = {"name": Field(STRING), "checkpoint": Field(STRING), "tokenizer": Field(STRING), "args": Field(OBJECT),
+               "random_draw": Field(OBJECT)}
 
 
 def save_adapter(

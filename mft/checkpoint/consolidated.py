@@ -24,7 +24,7 @@ from mft.utils.jsonfile import (
     check_fields,
     read_json_object,
 )
-from mft.utils.tensorfile import save_safetensors
+from mft.utils.tensorfile import TensorSlot, write_streamed
 
 PARAMS_FILE = "params.json"
 WEIGHTS_FILE = "consolidated.safetensors"
@@ -202,27 +202,23 @@ def save_consolidated(model: torch.nn.Module, folder: str | os.PathLike) -> Path
     Only the base tensors are written, under their consolidated names: extra parameters such as
     LoRA factors are not part of this format.
     """
-    return write_consolidated(consolidated_state(model), model.args, folder)
+    return stream_consolidated(model, Path(folder))
 
 
-def consolidated_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """The base tensors under their consolidated names, whole, on the CPU.
-
-    Under FSDP gathering is a collective, so every rank calls this; tensors are gathered one at
-    a time and moved to the CPU at once, and only a rank with `keep` (rank 0) holds on to them.
-    """
+def stream_consolidated(model: torch.nn.Module, folder: Path | None) -> Path | None:
+    """save_consolidated tensor by tensor: each base tensor is gathered (a collective for an FSDP
+    shard, so every rank calls this) and written at once, never a whole state in memory. Rank 0
+    passes the folder, the other ranks None (they gather and write nothing)."""
     params = {canonical_name(n): p for n, p in model.named_parameters()}
-    state = {}
-    for name in expected_shapes(model.args):
-        tensor = full_tensor(params[name].detach())
-        if keep:
-            state[name] = tensor.cpu()
-    return state
+    layout = {name: TensorSlot(params[name].dtype, tuple(params[name].shape)) for name in expected_shapes(model.args)}
 
+    def fetch(name: str) -> torch.Tensor:
+        return full_tensor(params[name].detach())
 
-def write_consolidated(state: dict[str, torch.Tensor], args: ModelArgs, folder: str | os.PathLike) -> Path:
-    tensors = {name: t.to("cpu").contiguous() for name, t in state.items()}
+    if folder is None:
+        write_streamed(None, layout, fetch)
+        return None
     with atomic_dir(folder) as tmp:
-        (tmp / PARAMS_FILE).write_text(json.dumps(args_to_params(args), indent=2) + "\n")
-        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / PARAMS_FILE).write_text(json.dumps(args_to_params(model.args), indent=2) + "\n")
+        write_streamed(tmp / WEIGHTS_FILE, layout, fetch, metadata={"format": "pt"})
     return Path(folder)

@@ -48,9 +48,10 @@ from mft.utils.jsonfile import (
 from mft.utils.tensorfile import (
     FLOATING,
     TORCH_DTYPES,
+    TensorSlot,
     open_safetensors,
     read_header,
-    save_safetensors,
+    write_streamed,
 )
 
 QUANT_CONFIG = "quant_config.json"
@@ -127,37 +128,33 @@ def save_quantized(model: torch.nn.Module, folder: str | os.PathLike, source: Op
                    extra_files: Sequence[Path] = ()) -> Path:
     """Write a quantised Transformer (LoRA factors, if any, are left out) atomically, with copies
     of `extra_files` (the source's tokenizer file, say) in the same folder."""
-    return write_quantized(quantized_state(model), model, folder, source, extra_files)
+    return stream_quantized(model, Path(folder), source, extra_files)
 
 
-def quantized_state(model: torch.nn.Module, keep: bool = True) -> Dict[str, torch.Tensor]:
-    """The checkpoint's tensors (packed parts and dense tensors), whole, on the CPU.
-
-    Under FSDP gathering a sharded parameter is a collective, so every rank calls this; only a
-    rank with `keep` (rank 0) holds on to the tensors.
-    """
+def stream_quantized(model: torch.nn.Module, folder: Optional[Path], source: Optional[str] = None,
+                     extra_files: Sequence[Path] = ()) -> Optional[Path]:
+    """save_quantized tensor by tensor: each tensor is gathered (a collective for an FSDP shard, so
+    every rank calls this) and written at once, never a whole state in memory. Rank 0 passes the
+    folder, the other ranks None (they gather and write nothing)."""
     spec, modules = _model_spec(model)
     state = {canonical_name(name): tensor for name, tensor in model.state_dict().items()}
-    tensors = {}
-    for name in expected_tensors(model.args, spec, modules):
-        tensor = full_tensor(state[name].detach())
-        if keep:
-            tensors[name] = tensor.to("cpu").contiguous()
-    return tensors
+    layout = {name: TensorSlot(state[name].dtype, tuple(state[name].shape))
+              for name in expected_tensors(model.args, spec, modules)}
 
+    def fetch(name: str) -> torch.Tensor:
+        return full_tensor(state[name].detach())
 
-def write_quantized(tensors: Dict[str, torch.Tensor], model: torch.nn.Module, folder: str | os.PathLike,
-                    source: Optional[str] = None, extra_files: Sequence[Path] = ()) -> Path:
-    """Write `quantized_state(model)` with its params.json and quant_config.json, atomically."""
-    spec, modules = _model_spec(model)
+    if folder is None:
+        write_streamed(None, layout, fetch)
+        return None
     config = {"format": FORMAT_NAME, "version": 1, "quant": asdict(spec), "modules": modules,
               "packing": PACKING, "source": source}
     with atomic_dir(folder) as tmp:
         (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(consolidated.args_to_params(model.args), indent=2) + "\n")
         (tmp / QUANT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_safetensors(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         for extra in extra_files:
             shutil.copyfile(extra, tmp / Path(extra).name)
+        write_streamed(tmp / WEIGHTS_FILE, layout, fetch, metadata={"format": "pt"})
     return Path(folder)
 
 

@@ -178,17 +178,18 @@ class PackedDataset:
         return h.hexdigest()[:16]
 
     def summary(self) -> str:
+        """One line for the log: samples, sequences, the padding share of their positions, what was cut."""
         s = self.stats
-        real = s.tokens + s.padding
+        positions = s.tokens + s.padding
         per_epoch = draws_per_epoch(self.sizes, self.weights)
         mix = ""
         if len(self.parts) > 1:
             total = max(1, sum(per_epoch))
             mix = " [" + ", ".join(f"{Path(p.name).name} {c / total:.0%}" for p, c in zip(self.parts, per_epoch)) + "]"
         return (
-            f"{self.name}: {sum(per_epoch)} samples{mix} -> {s.sequences} sequences of {self.seq_len} tokens; "
-            f"{s.tokens} tokens ({s.supervised / max(s.tokens, 1):.0%} supervised, "
-            f"{s.padding / max(real, 1):.1%} padding); truncated {s.truncated}, dropped {s.dropped}, "
+            f"{self.name}: {sum(per_epoch)} samples{mix} -> {s.sequences} sequences of {self.seq_len} tokens, "
+            f"padding {s.padding / max(positions, 1):.1%} of positions; {s.tokens} tokens of data "
+            f"({s.supervised / max(s.tokens, 1):.0%} supervised); truncated {s.truncated}, dropped {s.dropped}, "
             f"split {s.split}, unsupervised {s.unsupervised}, skipped invalid rows {self.skipped}"
         )
 

@@ -114,6 +114,12 @@ def _adapter_base(adapter: Path) -> tuple[Path, Optional[str]]:
     for candidate in candidates:
         if candidate.is_dir():
             return candidate, base.get("tokenizer")
+    if (base.get("random_draw") or {}).get("saved") is False:
+        raise MftError(
+            f"{adapter}/{ADAPTER_CONFIG}: the adapter was trained on a random base that its run did not keep "
+            "(save_random_base=false), so there is no base to load it onto. Train again with "
+            "save_random_base=true (the default) to get a usable adapter."
+        )
     raise MftError(
         f"{adapter}/{ADAPTER_CONFIG} names base checkpoint {recorded!r}, which is not a folder here; "
         "pass the base model with base=<folder> and the adapter with adapters=[{path: <adapter>}]."

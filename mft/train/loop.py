@@ -18,7 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mft.build import build_model
 from mft.build.parallelize import compile_seconds
 from mft.checkpoint.adapter import write_adapter
-from mft.checkpoint.consolidated import consolidated_state, write_consolidated
+from mft.checkpoint.consolidated import stream_consolidated
 from mft.checkpoint.train_state import (
     latest_checkpoint,
     load_checkpoint,
@@ -35,7 +35,7 @@ from mft.peft.lora import lora_state_dict, lora_step_copies
 from mft.train.checks import check_config
 from mft.train.evaluate import evaluate
 from mft.train.loss import supervised_loss
-from mft.train.metrics import MetricsLogger, RunStatus, failure_message
+from mft.train.metrics import MetricsLogger, RunStatus, StartupTimes, failure_message
 from mft.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from mft.train.resume import check_resume_fits, check_run_dir, random_base_to_resume
 from mft.train.setup import describe_base, model_spec, save_base_model, train_runtime
@@ -189,6 +189,7 @@ def data_report(dataset: PackedDataset) -> Dict[str, Any]:
 
 def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     started = time.perf_counter()
+    startup = StartupTimes(started)
     run_dir = Path(run_dir)
     check_config(cfg)  # mft-train has run it already; here for callers that skip the CLI
     device = resolve_device(cfg.device, world.local_rank)
@@ -204,24 +205,35 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     if saved_base is not None:
         spec = dataclasses.replace(spec, weights=str(saved_base))
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
-    check_vocab(tokenizer, spec.args.vocab_size, cfg.model.name, cfg.model.tokenizer)
-    train_set, valid_set = build_datasets(cfg.data, tokenizer)
+    with startup.phase("data"):
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+        check_vocab(tokenizer, spec.args.vocab_size, cfg.model.name, cfg.model.tokenizer)
+        train_set, valid_set = build_datasets(cfg.data, tokenizer)
     log.info("train data: %s", train_set.summary())
     if valid_set is not None:
         log.info("valid data: %s", valid_set.summary())
 
     runtime = train_runtime(cfg, device, dtype, world)
-    model = build_model(spec, runtime)
+    with startup.phase("model build"):
+        model = build_model(spec, runtime)
+    lora, args = spec.lora, spec.args
+    random_base = cfg.model.checkpoint is None
+    # A random base is part of a LoRA run's result: its adapter is usable, and resumable, only with it.
+    # It is written with the first checkpoint, not before the first step (a full fine-tuning
+    # checkpoint holds every weight and needs none).
+    base_pending = random_base and lora is not None and cfg.save_random_base and saved_base is None
     if saved_base is not None:
         base_checkpoint = str(saved_base)
         log.info("the random base drawn when this run started: %s", saved_base)
-    elif cfg.model.checkpoint is None:
-        # A randomly initialised base is part of the result: keep it so the adapter stays usable.
-        base_checkpoint = str(save_base_model(model, run_dir / "base_model", world))
+    elif base_pending:
+        base_checkpoint = str(run_dir / "base_model")
+    elif random_base:
+        base_checkpoint = None
+        if lora is not None:
+            log.warning("save_random_base=false: the random base is not kept, so the adapters this run saves can "
+                        "neither be loaded (mft-generate, mft-export) nor resumed.")
     else:
         base_checkpoint = cfg.model.checkpoint
-    lora, args = spec.lora, spec.args
     torch.manual_seed(cfg.seed)  # dropout; the weights were drawn from their own generators
     n_train = sum(p.numel() for p in trainable_parameters(model))  # DTensor.numel() is the global size
     n_total = sum(p.numel() for p in model.parameters())
@@ -231,12 +243,15 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     steps = total_steps(cfg, len(train_set) // world.size)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
-    base = describe_base(cfg.model, args, base_checkpoint, spec.quant)
+    drawn_with = recorded.seed if recorded is not None and recorded.seed is not None else cfg.seed
+    base = describe_base(cfg.model, args, base_checkpoint, spec.quant,
+                         random_draw={"seed": drawn_with, "saved": base_checkpoint is not None} if random_base else None)
     batches = train_set.iterator(cfg.batch_size, world.rank, world.size)
 
     start = 0
     if resume_from is not None:
-        load_checkpoint(resume_from, recorded, world, model, optimizer)
+        with startup.phase("resume"):
+            load_checkpoint(resume_from, recorded, world, model, optimizer)
         try:
             scheduler.load_state_dict(recorded.scheduler)
             lrs = scheduler.get_last_lr()
@@ -281,16 +296,25 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
             if world.is_main:
                 write_adapter(state, folder, lora, base, step=step)
         else:
-            state = consolidated_state(model, keep=world.is_main)
-            if world.is_main:
-                write_consolidated(state, args, folder)
+            stream_consolidated(model, folder if world.is_main else None)
 
     def save(step: int) -> Path:
+        nonlocal base_pending
         check_finite_weights(model, device, step)
+        if base_pending:  # before the first checkpoint, whose adapter names it
+            begin = time.perf_counter()
+            try:
+                save_base_model(model, Path(base_checkpoint), world)
+            except OSError as e:
+                raise MftError(f"step {step}: writing the random base to {base_checkpoint} failed ({e}), so no "
+                               "checkpoint was written (an adapter is usable only with its base). Free disk space, "
+                               "or set save_random_base=false to keep no base.") from None
+            base_pending = False
+            log.info("saved the random base to %s in %.1f s", base_checkpoint, time.perf_counter() - begin)
         # Each rank's data position: ranks can be in different epochs when batches do not divide evenly.
         trainer_state = {"scheduler": scheduler.state_dict(), "data": gather_objects(batches.state_dict()),
-                         "seed": cfg.seed, "base": str(Path(base_checkpoint).resolve()),
-                         "random_base": cfg.model.checkpoint is None}
+                         "seed": cfg.seed, "base": str(Path(base_checkpoint).resolve()) if base_checkpoint else None,
+                         "random_base": random_base}
         return save_checkpoint(run_dir, step, world, lambda folder: export(folder, step), model, optimizer,
                                trainer_state)
 
@@ -316,8 +340,10 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
              "valid_data": data_report(valid_set) if valid_set else None}
     try:
         with logging_redirect_tqdm():
-            first_valid = run_eval(0).get("valid_loss") if start == 0 and cfg.eval_at_start else None
+            with startup.phase("evaluation"):
+                first_valid = run_eval(0).get("valid_loss") if start == 0 and cfg.eval_at_start else None
             window = StepWindow()  # the first tokens/s counts training steps only, not the step-0 evaluation
+            first_step_began = time.perf_counter()
             for step in range(start + 1, steps + 1):
                 group = [next(batches) for _ in range(cfg.grad_accum)]
                 step_loss, supervised = accumulate_gradients(model, group, device, world, cfg.loss_chunk_tokens)
@@ -350,6 +376,10 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                            real=sum(b.num_real_tokens for b in group) * world.size)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss / supervised:.3f}", refresh=False)
+                if startup.total is None:
+                    startup.parts["first step"] = time.perf_counter() - first_step_began
+                    startup.finish()
+                    log.info("%s", startup.line())
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                     log_window(step, grad_norm)
                     raise nonfinite_stop(step, nonfinite_in_a_row, step_loss / supervised, grad_norm, cfg, run_dir)
@@ -375,12 +405,13 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                     break
         summary = {"step": step, "status": RunStatus.preempted.value if stopped_by else RunStatus.finished.value,
                    "wall_time_s": metrics.earlier_wall_time_s + time.perf_counter() - started, "train_loss": record.get("train_loss"), **last_eval,
-                   "stopped_by": stopped_by, "skipped_nonfinite_steps": skipped,
+                   "stopped_by": stopped_by, "skipped_nonfinite_steps": skipped, **startup.record(),
                    "compile_s": compile_seconds() - compile_before if runtime.compile else None, **facts}
         metrics.summary(summary)
     except BaseException as e:  # the run's outcome whatever stopped it (mft-train prints the error itself)
         metrics.summary({"step": step, "status": RunStatus.failed.value, "error": failure_message(e),
-                         "wall_time_s": metrics.earlier_wall_time_s + time.perf_counter() - started, **facts})
+                         "wall_time_s": metrics.earlier_wall_time_s + time.perf_counter() - started,
+                         **startup.record(), **facts})
         raise
     finally:
         bar.close()

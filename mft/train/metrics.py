@@ -10,8 +10,10 @@ was killed before it could write one. mft/report reads this file.
 import json
 import math
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from mft.config import LoggerConfig, LoggerName, WandbMode
 from mft.utils.choice import Choice
@@ -26,6 +28,41 @@ class RunStatus(Choice):
     finished = "finished"  # trained all its steps
     preempted = "preempted"  # a signal (SIGTERM, Ctrl-C) stopped it after saving a checkpoint: resume=auto continues
     failed = "failed"  # an error stopped it; the summary's "error" holds its message
+
+
+class StartupTimes:
+    """Where the time from the start of train() to the end of its first optimizer step goes.
+
+    Each `phase` adds its wall time under its name; what no phase covers (config checks, the
+    optimizer, ...) is "other". The summary gets `startup_s` and the parts in `startup_parts_s`.
+    """
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.parts: Dict[str, float] = {}
+        self.total: Optional[float] = None  # set by `finish`, after the first step
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, 0.0) + time.perf_counter() - begin
+
+    def finish(self) -> None:
+        self.total = time.perf_counter() - self.started
+        self.parts["other"] = max(0.0, self.total - sum(self.parts.values()))
+
+    def line(self) -> str:
+        """"time to first step 12.3 s: data 1.2 s, model build 8.0 s, ...", for the log."""
+        return f"time to first step {self.total:.1f} s: " + ", ".join(f"{name} {s:.1f} s" for name, s in self.parts.items())
+
+    def record(self) -> Dict[str, Any]:
+        """The summary's fields; none before the first step ended."""
+        if self.total is None:
+            return {}
+        return {"startup_s": self.total, "startup_parts_s": dict(self.parts)}
 
 
 class MetricsLogger:

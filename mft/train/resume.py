@@ -48,14 +48,19 @@ def check_resume_fits(trainer: TrainerState, cfg: TrainConfig, folder: Path) -> 
 
 def random_base_to_resume(cfg: TrainConfig, run_dir: Path, resume_from: Optional[Path],
                           trainer: Optional[TrainerState]) -> Optional[Path]:
-    """The random base a resumed run trains on again: the folder its checkpoint recorded (also when
-    that is another run's), else the checkpoint's own run's base_model/ (a run dir that was moved,
-    or a checkpoint from before the folder was recorded). None: draw one (a fresh start)."""
-    if cfg.model.checkpoint is not None or not cfg.resume:
+    """The random base a resumed LoRA run trains on again: the folder its checkpoint recorded (also
+    when that is another run's), else the checkpoint's own run's base_model/ (a run dir that was
+    moved, or a checkpoint from before the folder was recorded). None: draw one (a fresh start, or
+    full fine-tuning, whose checkpoint holds every weight)."""
+    if cfg.model.checkpoint is not None or not cfg.resume or cfg.peft.method == "none":
         return None
-    if resume_from is None:  # resume=auto before the first checkpoint: the base this run already drew
+    if resume_from is None:  # resume=auto before the first checkpoint: a base saved by an earlier start
         own = run_dir / "base_model"
         return own if own.is_dir() else None
+    if trainer is not None and trainer.random_base and trainer.seed is not None and trainer.base is None:
+        raise MftError(f"resume from {resume_from}: its run trained on a random base that it did not keep "
+                       "(save_random_base=false), so its adapters cannot be continued. Start a new run; keep "
+                       "save_random_base=true (the default) for a run you may want to resume.")
     recorded = Path(trainer.base) if trainer is not None and trainer.random_base and trainer.base else None
     beside = resume_from.parents[1] / "base_model"
     folder = recorded if recorded is not None and recorded.is_dir() else beside

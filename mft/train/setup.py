@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from mft.build import ModelSpec, Runtime
-from mft.checkpoint.consolidated import consolidated_state, write_consolidated
-from mft.checkpoint.quantized import quantized_state, write_quantized
+from mft.checkpoint.consolidated import stream_consolidated
+from mft.checkpoint.quantized import stream_quantized
 from mft.model.args import ModelArgs
 from mft.peft.lora import LoRASettings
 from mft.quant.formats import QuantSpec
@@ -54,21 +54,23 @@ def train_runtime(cfg, device: torch.device, dtype: torch.dtype, world: World) -
 def save_base_model(model: nn.Module, folder: Path, world: World) -> Path:
     """Keep a randomly initialised base, so the adapters trained on it stay usable: mft's quantised
     checkpoint when quantised, else consolidated. Every rank calls it (gathering a sharded tensor
-    is a collective); rank 0 writes."""
+    is a collective); rank 0 writes, one tensor at a time straight to the file."""
+    target = folder if world.is_main else None
     if quantized_layers(model):
-        state = quantized_state(model, keep=world.is_main)
-        if world.is_main:
-            write_quantized(state, model, folder, source="random init")
+        stream_quantized(model, target, source="random init")
     else:
-        state = consolidated_state(model, keep=world.is_main)
-        if world.is_main:
-            write_consolidated(state, model.args, folder)
+        stream_consolidated(model, target)
     barrier()
     return folder
 
 
-def describe_base(mcfg, args: ModelArgs, checkpoint: str, quant: Optional[QuantSpec] = None) -> dict:
+def describe_base(mcfg, args: ModelArgs, checkpoint: Optional[str], quant: Optional[QuantSpec] = None,
+                  random_draw: Optional[dict] = None) -> dict:
+    """An adapter's base_model record. `random_draw` ({"seed", "saved"}) for a base drawn at random by
+    the run; "saved": false (save_random_base=false) means no checkpoint of it exists anywhere."""
     base = {"name": mcfg.name, "checkpoint": checkpoint, "tokenizer": mcfg.tokenizer, "args": asdict(args)}
     if quant is not None:  # what the adapter was trained against; it loads onto the dense base as well
         base["quant"] = asdict(quant)
+    if random_draw is not None:
+        base["random_draw"] = random_draw
     return base

@@ -6,10 +6,15 @@ gives one message naming it instead of a Rust error. safetensors never unpickles
 downloaded file runs no code.
 """
 
+import ctypes
 import errno
+import json
 import os
+import queue
 import re
-from collections.abc import Iterator
+import struct
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,11 @@ TORCH_DTYPES = {
     "BOOL": torch.bool,
 }
 FLOATING = ("F64", "F32", "F16", "BF16")  # what a dense weight may be stored as (cast on load)
+SAFETENSORS_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+# safetensors lays tensors out widest dtype first (its Dtype enum, descending), then by name;
+# write_streamed keeps that layout, so its files are byte for byte those of save_file.
+_FILE_ORDER = ("I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL")
+_CHUNK_BYTES = 64 << 20  # a pinned staging buffer: a CUDA tensor goes to disk in pieces of this size
 
 
 @dataclass(frozen=True)
@@ -81,3 +91,125 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         raise OSError(number, os.strerror(number) if code else str(e), str(path)) from None
     os.chmod(path, normal_mode(is_dir=False))
 
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """What a tensor will be in a file written by write_streamed: known before the tensor is."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+def file_order(layout: dict[str, TensorSlot]) -> list[str]:
+    """The names in the order safetensors stores their data."""
+    return sorted(layout, key=lambda name: (_FILE_ORDER.index(SAFETENSORS_NAMES[layout[name].dtype]), name))
+
+
+def safetensors_header(layout: dict[str, TensorSlot], metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length and the JSON header (space-padded to 8 bytes) of a file holding `layout`."""
+    entries: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in file_order(layout):
+        slot = layout[name]
+        entries[name] = {"dtype": SAFETENSORS_NAMES[slot.dtype], "shape": list(slot.shape),
+                         "data_offsets": [offset, offset + slot.nbytes]}
+        offset += slot.nbytes
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_streamed(path: Path | None, layout: dict[str, TensorSlot], fetch: Callable[[str], torch.Tensor],
+                   metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file in one sequential pass, calling `fetch(name)` for one tensor at a time.
+
+    No state dict of the whole model is ever held: each tensor is written (a CUDA one through two
+    pinned staging buffers) by a background thread while the next is fetched. `path` None fetches
+    every tensor in the same order and writes nothing: FSDP ranks other than 0, whose `fetch`
+    takes part in a gather. The file gets the permissions of any new file (open's, not 0600).
+    """
+    order = file_order(layout)
+    if path is None:
+        for name in order:
+            fetch(name)
+        return
+    with open(path, "wb") as f:
+        f.write(safetensors_header(layout, metadata))
+        with _BackgroundWriter(f) as writer:
+            for name in order:
+                tensor = fetch(name)
+                if tensor.dtype != layout[name].dtype or tuple(tensor.shape) != layout[name].shape:
+                    raise ValueError(f"{name}: fetched {tensor.dtype}{list(tensor.shape)}, the header says "
+                                     f"{layout[name].dtype}{list(layout[name].shape)}")
+                writer.put(tensor)
+
+
+class _BackgroundWriter:
+    """Writes tensors' bytes to an open file in a thread (file writes release the GIL), so gathering
+    and copying the next tensor overlaps with the disk. A CPU tensor is written from its own memory;
+    a CUDA one is copied chunk by chunk into two pinned buffers that the thread hands back once written."""
+
+    def __init__(self, f) -> None:
+        self._file = f
+        self._pending: queue.Queue = queue.Queue(maxsize=2)
+        self._free_buffers: queue.Queue = queue.Queue()
+        self._buffers: list[torch.Tensor] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="safetensors-writer", daemon=True)
+
+    def __enter__(self) -> "_BackgroundWriter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self._pending.put(None)
+        self._thread.join()
+        if self._error is not None and error is None:
+            raise self._error
+
+    def _run(self) -> None:
+        while (item := self._pending.get()) is not None:
+            data, release = item
+            try:
+                if self._error is None:
+                    self._file.write(_memory(data))
+            except BaseException as e:  # raised in the caller's thread at its next put or at exit
+                self._error = e
+            finally:
+                if release is not None:
+                    release()
+
+    def _put(self, data: torch.Tensor, release: Callable[[], None] | None = None) -> None:
+        if self._error is not None:
+            raise self._error
+        self._pending.put((data, release))
+
+    def put(self, tensor: torch.Tensor) -> None:
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        if raw.device.type == "cpu":
+            self._put(raw)  # held in the queue until written
+            return
+        if not self._buffers:
+            self._buffers = [torch.empty(_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            for index in range(len(self._buffers)):
+                self._free_buffers.put(index)
+        for start in range(0, raw.numel(), _CHUNK_BYTES):
+            piece = raw[start:start + _CHUNK_BYTES]
+            index = self._free_buffers.get()
+            staged = self._buffers[index][:piece.numel()]
+            staged.copy_(piece)  # synchronous: the device tensor may be freed once this returns
+            self._put(staged, lambda index=index: self._free_buffers.put(index))
+
+
+def _memory(raw: torch.Tensor) -> Any:
+    """A CPU uint8 tensor's bytes as a buffer, without numpy: Tensor.numpy() would make its storage
+    unresizable, and FSDP2 frees a parameter's unsharded storage by resizing it."""
+    return (ctypes.c_char * raw.numel()).from_address(raw.data_ptr()) if raw.numel() else b""
