@@ -186,15 +186,17 @@ def _docs(lengths):
 def test_auto_on_cuda_picks_torch_attention_where_every_document_fits(monkeypatch):
     cuda = torch.device("cuda")
     choose = attention._auto_choice
-    monkeypatch.setattr(attention, "_VARLEN", (None, "window_size", True))  # a torch with varlen_attn
+    monkeypatch.setattr(attention, "_VARLEN", (None, "window_size", True))  # a torch with varlen_attn and GQA
     fit = choose(_docs([5, 300, 220, 400]), 512, cuda)[0]
     assert fit.backend == "varlen" and fit.max_seqlen == 512  # 400 rounded up to a power of two
     assert choose(_docs([5, 3000, 20]), None, cuda)[0].backend == "varlen"  # no window: every document fits
     assert choose(_docs([5, 600, 20]), 512, cuda)[0].backend == "triton"
-    monkeypatch.setattr(attention, "_VARLEN", None)  # a torch without varlen_attn
     same = choose(_docs([64, 64, 64]), 512, cuda)[0]
-    assert same.backend == "batched_sdpa" and same.doc_len == 64
-    assert choose(_docs([64, 60, 64]), 512, cuda)[0].backend == "triton"
+    assert same.backend == "batched_sdpa" and same.doc_len == 64  # one length: batched SDPA even so
+    for varlen in (None, (None, "window_size", False)):  # no varlen_attn, or one without GQA (torch 2.11)
+        monkeypatch.setattr(attention, "_VARLEN", varlen)
+        assert choose(_docs([64, 64, 64]), 512, cuda)[0].backend == "batched_sdpa"
+        assert choose(_docs([64, 60, 64]), 512, cuda)[0].backend == "triton"
 
 
 def test_auto_logs_each_choice_once(monkeypatch, caplog):

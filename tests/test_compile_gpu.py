@@ -23,7 +23,7 @@ WINDOW = 1024
 ARGS_7B = ModelArgs(dim=4096, n_layers=2, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                     vocab_size=32768, norm_eps=1e-5, rope_theta=1e6, sliding_window=WINDOW)
 LORA = LoRASettings(r=16, alpha=32, dropout=0.0, target_modules=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
-FITS = [700, 1024, 1024, 1024, 324]  # every document fits in the window: torch's attention
+FITS = [1024, 1024, 1024, 1024]  # one length, each fits in the window: batched SDPA
 LONGER = [3000, 1096]  # documents longer than the window: the Triton kernel
 
 
@@ -70,7 +70,7 @@ def test_auto_chooses_as_expected_on_the_test_batches():
     cuda = torch.device("cuda")
     fit, _ = attention._auto_choice(PackedDocs.from_cu_seqlens(batch(FITS)[2], 1024, sum(FITS)), WINDOW, cuda)
     longer, _ = attention._auto_choice(PackedDocs.from_cu_seqlens(batch(LONGER)[2], 3000, sum(LONGER)), WINDOW, cuda)
-    assert fit.backend in ("varlen", "batched_sdpa") and longer.backend == "triton"
+    assert fit.backend == "batched_sdpa" and longer.backend == "triton"
 
 
 def test_compiled_lora_model_equals_eager_for_both_auto_choices():

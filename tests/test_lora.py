@@ -27,6 +27,7 @@ from mft.quant.formats import QuantSpec
 from mft.utils.errors import MftError
 
 ARGS = tiny_args(dim=32, head_dim=8, hidden_dim=64, vocab_size=50, sliding_window=5)
+CUDA_ARGS = tiny_args(dim=32, head_dim=16, hidden_dim=64, vocab_size=50, sliding_window=5)  # Triton's smallest head
 
 
 def tiny_model(seed: int = 0):
@@ -137,7 +138,7 @@ def bf16_lora_model(seed: int = 0, checkpointing: bool = False, qlora: bool = Fa
                     **settings) -> nn.Module:
     """The tiny model in bf16 with fp32 LoRA factors (as mft-train builds it), B random; an nf4
     base with `qlora`."""
-    model = build(ARGS, device=device, dtype=torch.bfloat16, seed=seed, lora=LoRASettings(r=R, alpha=6, **settings),
+    model = build(ARGS if device == "cpu" else CUDA_ARGS, device=device, dtype=torch.bfloat16, seed=seed, lora=LoRASettings(r=R, alpha=6, **settings),
                   quant=QuantSpec("nf4", 32) if qlora else None)
     torch.manual_seed(seed + 7)
     randomise_b(model)
