@@ -54,7 +54,7 @@ def keeps_output(op, args) -> bool:
     """Whether selective checkpointing keeps `op`'s output rather than recompute it.
 
     Kept: attention (aten's fused kernels, and mft's own custom ops named *attention*), and
-    matmuls, except a low-rank product, whose inner dimension is under a quarter of both output
+    matmuls (mft's quantised one among them), except a low-rank product, whose inner dimension is under a quarter of both output
     dimensions (LoRA's B, rank r): at 2r FLOPs per output element it costs about what reading a
     kept copy costs, and keeping it would double what each adapted layer keeps."""
     if op in MATMULS:
@@ -62,7 +62,8 @@ def keeps_output(op, args) -> bool:
         return 4 * a.shape[-1] >= min(a.shape[-2], b.shape[-1])
     if op in ATTENTION_OPS:
         return True
-    return getattr(op, "namespace", "") == "mft" and "attention" in op.name()
+    name = op.name() if getattr(op, "namespace", "") == "mft" else ""
+    return "attention" in name or name == "mft::quantized_matmul"
 
 
 @dataclass(frozen=True)
