@@ -104,15 +104,18 @@ def test_truncate_drop_split_and_unsupervised_are_counted():
 
 def test_split_fills_every_sequence_with_chats_that_fit():
     """Chats of 0.5-0.95 x seq_len rarely pair up: truncate pads a third of the positions, split
-    continues a chat's tail in the next sequence instead, keeping every supervised target once."""
+    continues a chat's tail in the next sequence instead, keeping every supervised target once, and
+    never cuts off a head with nothing to learn from."""
     rng = random.Random(3)
     seq_len = 100
-    docs = [Encoded(ids, [False] * 10 + [True] * (len(ids) - 10))
+    docs = [Encoded(ids, [False] * 3 + [True] * (len(ids) - 3))
             for ids in ([1000 * d + i for i in range(rng.randint(50, 95))] for d in range(1, 60))]
     _, padded = pack(docs, seq_len, PAD, "truncate")
     seqs, stats = pack(docs, seq_len, PAD, "split")
     assert padded.padding > 0.2 * seq_len * padded.sequences and padded.split == 0
-    assert stats.padding < seq_len and stats.split > 20 and stats.sequences < padded.sequences
+    # Only gaps no head can learn from (up to the 2-position prompt) and the last sequence's end stay.
+    assert stats.padding < seq_len + 2 * stats.sequences and stats.unsupervised == 0
+    assert stats.split > 20 and stats.sequences < padded.sequences
     got = Counter(t for s in seqs for t, m in zip(s.targets, s.loss_mask) if m)
     assert got == _expected_targets(docs, seq_len, "split")
     _check_sequences(seqs, seq_len)

@@ -138,9 +138,14 @@ def plan_packing(
         return bins[-1] if bins else open_bin()
 
     def place_chat_pieces(k: int, n: int, mask: np.ndarray) -> int:
-        """Chat k's n positions from the fullest open sequence on, each rest into the open sequence
-        it fits best or a new one; a piece with nothing to learn is skipped. Returns pieces placed."""
-        b = min(bins, key=lambda b: b.room) if bins else open_bin()
+        """Chat k's n positions from the fullest open sequence its head can fill with something to
+        learn on, each rest into the open sequence it fits best or a new one; a piece with nothing
+        to learn is skipped. Returns pieces placed."""
+        # A head of `room` positions has a target when room > the first supervised position: a gap
+        # shorter than the prompt stays for a chat (or text) that can use it, not for a skipped piece.
+        first_target = int(np.argmax(mask[1 : n + 1]))
+        usable = [b for b in bins if b.room > first_target]
+        b = min(usable, key=lambda b: b.room) if usable else open_bin()
         pos, pieces = 0, 0
         while pos < n:
             take = min(b.room, n - pos)
