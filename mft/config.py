@@ -188,7 +188,7 @@ class TrainConfig:
     memory_budget_gib: Optional[float] = None
     # torch.compile each transformer block, one graph each (attention and 4-bit dequantise kernels are
     # custom ops; speed in docs/benchmarks.md); the first step pays the compile time (logged, and
-    # compile_s in the summary). null: on when the device is CUDA, off on CPU.
+    # compile_s in the summary). null: on for CUDA with attn_backend auto or triton, off otherwise.
     compile: Optional[bool] = None
     # Output head + cross-entropy over this many supervised tokens at a time, recomputed in backward, so
     # no (tokens x vocab) fp32 logits are kept (GiBs at long seq_len); 0: all at once.

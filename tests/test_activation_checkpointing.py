@@ -90,6 +90,24 @@ def batch_inputs():
     return b.tokens, b.positions, b.cu_seqlens, b.max_seqlen
 
 
+def test_selective_keeps_every_attention_kernel_and_the_quantised_matmul():
+    import mft.quant.linear  # noqa: F401  registers mft::quantized_matmul
+
+    class TritonAttention:  # mft::swa_attention's namespace and name (the op itself needs triton to import)
+        namespace = "mft"
+
+        def name(self):
+            return "mft::swa_attention"
+
+    kept = [TritonAttention(), torch.ops.mft.quantized_matmul.default,
+            torch.ops.aten._scaled_dot_product_flash_attention.default]
+    if hasattr(torch.ops.torch_attn, "_varlen_attn"):  # torch's varlen_attn, where auto may pick it
+        kept.append(torch.ops.torch_attn._varlen_attn.default)
+    assert all(memory.keeps_output(op, ()) for op in kept)
+    assert not memory.keeps_output(torch.ops.aten.silu.default, ())
+    assert not memory.keeps_output(torch.ops.mft.dequantize_nf4.default, ())  # a dense weight: recomputed
+
+
 def test_accumulated_step_with_selective_blocks_equals_plain_training():
     plain, selective = lora_model("none"), lora_model("selective")
     loss_a, _ = accumulate_gradients(plain, [batch()], torch.device("cpu"), loss_chunk=7)

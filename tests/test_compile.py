@@ -221,4 +221,7 @@ def test_batched_sdpa_equals_sdpa_per_document():
 def test_compile_defaults_to_on_for_cuda_only():
     assert resolve_compile(None, torch.device("cuda")) and not resolve_compile(None, torch.device("cpu"))
     assert resolve_compile(True, torch.device("cpu")) and not resolve_compile(False, torch.device("cuda"))
+    # sdpa and flex blocks recompile per packing: not compiled unless asked for
+    assert resolve_compile(None, torch.device("cuda"), "triton") and not resolve_compile(None, torch.device("cuda"), "sdpa")
+    assert not resolve_compile(None, torch.device("cuda"), "flex") and resolve_compile(True, torch.device("cuda"), "flex")
     assert Runtime().compile is False

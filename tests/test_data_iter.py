@@ -87,6 +87,14 @@ def test_resumed_iterator_sees_exactly_the_uninterrupted_batches(files, tok, tmp
         other.iterator(3).load_state_dict(json.loads(saved))
 
 
+def test_a_split_position_saved_before_split_filled_sequences_is_refused_with_why(files, tok):
+    train, _ = build_datasets({"train_files": list(files), "seq_len": 48, "too_long": "split"}, tok, cache_dir=None)
+    saved = {**train.iterator(3).state_dict(), "fingerprint": train.fingerprint(split_before_fill=True)}
+    with pytest.raises(MftError, match="older mft, which did not cut chats to fill sequences"):
+        train.iterator(3).load_state_dict(saved)
+    train.iterator(3).load_state_dict(train.iterator(3).state_dict())  # its own position resumes
+
+
 def test_ranks_partition_the_batches(files, tok):
     train, _ = build_datasets({"train_files": list(files), "seq_len": 48}, tok, cache_dir=None)
     per_epoch = [train.num_batches(2, epoch) for epoch in (0, 1)]  # a reshuffled epoch may pack into more or fewer

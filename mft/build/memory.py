@@ -53,7 +53,8 @@ ATTENTION_OPS = {
 def keeps_output(op, args) -> bool:
     """Whether selective checkpointing keeps `op`'s output rather than recompute it.
 
-    Kept: attention (aten's fused kernels, and mft's own custom ops named *attention*), and
+    Kept: attention (aten's fused kernels, torch's varlen_attn, mft's own custom ops named
+    *attention*), and
     matmuls (mft's quantised one among them), except a low-rank product, whose inner dimension is under a quarter of both output
     dimensions (LoRA's B, rank r): at 2r FLOPs per output element it costs about what reading a
     kept copy costs, and keeping it would double what each adapted layer keeps."""
@@ -62,8 +63,9 @@ def keeps_output(op, args) -> bool:
         return 4 * a.shape[-1] >= min(a.shape[-2], b.shape[-1])
     if op in ATTENTION_OPS:
         return True
-    name = op.name() if getattr(op, "namespace", "") == "mft" else ""
-    return "attention" in name or name == "mft::quantized_matmul"
+    namespace = getattr(op, "namespace", "")
+    name = op.name() if namespace in ("mft", "torch_attn") else ""  # torch_attn: torch's varlen_attn
+    return "attention" in name or "attn" in name or name == "mft::quantized_matmul"
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ def block_policies(model: nn.Module, runtime, param_dtype: torch.dtype) -> tuple
     blocks = memory.measure_blocks(model, tokens, runtime.dtype, autocast=one_process_autocast)
     head = memory.head_bytes(model.args.dim, model.args.vocab_size, tokens, runtime.loss_chunk_tokens, runtime.dtype)
     plan = memory.plan_policies(memory.fixed_bytes(model, runtime.world.size, runtime.dtype), blocks, head, budget)
-    log.info("activation checkpointing auto, %d tokens per micro-batch: %s", tokens, plan.summary())
+    log.log(logging.INFO if plan.fits else logging.WARNING, "activation checkpointing auto, %d tokens per "
+            "micro-batch: %s", tokens, plan.summary())
     return plan.policies
 
 

@@ -164,12 +164,13 @@ class PackedDataset:
         """"path:line" of every document, in file order."""
         return [p.store.source(int(i)) for p in self.parts for i in p.indices]
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, split_before_fill: bool = False) -> str:
         """Identifies the data and the packing: a saved iterator state only fits the same one."""
         h = hashlib.sha256()
         # pack_buffer=1 (greedy) hashes as before it existed, so a run saved then resumes with it;
-        # "split" hashes as "split-fill" since it fills sequences with pieces of chats that fit.
-        too_long = "split-fill" if self.too_long == "split" else self.too_long
+        # "split" hashes as "split-fill" since it fills sequences with pieces of chats that fit
+        # (`split_before_fill`: the fingerprint the same settings had before, to say why they differ).
+        too_long = "split-fill" if self.too_long == "split" and not split_before_fill else self.too_long
         settings = [self.seq_len, too_long, self.seed, self.weights] + ([self.pack_buffer] if self.pack_buffer != 1 else [])
         h.update(json.dumps(settings).encode())
         for p in self.parts:
@@ -246,6 +247,12 @@ class BatchIterator:
                 "world_size": self.world_size, "seed": self.dataset.seed, "fingerprint": self.dataset.fingerprint()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.dataset.too_long == "split" and state.get("fingerprint") == self.dataset.fingerprint(True):
+            raise MftError(
+                "the saved data position was planned by the data.too_long=split packing of an older mft, which "
+                "did not cut chats to fill sequences; the packing now differs, so that position cannot be "
+                "mapped onto it: start the run again (or resume it with the mft version that saved it)"
+            )
         if state.get("fingerprint") != self.dataset.fingerprint() or state.get("batch_size") != self.batch_size:
             raise MftError(
                 "the saved data position belongs to other data or settings (files, seq_len, too_long, pack_buffer, seed, "

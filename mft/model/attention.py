@@ -14,9 +14,9 @@ backend once, by name:
 - ``sdpa``: torch SDPA once per document; the reference, and what ``auto`` runs on CPU;
 - ``triton``: mft's own sliding-window varlen kernel (mft/kernels/swa_attention.py), a custom op
   for torch.compile; work grows with tokens x window, not tokens^2;
-- ``auto``: on CUDA, per batch (in `prepare`): torch's own attention where every document fits
-  in the window (varlen_attn where torch has it, else one batched SDPA call when the documents
-  have one length), the Triton kernel otherwise; sdpa on CPU;
+- ``auto``: on CUDA, per batch (in `prepare`): where every document fits in the window, one
+  batched SDPA call when the documents have one length, else torch's varlen_attn where it takes
+  GQA natively; the Triton kernel otherwise; sdpa on CPU;
 - ``flex``: torch flex_attention with a document + window block mask (compiled on CUDA);
 - ``xformers``: xformers' memory_efficient_attention, used only where it imports and a probe
   call works; otherwise one log line and the ``auto`` choice.
@@ -357,8 +357,12 @@ def _varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: P
 def _batched_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_len: int) -> torch.Tensor:
     """Documents of one length as the rows of one causal SDPA call."""
     T, n_heads, head_dim = q.shape
+    if q.dtype == torch.float32 and k.shape[1] != n_heads:
+        # fp32 has no flash kernel, and GQA would then fall to the math kernel, which keeps a
+        # doc_len x doc_len matrix per head for backward: repeat K/V for the memory-efficient one.
+        k, v = (x.repeat_interleave(n_heads // x.shape[1], dim=1) for x in (k, v))
     rows = [x.view(T // doc_len, doc_len, x.shape[1], head_dim).transpose(1, 2) for x in (q, k, v)]
-    out = F.scaled_dot_product_attention(*rows, is_causal=True, enable_gqa=True)
+    out = F.scaled_dot_product_attention(*rows, is_causal=True, enable_gqa=k.shape[1] != n_heads)
     return out.transpose(1, 2).reshape(T, n_heads, head_dim)
 
 

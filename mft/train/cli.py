@@ -198,7 +198,10 @@ def _report(result: "RunResult", resume: Optional[str]) -> None:
               f"{result.metrics['valid_mean_token_accuracy']:.3f})")
     kind = "Adapter" if result.is_adapter else "Model (Mistral consolidated format)"
     print(f"{kind}: {result.checkpoint}")
-    print(f"Chat with it: mft-generate run_dir={shlex.quote(str(run_dir))}")
+    if result.base_kept:
+        print(f"Chat with it: mft-generate run_dir={shlex.quote(str(run_dir))}")
+    else:
+        print("Its random base was not kept (save_random_base=false): mft-generate and mft-export cannot use it.")
 
 
 def check_output_dir(argv: List[str]) -> Path:

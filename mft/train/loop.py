@@ -55,6 +55,7 @@ class RunResult:
     first_valid_loss: Optional[float]
     metrics: Dict[str, Any]
     stopped_by: Optional[str] = None  # "SIGTERM" or "SIGINT" when a signal stopped the run after saving
+    base_kept: bool = True  # False: LoRA on a random base that save_random_base=false did not keep
 
 
 def accumulate_gradients(model, group: list[Batch], device: torch.device, world: World = World(),
@@ -417,4 +418,5 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
         bar.close()
         signals.restore()
         metrics.close()
-    return RunResult(run_dir, checkpoint, lora is not None, first_valid, summary, stopped_by)
+    return RunResult(run_dir, checkpoint, lora is not None, first_valid, summary, stopped_by,
+                     base_kept=not (lora is not None and random_base and base_checkpoint is None))

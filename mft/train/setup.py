@@ -11,6 +11,7 @@ from mft.build import ModelSpec, Runtime
 from mft.checkpoint.consolidated import stream_consolidated
 from mft.checkpoint.quantized import stream_quantized
 from mft.model.args import ModelArgs
+from mft.model.attention import compiles_whole, get_attention_backend
 from mft.peft.lora import LoRASettings
 from mft.quant.formats import QuantSpec
 from mft.quant.linear import quantized_layers
@@ -38,17 +39,22 @@ def model_spec(cfg) -> ModelSpec:
     )
 
 
-def resolve_compile(compile: Optional[bool], device: torch.device) -> bool:
-    """The config's `compile`: as set, or when null on for CUDA (compiled blocks train faster) and off
-    elsewhere (compiling on a CPU takes longer than the short runs it would speed up)."""
-    return device.type == "cuda" if compile is None else compile
+def resolve_compile(compile: Optional[bool], device: torch.device, attn_backend: str = "auto") -> bool:
+    """The config's `compile`: as set, or when null on for CUDA (compiled blocks train faster) with a
+    backend whose blocks compile whole (auto, triton), off elsewhere: compiling on a CPU takes longer
+    than the short runs it would speed up, and sdpa / flex / xformers blocks recompile per packing
+    and break their graph under activation checkpointing."""
+    if compile is not None:
+        return compile
+    return device.type == "cuda" and compiles_whole(get_attention_backend(attn_backend), device)
 
 
 def train_runtime(cfg, device: torch.device, dtype: torch.dtype, world: World) -> Runtime:
     return Runtime(device=device, dtype=dtype, train=True, world=world,
                    activation_checkpointing=str(cfg.activation_checkpointing),
                    memory_budget_gib=cfg.memory_budget_gib, tokens_per_microbatch=cfg.batch_size * cfg.data.seq_len,
-                   loss_chunk_tokens=cfg.loss_chunk_tokens, compile=resolve_compile(cfg.compile, torch.device(device)))
+                   loss_chunk_tokens=cfg.loss_chunk_tokens,
+                   compile=resolve_compile(cfg.compile, torch.device(device), str(cfg.model.attn_backend)))
 
 
 def save_base_model(model: nn.Module, folder: Path, world: World) -> Path:

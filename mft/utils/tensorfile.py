@@ -141,15 +141,20 @@ def write_streamed(path: Path | None, layout: dict[str, TensorSlot], fetch: Call
         for name in order:
             fetch(name)
         return
-    with open(path, "wb") as f:
-        f.write(safetensors_header(layout, metadata))
-        with _BackgroundWriter(f) as writer:
-            for name in order:
-                tensor = fetch(name)
-                if tensor.dtype != layout[name].dtype or tuple(tensor.shape) != layout[name].shape:
-                    raise ValueError(f"{name}: fetched {tensor.dtype}{list(tensor.shape)}, the header says "
-                                     f"{layout[name].dtype}{list(layout[name].shape)}")
-                writer.put(tensor)
+    try:
+        with open(path, "wb") as f:
+            f.write(safetensors_header(layout, metadata))
+            with _BackgroundWriter(f) as writer:
+                for name in order:
+                    tensor = fetch(name)
+                    if tensor.dtype != layout[name].dtype or tuple(tensor.shape) != layout[name].shape:
+                        raise ValueError(f"{name}: fetched {tensor.dtype}{list(tensor.shape)}, the header says "
+                                         f"{layout[name].dtype}{list(layout[name].shape)}")
+                    writer.put(tensor)
+    except OSError as e:  # a full disk, a lost mount: say which file, as save_safetensors does
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 class _BackgroundWriter:
