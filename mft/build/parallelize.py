@@ -4,7 +4,8 @@ In torchtitan's order: activation checkpointing, then torch.compile, then FSDP2,
 TransformerBlock. Activation checkpointing is chosen per block (`block_policies`): none, selective
 (torch's selective checkpointing keeps the outputs mft.build.memory.keeps_output names and
 recomputes the cheap ops) or full (the block's forward again in backward); `auto` picks the mix
-with the least recomputation whose estimated peak fits the memory budget (mft/build/memory.py). Under torchrun (world > 1) every block and the root become fully_shard units:
+with the least recomputation whose estimated peak fits the memory budget (mft/build/memory.py).
+Under torchrun (world > 1) every block and the root become fully_shard units:
 parameters sharded on dim 0, gathered in the compute dtype for forward and backward, gradients
 reduced in fp32, so the sharded parameters (fp32 masters for full fine-tuning) and their AdamW
 states stay in their own dtype. One process with fp32 masters and a lower compute dtype gets
