@@ -1,14 +1,22 @@
-"""Mistral's native layout: params.json + consolidated.safetensors, tensors named as in our model."""
+"""Mistral's native layout: params.json + consolidated.safetensors, tensors named as in our model.
+
+One difference: a mixture-of-experts model (Mixtral) holds each projection's experts stacked,
+`layers.{i}.feed_forward.w1.weight` (E, out, in), where the files store one tensor per expert,
+`layers.{i}.feed_forward.experts.{j}.w1.weight` (mistral-inference's names). `expected_shapes`
+names the model's tensors, `file_shapes` the file's; `expert_of` and `expert_file_name` map
+between them.
+"""
 
 import json
 import os
+import re
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs, arg_problems
+from mft.model.args import ModelArgs, MoeArgs, QueryScalingArgs, YarnArgs, arg_problems
 from mft.model.names import canonical_name
 from mft.utils.atomic import atomic_dir
 from mft.utils.dtensor import full_tensor
@@ -43,7 +51,9 @@ _SHAPE_FIELDS = {
     "rope_theta": Field(POSITIVE_NUMBER),
     "sliding_window": Field(WINDOWS),
 }
-PARAMS_FIELDS = {**_SHAPE_FIELDS, "yarn": Field(OBJECT), "llama_4_scaling": Field(OBJECT), "tied_embeddings": Field(BOOL)}
+PARAMS_FIELDS = {**_SHAPE_FIELDS, "yarn": Field(OBJECT), "llama_4_scaling": Field(OBJECT), "tied_embeddings": Field(BOOL),
+                 "moe": Field(OBJECT)}
+_MOE_FIELDS = {"num_experts": Field(POSITIVE_INT, required=True), "num_experts_per_tok": Field(POSITIVE_INT, required=True)}
 _PARAMS_YARN_FIELDS = {
     "factor": Field(POSITIVE_NUMBER, required=True),
     "original_max_position_embeddings": Field(POSITIVE_INT, required=True),
@@ -56,14 +66,17 @@ _PARAMS_YARN_FIELDS = {
 _PARAMS_LLAMA4_FIELDS = {"original_max_position_embeddings": Field(POSITIVE_INT, required=True),
                          "beta": Field(NUMBER, required=True)}
 # ModelArgs as mft itself writes it (dataclasses.asdict: an adapter's base_model.args).
-ARGS_FIELDS = {**_SHAPE_FIELDS, "yarn": Field(OBJECT), "query_scaling": Field(OBJECT), "tied_embeddings": Field(BOOL)}
+ARGS_FIELDS = {**_SHAPE_FIELDS, "yarn": Field(OBJECT), "query_scaling": Field(OBJECT), "tied_embeddings": Field(BOOL),
+               "moe": Field(OBJECT)}
 _ARGS_YARN_FIELDS = {f.name: Field(NUMBER, required=True) for f in fields(YarnArgs)}
 _ARGS_QUERY_SCALING_FIELDS = {f.name: Field(NUMBER, required=True) for f in fields(QueryScalingArgs)}
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a consolidated checkpoint for `args`, with its shape."""
+    """Every tensor of the model for `args`, with its shape: those of a consolidated checkpoint,
+    except that a mixture of experts' projections are stacked over the experts (see file_shapes)."""
     q_rows, kv_rows = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    experts = () if args.moe is None else (args.moe.num_experts,)
     shapes = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
     for i in range(args.n_layers):
         prefix = f"layers.{i}."
@@ -71,14 +84,50 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         shapes[prefix + "attention.wk.weight"] = (kv_rows, args.dim)
         shapes[prefix + "attention.wv.weight"] = (kv_rows, args.dim)
         shapes[prefix + "attention.wo.weight"] = (args.dim, q_rows)
-        shapes[prefix + "feed_forward.w1.weight"] = (args.hidden_dim, args.dim)
-        shapes[prefix + "feed_forward.w2.weight"] = (args.dim, args.hidden_dim)
-        shapes[prefix + "feed_forward.w3.weight"] = (args.hidden_dim, args.dim)
+        if args.moe is not None:
+            shapes[prefix + "feed_forward.gate.weight"] = (args.moe.num_experts, args.dim)
+        shapes[prefix + "feed_forward.w1.weight"] = (*experts, args.hidden_dim, args.dim)
+        shapes[prefix + "feed_forward.w2.weight"] = (*experts, args.dim, args.hidden_dim)
+        shapes[prefix + "feed_forward.w3.weight"] = (*experts, args.hidden_dim, args.dim)
         shapes[prefix + "attention_norm.weight"] = (args.dim,)
         shapes[prefix + "ffn_norm.weight"] = (args.dim,)
     shapes["norm.weight"] = (args.dim,)
     if not args.tied_embeddings:
         shapes["output.weight"] = (args.vocab_size, args.dim)
+    return shapes
+
+
+_EXPERT_FILE_NAME = re.compile(r"^(?P<stem>layers\.\d+\.feed_forward)\.experts\.(?P<expert>\d+)\.(?P<leaf>w[123]\.weight)$")
+
+
+def expert_of(file_name: str) -> tuple[str, Optional[int]]:
+    """(model tensor name, expert index) of a consolidated file's tensor name; the index is None
+    for a tensor the model holds as it is."""
+    match = _EXPERT_FILE_NAME.match(file_name)
+    if match is None:
+        return file_name, None
+    return f"{match['stem']}.{match['leaf']}", int(match["expert"])
+
+
+def expert_file_name(name: str, expert: int) -> str:
+    """The file's name of expert `expert`'s slice of the stacked model tensor `name`."""
+    stem, _, leaf = name.rpartition(".feed_forward.")
+    return f"{stem}.feed_forward.experts.{expert}.{leaf}"
+
+
+def is_stacked(name: str, args: ModelArgs) -> bool:
+    """Whether the model holds `name` stacked over the experts (one tensor per expert in files)."""
+    return args.moe is not None and ".feed_forward.w" in name
+
+
+def file_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a consolidated checkpoint for `args`, with its shape (one per expert)."""
+    shapes = {}
+    for name, shape in expected_shapes(args).items():
+        if is_stacked(name, args):
+            shapes.update({expert_file_name(name, j): shape[1:] for j in range(shape[0])})
+        else:
+            shapes[name] = shape
     return shapes
 
 
@@ -102,10 +151,10 @@ def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
     factor is 0.1 ln(factor) + 1); "apply_scale" true / false, when the file has it, asks for the
     second / the first (vLLM's reading); mscale / mscale_all_dim in the file win over both.
     """
-    if params.get("moe"):
-        raise MftError(f"{path}: mixture-of-experts checkpoints ('moe' key) are not supported yet")
     check_fields(params, PARAMS_FIELDS, path)
-    yarn, llama4 = params.get("yarn"), params.get("llama_4_scaling")
+    yarn, llama4, moe = params.get("yarn"), params.get("llama_4_scaling"), params.get("moe")
+    if moe is not None:  # mistral-inference's MoeArgs: other keys (routing options) are not read
+        check_fields(moe, _MOE_FIELDS, path, within="moe.")
     if yarn is not None:
         check_fields(yarn, _PARAMS_YARN_FIELDS, path, within="yarn.")
     if llama4 is not None:
@@ -132,6 +181,7 @@ def params_to_args(params: dict[str, Any], path: Path) -> ModelArgs:
         query_scaling=QueryScalingArgs() if llama4 is None else QueryScalingArgs(
             beta=float(llama4["beta"]), original_max_position_embeddings=llama4["original_max_position_embeddings"]),
         tied_embeddings=bool(params.get("tied_embeddings", False)),
+        moe=None if moe is None else MoeArgs(moe["num_experts"], moe["num_experts_per_tok"]),
     )
     check_args(args, path)
     return args
@@ -154,13 +204,15 @@ def args_to_params(args: ModelArgs) -> dict[str, Any]:
         params["llama_4_scaling"] = asdict(args.query_scaling)
     if args.tied_embeddings:
         params["tied_embeddings"] = True
+    if args.moe is not None:
+        params["moe"] = asdict(args.moe)
     return params
 
 
 def args_from_dict(saved: dict[str, Any], path: Path, within: str = "") -> ModelArgs:
     """ModelArgs from mft's own record of them (dataclasses.asdict), every key and type checked."""
     check_fields(saved, ARGS_FIELDS, path, within=within, only_known=True)
-    for key, nested in (("yarn", _ARGS_YARN_FIELDS), ("query_scaling", _ARGS_QUERY_SCALING_FIELDS)):
+    for key, nested in (("yarn", _ARGS_YARN_FIELDS), ("query_scaling", _ARGS_QUERY_SCALING_FIELDS), ("moe", _MOE_FIELDS)):
         if saved.get(key) is not None:
             check_fields(saved[key], nested, path, within=f"{within}{key}.", only_known=True)
     args = ModelArgs(**saved)
@@ -210,10 +262,24 @@ def stream_consolidated(model: torch.nn.Module, folder: Path | None) -> Path | N
     shard, so every rank calls this) and written at once, never a whole state in memory. Rank 0
     passes the folder, the other ranks None (they gather and write nothing)."""
     params = {canonical_name(n): p for n, p in model.named_parameters()}
-    layout = {name: TensorSlot(params[name].dtype, tuple(params[name].shape)) for name in expected_shapes(model.args)}
+    layout = {}
+    for file_name in file_shapes(model.args):
+        param = params[expert_of(file_name)[0]]
+        layout[file_name] = TensorSlot(param.dtype, tuple(param.shape[1:] if param.dim() == 3 else param.shape))
+    # The file orders a layer's experts before its projections (experts.0.w1, experts.0.w2, ...):
+    # keep the layer's stacked tensors once gathered, until the next layer's are.
+    gathered: dict[str, torch.Tensor] = {}
 
-    def fetch(name: str) -> torch.Tensor:
-        return full_tensor(params[name].detach())
+    def fetch(file_name: str) -> torch.Tensor:
+        name, expert = expert_of(file_name)
+        if expert is None:
+            return full_tensor(params[name].detach())
+        if name not in gathered:
+            layer = name.rpartition(".feed_forward.")[0]
+            for other in [n for n in gathered if n.rpartition(".feed_forward.")[0] != layer]:
+                del gathered[other]
+            gathered[name] = full_tensor(params[name].detach())
+        return gathered[name][expert]
 
     if folder is None:
         write_streamed(None, layout, fetch)

@@ -1,7 +1,7 @@
 """The Hugging Face layout of a Mistral checkpoint: config.json, tensor names, rotary permutation.
 
 Families (config.json's model_type): "mistral" (7B, Nemo, Small 3, Codestral, Devstral,
-Magistral: one window or none), "ministral" (Ministral 8B: `layer_types` interleave sliding and
+Magistral: one window or none), "mixtral" (a mixture of experts), "ministral" (Ministral 8B: `layer_types` interleave sliding and
 full layers), "ministral3" (Ministral 3: YaRN rope and Llama 4's query scale) and "mistral3"
 (Small 3.1+, Ministral 3 checkpoints with a vision encoder: the text model is `text_config`, its
 tensors are under language_model.model. (the hub's files, and what transformers writes) or
@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from mft.checkpoint.consolidated import check_args
-from mft.model.args import ModelArgs, QueryScalingArgs, YarnArgs
+from mft.model.args import ModelArgs, MoeArgs, QueryScalingArgs, YarnArgs
 from mft.utils.errors import MftError
 from mft.utils.jsonfile import (
     NUMBER,
@@ -42,11 +42,26 @@ _NAME_PAIRS = [
     ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.feed_forward.w3.weight"),
     ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attention_norm.weight"),
     ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.ffn_norm.weight"),
+    # Mixtral as the hub's files (and transformers' save_pretrained) name it: one tensor per expert.
+    ("model.layers.{i}.block_sparse_moe.gate.weight", "layers.{i}.feed_forward.gate.weight"),
+    ("model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight", "layers.{i}.feed_forward.experts.{j}.w1.weight"),
+    ("model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight", "layers.{i}.feed_forward.experts.{j}.w2.weight"),
+    ("model.layers.{i}.block_sparse_moe.experts.{j}.w3.weight", "layers.{i}.feed_forward.experts.{j}.w3.weight"),
+]
+# transformers 5's in-memory Mixtral names, found in files some tools write from a model's state
+# dict: the router, and the experts fused into (E, 2 * hidden, dim) gate_up_proj (w1's rows, then
+# w3's) and (E, dim, hidden) down_proj (w2 stacked). (HF name, model name, half of gate_up's rows.)
+_FUSED_EXPERT_NAMES = [
+    ("model.layers.{i}.mlp.gate.weight", "layers.{i}.feed_forward.gate.weight", None),
+    ("model.layers.{i}.mlp.experts.down_proj", "layers.{i}.feed_forward.w2.weight", None),
+    ("model.layers.{i}.mlp.experts.gate_up_proj", "layers.{i}.feed_forward.w1.weight", 0),
+    ("model.layers.{i}.mlp.experts.gate_up_proj", "layers.{i}.feed_forward.w3.weight", 1),
 ]
 
 
 def _template_regex(template: str) -> re.Pattern:
-    return re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+    return re.compile(pattern + "$")
 
 
 _HF_TO_MFT = [(_template_regex(hf), mft) for hf, mft in _NAME_PAIRS]
@@ -82,6 +97,17 @@ def hf_to_mft_name(name: str) -> Optional[str]:
 
 def mft_to_hf_name(name: str) -> Optional[str]:
     return _rename(name, _MFT_TO_HF)
+
+
+def fused_expert_targets(name: str) -> list[tuple[str, Optional[int]]]:
+    """For a transformers 5 in-memory Mixtral name (see _FUSED_EXPERT_NAMES): the model tensors it
+    fills, each with the half of the file tensor's rows it takes (None: all). Empty otherwise."""
+    targets = []
+    for hf_template, mft_template, half in _FUSED_EXPERT_NAMES:
+        match = _template_regex(hf_template).match(name)
+        if match:
+            targets.append((mft_template.format(**match.groupdict()), half))
+    return targets
 
 
 def is_ignored_hf_name(name: str) -> bool:
@@ -126,7 +152,7 @@ def is_multimodal_folder(folder: Path) -> bool:
     return read_hf_config(folder / "config.json").get("model_type") == "mistral3"
 
 
-TEXT_MODEL_TYPES = ("mistral", "llama", "ministral", "ministral3")
+TEXT_MODEL_TYPES = ("mistral", "llama", "ministral", "ministral3", "mixtral")
 # rope_parameters (rope_scaling in transformers 4) keys mft reads, checked before any is used.
 _ROPE_FIELDS = {
     "rope_type": Field(STRING),
@@ -193,9 +219,17 @@ def hf_config_to_args(config: dict[str, Any], path: Path) -> ModelArgs:
         # transformers applies Llama 4's query scale in Ministral3 models only.
         query_scaling=_query_scaling(rope, path) if model_type == "ministral3" else QueryScalingArgs(),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        moe=_moe(config, path) if model_type == "mixtral" else None,
     )
     check_args(args, path)
     return args
+
+
+def _moe(config: dict[str, Any], path: Path) -> MoeArgs:
+    """A Mixtral config's experts (transformers' defaults, 8 and 2, where a key is missing)."""
+    if config.get("router_jitter_noise"):
+        raise MftError(f"{path}: router_jitter_noise {config['router_jitter_noise']!r} is not supported; expected 0")
+    return MoeArgs(num_experts=config.get("num_local_experts") or 8, num_experts_per_tok=config.get("num_experts_per_tok") or 2)
 
 
 def _windows(config: dict[str, Any], n_layers: int, path: Path) -> Any:
@@ -247,7 +281,8 @@ def _query_scaling(rope: dict[str, Any], path: Path) -> QueryScalingArgs:
 
 def args_to_hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> dict:
     """transformers' config for `args`, in the family that computes what mft computes:
-    "ministral3" with Llama 4's query scale, "ministral" when layers mix windows, else "mistral"
+    "mixtral" with experts, "ministral3" with Llama 4's query scale, "ministral" when layers mix
+    windows, else "mistral"
     (YaRN in rope_parameters either way). Rope is written in both the v4 and the v5 layout."""
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.yarn.active:
@@ -270,6 +305,14 @@ def args_to_hf_config(args: ModelArgs, dtype: torch.dtype, bos_id: int = 1, eos_
                            "lengths (or interleaved windows with Llama 4 scaling); cannot export to Hugging Face")
         family = {**family, "model_type": "ministral", "architectures": ["MinistralForCausalLM"],
                   "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows]}
+    if args.moe is not None:
+        if args.query_scaling.active or len(set(windows)) > 1:
+            raise MftError("transformers' Mixtral has neither Llama 4 scaling nor interleaved windows; this mixture "
+                           "of experts cannot be exported to Hugging Face")
+        # Router aux loss off (output_router_logits false) and no jitter: what mft computes.
+        family = {**family, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                  "num_local_experts": args.moe.num_experts, "num_experts_per_tok": args.moe.num_experts_per_tok,
+                  "output_router_logits": False, "router_jitter_noise": 0.0}
     return {
         **family,
         "hidden_size": args.dim,

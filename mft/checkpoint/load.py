@@ -24,6 +24,7 @@ from mft.model.args import ModelArgs
 from mft.utils.errors import MftError
 from mft.utils.jsonfile import (
     BOOL,
+    NUMBER,
     OBJECT,
     POSITIVE_INT,
     POSITIVE_NUMBER,
@@ -56,6 +57,9 @@ HF_CONFIG_FIELDS = {
     "sliding_window": Field(POSITIVE_INT),
     "layer_types": Field(STRINGS),
     "tie_word_embeddings": Field(BOOL),
+    "num_local_experts": Field(POSITIVE_INT),
+    "num_experts_per_tok": Field(POSITIVE_INT),
+    "router_jitter_noise": Field(NUMBER),
 }
 log = logging.getLogger(__name__)
 __all__ = ["detect_format", "read_model_args", "load_weights", "save_consolidated"]
@@ -121,13 +125,28 @@ def _read_hf_config(path: Path) -> dict:
 
 @dataclass(frozen=True)
 class _Source:
-    """Where one model tensor lives on disk, and how to turn it into ours."""
+    """Where one model tensor, or one piece of it, lives on disk, and how to turn it into ours."""
 
     file: Path
     key: str  # the name in the file
     shape: tuple[int, ...]
     dtype: str  # safetensors' name of the stored dtype ("BF16", ...)
     rotary_heads: Optional[int] = None  # HF wq/wk: undo the rotary permutation over this many heads
+    expert: Optional[int] = None  # one expert's slice of a stacked model tensor; None: the whole tensor
+    half: Optional[int] = None  # a fused gate_up_proj: the first (0) or second (1) half of its rows
+
+    @property
+    def piece_shape(self) -> tuple[int, ...]:
+        """The shape of what it fills (half the rows of a fused gate_up_proj)."""
+        if self.half is None or len(self.shape) < 2:
+            return self.shape
+        return (*self.shape[:-2], self.shape[-2] // 2, self.shape[-1])
+
+    def read(self, f) -> torch.Tensor:
+        tensor = f.get_tensor(self.key)
+        if self.half is not None:
+            tensor = tensor.chunk(2, dim=-2)[self.half]
+        return tensor
 
 
 def _hf_weight_files(folder: Path) -> list[Path]:
@@ -154,33 +173,43 @@ def _file_tensors(files: list[Path]) -> dict[str, tuple[Path, TensorInfo]]:
     return {key: (path, info) for path in files for key, info in read_header(path).items()}
 
 
-def _sources(folder: Path, fmt: Format, args: ModelArgs) -> tuple[dict[str, _Source], list[str], dict[str, str]]:
-    """(sources by our name, unexpected file keys, display name of each of our names)."""
+def _sources(folder: Path, fmt: Format, args: ModelArgs) -> tuple[dict[str, list[_Source]], list[str], dict[str, str]]:
+    """(sources by our name: one, or one per expert of a stacked tensor; unexpected file keys;
+    display name of each file-level name)."""
     expected = consolidated.expected_shapes(args)
     if fmt == "consolidated":
-        files, rename, display = [consolidated.find_weights_file(folder)], (lambda key: key), {n: n for n in expected}
+        files, rename = [consolidated.find_weights_file(folder)], (lambda key: key)
+        display = {n: n for n in consolidated.file_shapes(args)}
     else:
         files, rename = _hf_weight_files(folder), hf.hf_to_mft_name
-        display = {name: hf.mft_to_hf_name(name) for name in expected}
+        display = {name: hf.mft_to_hf_name(name) for name in consolidated.file_shapes(args)}
     heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
-    sources, unexpected, vision = {}, [], 0
+    sources: dict[str, list[_Source]] = defaultdict(list)
+    unexpected, vision = [], 0
     for key, (path, info) in _file_tensors(files).items():
         if fmt == "hf" and hf.is_ignored_hf_name(key):
             continue
         if hf.is_vision_hf_name(key) if fmt == "hf" else consolidated.is_vision_name(key):
             vision += 1
             continue
-        name = rename(key)
-        if name == "output.weight" and args.tied_embeddings:
+        fused = hf.fused_expert_targets(key) if fmt == "hf" and args.moe is not None else []
+        if fused:
+            for name, half in fused:
+                sources[name].append(_Source(path, key, info.shape, info.dtype, half=half))
+            continue
+        file_name = rename(key)
+        if file_name == "output.weight" and args.tied_embeddings:
             continue  # a tied head's copy of the embedding, which some files store anyway
-        if name not in expected:
+        name, expert = consolidated.expert_of(file_name) if file_name is not None else (None, None)
+        if name not in expected or (expert is not None) != consolidated.is_stacked(name, args):
             unexpected.append(key)
             continue
         suffix = name.split(".", 2)[-1]  # "attention.wq.weight" for "layers.3.attention.wq.weight"
-        sources[name] = _Source(path, key, info.shape, info.dtype, heads.get(suffix) if fmt == "hf" else None)
+        sources[name].append(_Source(path, key, info.shape, info.dtype, heads.get(suffix) if fmt == "hf" else None,
+                                     expert=expert))
     if vision:
         log.info("%s: skipped the %d tensors of the vision encoder (mft trains the text model)", folder, vision)
-    return sources, unexpected, display
+    return dict(sources), unexpected, display
 
 
 def _listing(title: str, items: list[str], limit: int = 8) -> str:
@@ -188,23 +217,39 @@ def _listing(title: str, items: list[str], limit: int = 8) -> str:
     return f"\n  {title} ({len(items)}): {shown}"
 
 
-def _check(folder: Path, args: ModelArgs, sources: dict[str, _Source], unexpected: list[str], display: dict) -> None:
+def _missing(name: str, shape: tuple[int, ...], found: list[_Source], args: ModelArgs, display: dict) -> list[str]:
+    """The file-level names of what `found` leaves unfilled of the model tensor `name`."""
+    if not consolidated.is_stacked(name, args):
+        return [] if found else [display[name]]
+    if any(src.expert is None for src in found):  # stacked in the file (transformers 5's fused names)
+        return []
+    have = {src.expert for src in found}
+    return [display[consolidated.expert_file_name(name, j)] for j in range(shape[0]) if j not in have]
+
+
+def _check(folder: Path, args: ModelArgs, sources: dict[str, list[_Source]], unexpected: list[str], display: dict) -> None:
     """One MftError naming every missing, unexpected, mis-shaped and non-floating tensor."""
     expected = consolidated.expected_shapes(args)
-    missing = [display[name] for name in expected if name not in sources]
-    misshaped = [
-        f"{src.key} {list(src.shape)} (model expects {list(expected[name])})"
-        for name, src in sources.items()
-        if src.shape != expected[name]
-    ]
+    missing = [m for name, shape in expected.items() for m in _missing(name, shape, sources.get(name, []), args, display)]
+    misshaped, duplicated = [], []
+    for name, found in sources.items():
+        experts = [src.expert for src in found]
+        if len(found) > 1 and (None in experts or len(set(experts)) < len(experts)):
+            duplicated.append(f"{name} ({', '.join(sorted({src.key for src in found}))})")
+        for src in found:
+            want = expected[name] if src.expert is None else expected[name][1:]
+            if src.piece_shape != want or (src.expert is not None and src.expert >= expected[name][0]):
+                detail = f"expert {src.expert} of {expected[name][0]}" if src.expert is not None else list(want)
+                misshaped.append(f"{src.key} {list(src.shape)} (model expects {detail if src.piece_shape == want else list(want)})")
     # Any floating dtype is cast on load; integers or booleans are not weights of this model.
-    mistyped = sorted({f"{src.key} {src.dtype}" for src in sources.values() if src.dtype not in FLOATING})
-    if missing or unexpected or misshaped or mistyped:
+    mistyped = sorted({f"{src.key} {src.dtype}" for found in sources.values() for src in found if src.dtype not in FLOATING})
+    if missing or unexpected or misshaped or mistyped or duplicated:
         raise MftError(
             f"Checkpoint {folder} does not fit the model ({args}):"
             + (_listing("missing tensors", missing) if missing else "")
             + (_listing("unexpected tensors", sorted(unexpected)) if unexpected else "")
-            + (_listing("tensors with the wrong shape", misshaped) if misshaped else "")
+            + (_listing("tensors with the wrong shape", sorted(set(misshaped))) if misshaped else "")
+            + (_listing("tensors stored twice", duplicated) if duplicated else "")
             + (_listing(f"tensors not stored as floats ({'/'.join(FLOATING)})", mistyped) if mistyped else "")
         )
 
@@ -237,17 +282,27 @@ def load_weights(model: torch.nn.Module, folder: str | os.PathLike, *, dtype: Op
     sources, unexpected, display = _sources(folder, fmt, args)
     _check(folder, args, sources, unexpected, display)
 
+    # Tensors are read file by file; a stacked tensor whose experts span several shards is
+    # assembled once all its pieces are read, so at most the stacked tensors in progress are held.
     by_file = defaultdict(list)
-    for name, src in sources.items():
-        by_file[src.file].append((name, src))
+    for name, found in sources.items():
+        for src in found:
+            by_file[src.file].append((name, src))
+    pending: dict[str, list[Optional[torch.Tensor]]] = {}
     for path, items in by_file.items():
         with open_safetensors(path) as f:
             for name, src in items:
                 target = targets[name]
-                tensor = f.get_tensor(src.key)
                 # A quantised layer takes the tensor on its device, in the file's dtype; a parameter's
                 # tensor is cast on the host (halving the transfer of an fp32 file into a bf16 model).
+                tensor = src.read(f)
                 tensor = tensor.to(target.weight_q.device) if name in layers else tensor.to(target.dtype)
                 if src.rotary_heads is not None:
                     tensor = hf.unpermute_rotary(tensor, src.rotary_heads)
-                assign_weight_(target, tensor)  # a rank of an FSDP job keeps only its own rows
+                if src.expert is None:
+                    assign_weight_(target, tensor)  # a rank of an FSDP job keeps only its own rows
+                    continue
+                pieces = pending.setdefault(name, [None] * len(sources[name]))
+                pieces[src.expert] = tensor
+                if all(piece is not None for piece in pieces):
+                    assign_weight_(target, torch.stack(pending.pop(name)))

@@ -1,5 +1,5 @@
 """Architecture hyper-parameters of a Mistral model (every family: 7B, Nemo, Small, Codestral,
-Ministral, Ministral 3), named as in Mistral's params.json where it has a name."""
+Ministral, Ministral 3, Mixtral), named as in Mistral's params.json where it has a name."""
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -40,6 +40,15 @@ class QueryScalingArgs:
         return self.beta != 0.0
 
 
+@dataclass
+class MoeArgs:
+    """A sparse mixture-of-experts feed-forward (Mixtral): each token goes to `num_experts_per_tok`
+    of `num_experts` SwiGLU experts of width hidden_dim. params.json's "moe" entry."""
+
+    num_experts: int = 8  # experts per layer
+    num_experts_per_tok: int = 2  # experts each token is routed to (top k)
+
+
 def layer_windows(sliding_window: Any, n_layers: int) -> list[Optional[int]]:
     """Each layer's window from `sliding_window`: None (full causal everywhere), one int (every
     layer), or a list whose pattern repeats over the layers (mistral-inference's convention: the
@@ -74,6 +83,8 @@ def arg_problems(args: "ModelArgs") -> list[tuple[str, object, str]]:
                   ("beta_fast", y.beta_fast > 0, "a positive number"),
                   ("beta_slow", y.beta_slow > 0, "a positive number")]
         problems += [(f"yarn.{key}", getattr(y, key), expected) for key, ok, expected in checks if not ok]
+    if args.moe is not None and not 0 < args.moe.num_experts_per_tok <= args.moe.num_experts:
+        problems.append(("moe", args.moe, "num_experts_per_tok between 1 and num_experts"))
     if args.query_scaling.active and args.query_scaling.original_max_position_embeddings <= 0:
         problems.append(("query_scaling.original_max_position_embeddings",
                          args.query_scaling.original_max_position_embeddings, "a positive number"))
@@ -102,6 +113,8 @@ class ModelArgs:
     query_scaling: QueryScalingArgs = field(default_factory=QueryScalingArgs)
     # The output head shares the token embedding's weight.
     tied_embeddings: bool = False
+    # A mixture-of-experts feed-forward in every block (Mixtral); None: a dense SwiGLU.
+    moe: Optional[MoeArgs] = None
 
     def __post_init__(self) -> None:
         # From a plain dict (an adapter's saved args): nested settings become dataclasses. An
@@ -110,6 +123,8 @@ class ModelArgs:
         self.yarn = yarn if yarn is not None and yarn.active else YarnArgs()
         scaling = QueryScalingArgs(**self.query_scaling) if isinstance(self.query_scaling, dict) else self.query_scaling
         self.query_scaling = scaling if scaling is not None and scaling.active else QueryScalingArgs()
+        if isinstance(self.moe, dict):
+            self.moe = MoeArgs(**self.moe)
         if isinstance(self.sliding_window, tuple):
             self.sliding_window = list(self.sliding_window)
 

@@ -1,4 +1,4 @@
-"""The Mistral transformer (dense), one device, one forward for training and decoding.
+"""The Mistral transformer (dense, or Mixtral's mixture of experts: mft/model/moe.py), one device, one forward for training and decoding.
 
 Training feeds packed documents as one flat token stream (cu_seqlens marks the documents);
 decoding feeds (batch, chunk) rows with a KV cache plan (mft/model/kv_cache.py), and may pass
@@ -23,6 +23,7 @@ from mft.kernels.cross_entropy import chunked_cross_entropy
 from mft.model.args import ModelArgs
 from mft.model.attention import AttentionFn, PackedDocs, get_attention_backend, prepare_attention
 from mft.model.kv_cache import CachePlan
+from mft.model.moe import MoEFeedForward
 from mft.model.rope import RopeTables, apply_rope, rope_tables
 
 
@@ -114,12 +115,14 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args, attn_fn, layer_id)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = FeedForward(args) if args.moe is None else MoEFeedForward(args)
 
     def forward(self, x: torch.Tensor, rope: RopeTables, docs: Optional[PackedDocs],
                 cache: Optional[CachePlan] = None, fused: Optional[FusedProjections] = None) -> torch.Tensor:
         qkv, w13 = (fused.qkv, fused.w13) if fused is not None else (None, None)
         h = x + self.attention(self.attention_norm(x), rope, docs, cache, qkv)
+        if w13 is None:
+            return h + self.feed_forward(self.ffn_norm(h))
         return h + self.feed_forward(self.ffn_norm(h), w13)
 
 

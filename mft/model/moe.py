@@ -1,0 +1,142 @@
+"""Mixtral's sparse feed-forward: a router picks k of E SwiGLU experts per token.
+
+The router is a linear layer (`gate`, E x dim); its softmax over the experts (in fp32) is cut to
+the top k and renormalised over them, as transformers' Mixtral and mistral-inference compute it
+(mistral-inference takes the softmax of the top-k logits, the same numbers). The experts' weights
+are stacked, one (E, out, in) tensor per projection (`w1`, `w2`, `w3`, `GroupedLinear`), and run
+as grouped matrix products over the token copies sorted by expert: expert e multiplies rows
+offsets[e-1]:offsets[e]. On CUDA in bf16 that is torch's grouped GEMM (one kernel for all
+experts, no weight read for an expert no token chose); elsewhere a loop over the experts.
+
+Checkpoints store one tensor per expert (`layers.{i}.feed_forward.experts.{j}.w1.weight`,
+mistral-inference's names); mft's model holds them stacked (`layers.{i}.feed_forward.w1.weight`),
+so LoRA, quantisation and FSDP see one layer per projection (mft/checkpoint/ splits and stacks).
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mft.model.args import ModelArgs
+
+
+def uses_grouped_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM runs these operands: bf16 on a CUDA GPU of compute capability
+    9 (Hopper) or newer (torch's kernel there), else the per-expert loop."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                   grouped: Optional[bool] = None) -> torch.Tensor:
+    """x (N, in), rows sorted by group; weight (G, out, in); offsets (G,) int32, the end row of
+    each group (cumulative counts). Row n of group g gives weight[g] @ x[n]: (N, out).
+
+    `grouped`: True runs torch's grouped GEMM (any device where torch has it), False the loop over
+    groups (a host sync to read the offsets), None as `uses_grouped_gemm` says."""
+    if grouped is None:
+        grouped = uses_grouped_gemm(x, weight)
+    if grouped:
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    parts = [F.linear(x[start:end], weight[g]) for g, (start, end) in enumerate(zip(starts, ends)) if end > start]
+    return torch.cat(parts) if parts else x.new_zeros((0, weight.shape[1]))
+
+
+class GroupedLinear(nn.Module):
+    """G bias-free linear layers of one shape, stacked: `weight` (G, out, in). forward(x, offsets)
+    multiplies each group's rows by its own weight (grouped_linear)."""
+
+    def __init__(self, groups: int, in_features: int, out_features: int):
+        super().__init__()
+        self.groups, self.in_features, self.out_features = groups, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(groups, out_features, in_features))
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return grouped_linear(x, self.weight, offsets)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, in={self.in_features}, out={self.out_features}"
+
+
+@dataclass
+class Routing:
+    """Which experts each token goes to, as the grouped products need it: the T * k token copies
+    sorted by expert (stable: token order within an expert)."""
+
+    token: torch.Tensor  # (T * k,) the token each sorted copy comes from
+    weight: torch.Tensor  # (T * k,) fp32, its renormalised router probability
+    offsets: torch.Tensor  # (E,) int32, end of each expert's rows among the sorted copies
+    counts: torch.Tensor  # (E,) int64, copies per expert (tokens routed to it)
+    aux_loss: torch.Tensor  # fp32 scalar, the load-balancing loss of this routing (see route)
+
+
+def route(logits: torch.Tensor, k: int) -> Routing:
+    """The top-k routing of router `logits` (T, E).
+
+    aux_loss is Switch / Mixtral's load-balancing loss E * sum_e f_e P_e: f_e the fraction of the
+    T * k assignments that went to expert e, P_e the mean router probability of e over the tokens
+    (transformers' `load_balancing_loss_func` for one layer). It is 1 when routing is uniform."""
+    n_experts = logits.shape[-1]
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_weight, top_expert = torch.topk(probs, k, dim=-1)
+    top_weight = top_weight / top_weight.sum(dim=-1, keepdim=True)
+    expert = top_expert.reshape(-1)
+    order = torch.argsort(expert, stable=True)
+    counts = expert.new_zeros(n_experts).scatter_add_(0, expert, torch.ones_like(expert))  # static shape, unlike bincount
+    fraction = counts.float() / max(expert.numel(), 1)
+    aux_loss = n_experts * (fraction * probs.mean(dim=0)).sum()
+    return Routing(token=order // k, weight=top_weight.reshape(-1)[order], counts=counts,
+                   offsets=torch.cumsum(counts, 0).to(torch.int32), aux_loss=aux_loss)
+
+
+class _AddAuxGradient(torch.autograd.Function):
+    """Identity on `out` whose backward also sends `scale` into `aux_loss`: the load-balancing
+    loss joins the training loss's gradient without leaving the block (Megatron-LM's way), so
+    activation checkpointing and compiled blocks need no side output."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_shape = aux_loss.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad.new_full(ctx.aux_shape, ctx.scale, dtype=torch.float32), None
+
+
+class MoEFeedForward(nn.Module):
+    """A sparse SwiGLU feed-forward: out = sum over the chosen experts e of p_e w2_e(silu(w1_e x) * w3_e x).
+
+    `aux_loss_scale` (set by the training loop; 0: off) is the weight of this layer's
+    load-balancing loss in the training loss. `routing_stats` holds, after each forward, the
+    detached (tokens per expert, aux loss) of that forward, for the metrics (a checkpoint's
+    recompute writes the same values again)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        assert args.moe is not None
+        self.n_experts, self.top_k = args.moe.num_experts, args.moe.num_experts_per_tok
+        self.gate = nn.Linear(args.dim, self.n_experts, bias=False)
+        self.w1 = GroupedLinear(self.n_experts, args.dim, args.hidden_dim)
+        self.w2 = GroupedLinear(self.n_experts, args.hidden_dim, args.dim)
+        self.w3 = GroupedLinear(self.n_experts, args.dim, args.hidden_dim)
+        self.aux_loss_scale = 0.0
+        self.routing_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = route(self.gate(x), self.top_k)
+        self.routing_stats = (routing.counts.detach(), routing.aux_loss.detach())
+        xs = x[routing.token]
+        hidden = F.silu(self.w1(xs, routing.offsets)) * self.w3(xs, routing.offsets)
+        # Weighted in fp32 and cast back, as transformers does before summing the k experts.
+        ys = (self.w2(hidden, routing.offsets) * routing.weight[:, None]).to(x.dtype)
+        out = x.new_zeros(x.shape).index_add_(0, routing.token, ys)
+        if self.aux_loss_scale and torch.is_grad_enabled():
+            out = _AddAuxGradient.apply(out, routing.aux_loss, self.aux_loss_scale)
+        return out
