@@ -17,6 +17,8 @@ from transformers import (
     Mistral3Config,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     PreTrainedConfig,
 )
 
@@ -96,6 +98,18 @@ def published() -> dict[str, PreTrainedConfig]:
         "ministral-3-3b": mistral3(ministral3_text(3072, 26, 9216, 1e6, tie_word_embeddings=True)),
         "ministral-3-8b": mistral3(ministral3_text(4096, 34, 14336, 1e6, tie_word_embeddings=False)),
         "ministral-3-14b": mistral3(ministral3_text(5120, 40, 16384, 1e9, tie_word_embeddings=False)),
+        # mistralai/Mixtral-8x7B-v0.1 / Instruct-v0.1 config.json (transformers 4.36): 8 experts, top 2.
+        "mixtral-8x7b": MixtralConfig(**HEADS, vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+                                      intermediate_size=14336, rope_theta=1e6, max_position_embeddings=32768,
+                                      sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
+                                      output_router_logits=False, router_aux_loss_coef=0.02, tie_word_embeddings=False),
+        # mistralai/Mixtral-8x22B-v0.1 / Instruct-v0.1 config.json: 56 layers at 6144, 48 query heads,
+        # the v3 vocabulary (32768).
+        "mixtral-8x22b": MixtralConfig(**dict(HEADS, num_attention_heads=48), vocab_size=32768, hidden_size=6144,
+                                       num_hidden_layers=56, intermediate_size=16384, rope_theta=1e6,
+                                       max_position_embeddings=65536, sliding_window=None, num_local_experts=8,
+                                       num_experts_per_tok=2, output_router_logits=False, router_aux_loss_coef=0.001,
+                                       tie_word_embeddings=False),
     }
 
 
@@ -116,9 +130,12 @@ PARAMS = {
     "ministral-3-3b": 3_429_006_336,  # "3.4B Language Model" (+ 0.4B vision)
     "ministral-3-8b": 8_489_553_920,  # "8.4B" on the cards and in NVIDIA's docs (+ 0.4B vision)
     "ministral-3-14b": 13_506_073_600,  # "13.5B Language Model" (+ 0.4B vision)
+    "mixtral-8x7b": 46_702_792_704,  # "46.7B total parameters" (12.9B active per token)
+    "mixtral-8x22b": 140_630_071_296,  # "141B" (39B active per token)
 }
 
-CAUSAL_LM = {"mistral": MistralForCausalLM, "ministral": MinistralForCausalLM, "ministral3": Ministral3ForCausalLM}
+CAUSAL_LM = {"mistral": MistralForCausalLM, "ministral": MinistralForCausalLM, "ministral3": Ministral3ForCausalLM,
+             "mixtral": MixtralForCausalLM}
 
 def text_config(config: PreTrainedConfig) -> PreTrainedConfig:
     """The language model's config: a Mistral3 checkpoint's text_config, else the config itself."""
