@@ -193,8 +193,11 @@ def check_quantised(model: torch.nn.Module, args: ModelArgs, kinds: tuple[str, .
     shapes = linear_shapes(args)
     for kind in kinds:
         copies, out, inp = shapes[kind]
+        if stored[kind] == 0:
+            raise RuntimeError(f"{kind}: no base tensor found under layers.<i>.attention|feed_forward.{kind}, "
+                               "refusing to time a model whose quantised layers cannot be checked")
         per_weight = stored[kind] / (args.n_layers * copies * out * inp)
-        if per_weight > MAX_QUANT_BYTES_PER_WEIGHT or stored[kind] == 0:
+        if per_weight > MAX_QUANT_BYTES_PER_WEIGHT:
             raise RuntimeError(f"{kind}: {per_weight:.2f} bytes per weight over its base tensors, expected 4-bit "
                                f"storage (at most {MAX_QUANT_BYTES_PER_WEIGHT:g}); not quantised, refusing to time it")
 
