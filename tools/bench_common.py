@@ -44,14 +44,25 @@ def mean_keys(doc_len: int, window: Optional[int]) -> float:
     return (window * (window + 1) / 2 + (doc_len - window) * window) / doc_len
 
 
+def active_feed_forward_params(args: ModelArgs) -> int:
+    """Feed-forward weights one token goes through in one block: the SwiGLU's three matrices, or
+    for a mixture (Mixtral) those of its num_experts_per_tok experts plus the router."""
+    swiglu = 3 * args.dim * args.hidden_dim
+    if args.moe is None:
+        return swiglu
+    return args.moe.num_experts_per_tok * swiglu + args.dim * args.moe.num_experts
+
+
 def flops_per_token(args: ModelArgs, doc_len: int) -> float:
     """Matmul FLOPs of one trained token: forward (2N) + backward to the activations (2N) over the
-    linear layers and the head (no weight gradients for a frozen base), plus attention: forward
-    2 x 2 x keys x n_heads x head_dim per layer (QK^T and PV), backward twice that, keys averaged
-    over the document (mean_keys: (doc_len + 1) / 2 when causal within the window). LoRA's small
-    matmuls and activation-checkpointing recompute are not counted (the MFU convention)."""
+    linear layers and the head (no weight gradients for a frozen base), N counting only the
+    weights the token goes through (a mixture's chosen experts and router: active parameters),
+    plus attention: forward 2 x 2 x keys x n_heads x head_dim per layer (QK^T and PV), backward
+    twice that, keys averaged over the document (mean_keys: (doc_len + 1) / 2 when causal within
+    the window). LoRA's small matmuls and activation-checkpointing recompute are not counted (the
+    MFU convention)."""
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    linear = args.n_layers * (2 * args.dim * q + 2 * args.dim * kv + 3 * args.dim * args.hidden_dim)
+    linear = args.n_layers * (2 * args.dim * q + 2 * args.dim * kv + active_feed_forward_params(args))
     head = args.dim * args.vocab_size
     attention = sum(3 * 2 * 2 * q * mean_keys(doc_len, w) for w in args.windows)
     return 4 * (linear + head) + attention
