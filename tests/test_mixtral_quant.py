@@ -216,7 +216,8 @@ def test_int4_decoding_kernels_leave_the_experts_on_the_grouped_product(folder):
 @pytest.mark.parametrize("name", list(SPECS))
 def test_cuda_grouped_gemm_equals_the_cpu_loop(name):
     """bf16 on CUDA (torch's grouped GEMM on Hopper, Triton dequantisation) against the CPU loop
-    over the torch reference's dequantised weights, forward and input gradient."""
+    over the torch reference's dequantised weights, forward and input gradient (also the expanded,
+    stride-0 gradient of a sum, which the grouped GEMM refuses unless made dense)."""
     spec = SPECS[name]
     w = expert_weights(groups=8, out=512, cols=1024)
     cpu = QuantizedGroupedLinear.from_dense(w, spec)
@@ -231,6 +232,8 @@ def test_cuda_grouped_gemm_equals_the_cpu_loop(name):
         xi = x.to(device).requires_grad_(True)
         y = layer(xi, offsets.to(device))
         y.backward(grad.to(device))
-        results.append((y.float().cpu(), xi.grad.float().cpu()))
+        xs = x.to(device).requires_grad_(True)
+        layer(xs, offsets.to(device)).sum().backward()
+        results.append((y.float().cpu(), xi.grad.float().cpu(), xs.grad.float().cpu()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -34,7 +34,7 @@ def quantized_grouped_mm(x: torch.Tensor, offsets: torch.Tensor, parts: list[tor
     """grouped_linear(x, dequant(W), offsets) for G stacked (rows, cols) weights stored as `parts`
     (QuantSpec.part_shapes order, each with a leading G): (N, cols) -> (N, rows)."""
     weight = dequantize_stack(_stack(parts, fmt, rows, cols, block_size, double_quant, dq_block_size), x.dtype)
-    return grouped_linear(x, weight, offsets)
+    return grouped_linear(x.contiguous(), weight, offsets)
 
 
 @quantized_grouped_mm.register_fake
@@ -48,7 +48,8 @@ def quantized_grouped_mm_backward(grad: torch.Tensor, offsets: torch.Tensor, par
                                   dq_block_size: int) -> torch.Tensor:
     """The gradient of quantized_grouped_mm's x: row n of group g is grad[n] @ dequant(W)[g]."""
     weight = dequantize_stack(_stack(parts, fmt, rows, cols, block_size, double_quant, dq_block_size), grad.dtype)
-    return grouped_linear(grad, weight.transpose(-2, -1), offsets)
+    # torch's grouped GEMM needs dense strides; a sum's gradient arrives expanded (stride 0).
+    return grouped_linear(grad.contiguous(), weight.transpose(-2, -1), offsets)
 
 
 @quantized_grouped_mm_backward.register_fake
