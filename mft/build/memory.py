@@ -55,7 +55,7 @@ def keeps_output(op, args) -> bool:
 
     Kept: attention (aten's fused kernels, torch's varlen_attn, mft's own custom ops named
     *attention*), and
-    matmuls (mft's quantised one among them), except a low-rank product, whose inner dimension is under a quarter of both output
+    matmuls (mft's quantised ones among them), except a low-rank product, whose inner dimension is under a quarter of both output
     dimensions (LoRA's B, rank r): at 2r FLOPs per output element it costs about what reading a
     kept copy costs, and keeping it would double what each adapted layer keeps."""
     if op in MATMULS:
@@ -65,7 +65,7 @@ def keeps_output(op, args) -> bool:
         return True
     namespace = getattr(op, "namespace", "")
     name = op.name() if namespace in ("mft", "torch_attn") else ""  # torch_attn: torch's varlen_attn
-    return "attention" in name or "attn" in name or name == "mft::quantized_matmul"
+    return "attention" in name or "attn" in name or name in ("mft::quantized_matmul", "mft::quantized_grouped_mm")
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,7 @@ from mft.model.args import ModelArgs
 from mft.model.transformer import Transformer
 from mft.peft.lora import LoRASettings, apply_lora, init_lora_
 from mft.quant.formats import QuantSpec
-from mft.quant.linear import replace_linears
-from mft.quant.model import LINEAR_TARGETS, check_modules
+from mft.quant.model import LINEAR_TARGETS, check_modules, replace_linears
 from mft.utils.distributed import World
 from mft.utils.errors import MftError
 

@@ -4,7 +4,9 @@ Written by `mft-quantize` (mft/cli/quantize.py), or for a randomly initialised q
 The safetensors file holds, under the model's own state-dict names, the packed parts of every
 quantised linear layer (`layers.0.attention.wq.weight_q`, `..._absmax`, ...; see
 mft.quant.formats for the layout) and the remaining tensors (embeddings, norms, head unless
-quantised) dense.
+quantised, a mixture of experts' router) dense. A mixture of experts' projection is stored
+stacked, as the model holds it: `layers.0.feed_forward.w1.weight_q` (G, out, in // 2), each
+expert quantised on its own (unlike the per-expert files of dense checkpoints).
 quant_config.json says how: {"format": "mft-quantized", "version": 1, "quant": {format,
 block_size, double_quant, dq_block_size}, "modules": [...quantised kinds...], "source": ...}.
 
@@ -28,8 +30,8 @@ import torch
 from mft.checkpoint import consolidated
 from mft.model.args import ModelArgs
 from mft.model.names import canonical_name
-from mft.quant.dequant import dequantize
-from mft.quant.formats import QuantizedTensor, QuantSpec
+from mft.quant.dequant import dequantize, dequantize_stack
+from mft.quant.formats import QuantizedStack, QuantizedTensor, QuantSpec
 from mft.quant.linear import PREFIX, load_dense_weight_
 from mft.quant.model import QUANTIZABLE, model_quant
 from mft.utils.atomic import atomic_dir
@@ -92,13 +94,25 @@ def _layer_kind(name: str) -> str:
     return name.rsplit(".", 2)[-2]
 
 
+def _part_shapes(spec: QuantSpec, shape: Tuple[int, ...]) -> dict:
+    """The stored parts of a dense (out, in) weight, or of stacked (G, out, in) experts."""
+    return spec.part_shapes(*shape[-2:], groups=shape[0] if len(shape) == 3 else None)
+
+
+def _dequantized(spec: QuantSpec, shape: Tuple[int, ...], parts: dict, dtype: torch.dtype) -> torch.Tensor:
+    if len(shape) == 3:
+        return dequantize_stack(QuantizedStack(spec, tuple(shape[1:]), parts), dtype)
+    return dequantize(QuantizedTensor(spec, tuple(shape), parts), dtype)
+
+
 def expected_tensors(args: ModelArgs, spec: QuantSpec, modules) -> Dict[str, Tuple[Tuple[int, ...], Optional[torch.dtype]]]:
-    """Every tensor of a quantised checkpoint: name -> (shape, dtype; None for dense tensors)."""
+    """Every tensor of a quantised checkpoint: name -> (shape, dtype; None for dense tensors). A
+    mixture of experts' projection is stored stacked under the model's name, each part (G, ...)."""
     expected = {}
     for name, shape in consolidated.expected_shapes(args).items():
         if _layer_kind(name) in modules and name.endswith(".weight"):
             stem = name[: -len("weight")]
-            for part, (part_shape, dtype) in spec.part_shapes(*shape).items():
+            for part, (part_shape, dtype) in _part_shapes(spec, shape).items():
                 expected[stem + PREFIX + part] = (part_shape, dtype)
         else:
             expected[name] = (shape, None)
@@ -220,13 +234,13 @@ def load_quantized(model: torch.nn.Module, folder: str | os.PathLike, dtype: Opt
                 if stored_quantized:
                     stem = name[: -len("weight")]
                     parts = {part: f.get_tensor(stem + PREFIX + part).to(target.device)
-                             for part in spec.part_shapes(*target.shape)}
-                    copy_full_(target, dequantize(QuantizedTensor(spec, tuple(target.shape), parts), target.dtype))
+                             for part in _part_shapes(spec, target.shape)}
+                    copy_full_(target, _dequantized(spec, target.shape, parts, target.dtype))
                 else:
                     copy_full_(target, f.get_tensor(name).to(target.dtype))  # an FSDP rank keeps its own rows
             elif stored_quantized:  # same spec (checked above): the packed parts as they are
                 stem = name[: -len("weight")]
-                for part in spec.part_shapes(target.out_features, target.in_features):
+                for part in spec.part_shapes(target.out_features, target.in_features):  # stacked or not
                     getattr(target, PREFIX + part).copy_(f.get_tensor(stem + PREFIX + part))
             else:
                 load_dense_weight_(target, f.get_tensor(name).to(target.weight_q.device))

@@ -71,12 +71,13 @@ class Int4LoRALinear(nn.Module):
 
 
 def _int4_parts(module: nn.Module):
-    """(QuantizedTensor) of an int4 layer (QuantizedLinear or LoRALinear over one), else None."""
+    """(QuantizedTensor) of an int4 layer (QuantizedLinear or LoRALinear over one), else None; a
+    mixture of experts' stacked int4 weights keep the dequantising grouped product."""
     if getattr(module, "quant_spec", None) is None or module.quant_spec.format != "int4":
         return None
-    from mft.quant.linear import quantized_weight_of
+    from mft.quant.linear import is_stacked, quantized_weight_of
 
-    return quantized_weight_of(module)
+    return None if is_stacked(module) else quantized_weight_of(module)
 
 
 @torch.no_grad()

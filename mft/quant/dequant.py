@@ -10,7 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
-from mft.quant.formats import QuantizedTensor, nf4_levels
+from mft.quant.formats import QuantizedStack, QuantizedTensor, nf4_levels
 from mft.quant.formats import dequantize as dequantize_torch
 
 _LEVELS: Dict[torch.device, torch.Tensor] = {}  # the NF4 table, once per device
@@ -78,6 +78,20 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torc
     return dequantize_torch(qt, dtype)
 
 
+def dequantize_stack(stack: QuantizedStack, dtype: torch.dtype = torch.bfloat16,
+                     groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense (G, out, in) weights in `dtype`, dequantised one weight at a time into one buffer (so
+    the temporaries are one weight's). `groups`, a 1-D integer tensor: only those weights, in that
+    order (a decoding step reads the experts its tokens chose, not all of them)."""
+    if groups is not None:
+        stack = stack.select(groups)
+    stack.check()
+    out = torch.empty((stack.groups, *stack.shape), dtype=dtype, device=stack.device)
+    for g in range(stack.groups):
+        out[g] = dequantize(stack.weight(g), dtype)
+    return out
+
+
 def _triton_imports() -> bool:
     """Whether mft's kernels module found a working triton (imported once, on the first CUDA call)."""
     from mft.kernels import dequant as kernels
@@ -85,4 +99,4 @@ def _triton_imports() -> bool:
     return kernels.triton is not None
 
 
-__all__ = ["dequantize", "dequantize_torch", "dequantize_triton"]
+__all__ = ["dequantize", "dequantize_stack", "dequantize_torch", "dequantize_triton"]

@@ -25,10 +25,13 @@ codes q = clamp(round(x / scale + zero), 0, 15) computed with the stored (rounde
 zero, so codes are optimal for the constants that dequantisation uses: w = (q - zero) * scale.
 
 Dequantisation computes in fp32 and rounds once (to nearest even) into the compute dtype.
+
+A mixture of experts' stacked (G, out, in) weight is a QuantizedStack: G weights quantised one by
+one, each part stacked with a leading G (so every expert has its own constants).
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -73,8 +76,13 @@ class QuantSpec:
         if not self.double_quant:  # irrelevant then: normalised so that equal formats compare equal
             object.__setattr__(self, "dq_block_size", 256)
 
-    def part_shapes(self, out_features: int, in_features: int) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
-        """Name, shape and dtype of every stored tensor of an (out, in) weight."""
+    def part_shapes(self, out_features: int, in_features: int, groups: Optional[int] = None
+                    ) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
+        """Name, shape and dtype of every stored tensor of an (out, in) weight; with `groups`, of
+        G such weights stacked (QuantizedStack): each shape gains a leading G."""
+        if groups is not None:
+            return {name: ((groups, *shape), dtype)
+                    for name, (shape, dtype) in self.part_shapes(out_features, in_features).items()}
         if in_features % self.block_size:
             raise MftError(
                 f"{self.format} needs in_features divisible by block_size {self.block_size}; "
@@ -113,21 +121,55 @@ class QuantizedTensor:
 
     def check(self) -> None:
         """Fail clearly when a stored tensor has the wrong shape or dtype (e.g. after model.to(bf16))."""
-        expected = self.spec.part_shapes(*self.shape)
-        if set(expected) != set(self.parts):
-            raise ValueError(f"quantised weight parts {sorted(self.parts)} do not match {self.spec}: {sorted(expected)}")
-        for name, (shape, dtype) in expected.items():
-            t = self.parts[name]
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise MftError(
-                    f"quantised weight part {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape)}; "
-                    "was the model cast with .to(dtype)? Quantised storage keeps its own dtypes: move models "
-                    "with .to(device) only."
-                )
+        _check_parts(self.parts, self.spec, self.spec.part_shapes(*self.shape))
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The dense weight in `dtype`, computed by the torch reference."""
         return dequantize(self, dtype)
+
+
+@dataclass
+class QuantizedStack:
+    """G quantised (out, in) weights of one spec, stacked: every part of QuantSpec.part_shapes with
+    a leading G. Each weight is quantised on its own (nf4 double quantisation's per-tensor
+    absmax_offset is one per weight), so `weight(g)` is exactly `quantize` of the g-th dense weight."""
+
+    spec: QuantSpec
+    shape: Tuple[int, int]  # of one weight: (out, in)
+    parts: Dict[str, torch.Tensor] = field(repr=False)
+
+    @property
+    def groups(self) -> int:
+        return self.parts["q"].shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts["q"].device
+
+    def weight(self, g: int) -> QuantizedTensor:
+        """The g-th weight; its parts are views of the stacked ones."""
+        return QuantizedTensor(self.spec, self.shape, {name: t[g] for name, t in self.parts.items()})
+
+    def select(self, groups: torch.Tensor) -> "QuantizedStack":
+        """The weights at the indices `groups` (a 1-D integer tensor), stacked in that order."""
+        return QuantizedStack(self.spec, self.shape, {name: t.index_select(0, groups) for name, t in self.parts.items()})
+
+    def check(self) -> None:
+        """QuantizedTensor.check for the stack: every part (G, *its shape) in its dtype."""
+        _check_parts(self.parts, self.spec, self.spec.part_shapes(*self.shape, groups=self.groups))
+
+
+def _check_parts(parts: Dict[str, torch.Tensor], spec: QuantSpec, expected: dict) -> None:
+    if set(expected) != set(parts):
+        raise ValueError(f"quantised weight parts {sorted(parts)} do not match {spec}: {sorted(expected)}")
+    for name, (shape, dtype) in expected.items():
+        t = parts[name]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise MftError(
+                f"quantised weight part {name!r} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape)}; "
+                "was the model cast with .to(dtype)? Quantised storage keeps its own dtypes: move models "
+                "with .to(device) only."
+            )
 
 
 def nf4_levels(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -203,6 +245,20 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
             parts["scale"][r : r + step] = scale.reshape(-1, in_features // bs).to(torch.bfloat16)
             parts["zero"][r : r + step] = zero.reshape(-1, in_features // bs).to(torch.bfloat16)
     return QuantizedTensor(spec, (out_features, in_features), parts)
+
+
+@torch.no_grad()
+def quantize_stack(w: torch.Tensor, spec: QuantSpec) -> QuantizedStack:
+    """Quantise a (G, out, in) floating weight on its device, one (out, in) weight at a time."""
+    if w.ndim != 3:
+        raise ValueError(f"quantize_stack expects a 3-D tensor, got {w.dtype}{list(w.shape)}")
+    groups, out_features, in_features = w.shape
+    parts = {name: torch.empty(shape, dtype=dtype, device=w.device)
+             for name, (shape, dtype) in spec.part_shapes(out_features, in_features, groups).items()}
+    for g in range(groups):
+        for name, tensor in quantize(w[g], spec).parts.items():
+            parts[name][g] = tensor
+    return QuantizedStack(spec, (out_features, in_features), parts)
 
 
 def quantize_absmax(absmax: torch.Tensor, block_size: int = 256) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

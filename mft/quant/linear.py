@@ -5,7 +5,9 @@ module that owns the weight (`weight_q`, `weight_absmax` or `weight_absmax_q` /
 `weight_absmax_scale` / `weight_absmax_offset` for nf4, `weight_scale` / `weight_zero` for
 int4), so a quantised `layers.0.attention.wq` has `layers.0.attention.wq.weight_q` where a
 dense one has `layers.0.attention.wq.weight`. LoRALinear takes the same buffers over when it
-wraps a QuantizedLinear, so names do not change when adapters are applied.
+wraps a QuantizedLinear, so names do not change when adapters are applied. A module with stacked
+weights (`groups` of them: mft/quant/grouped.py, a mixture of experts) has the same buffers with a
+leading G; the helpers here (loading, dense_weight) handle both.
 
 Compute: `quantized_linear(x, qweight)` dequantises to x's dtype, multiplies, and drops the
 dense weight; backward dequantises again and returns a gradient for x only (the base is
@@ -18,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mft.quant.dequant import dequantize
-from mft.quant.formats import QuantizedTensor, QuantSpec, quantize
+from mft.quant.dequant import dequantize, dequantize_stack
+from mft.quant.formats import QuantizedStack, QuantizedTensor, QuantSpec, quantize
 
 PREFIX = "weight_"
 
@@ -84,31 +86,53 @@ def quantized_linear(x: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:
 
 
 def register_quantized_weight(
-    module: nn.Module, spec: QuantSpec, out_features: int, in_features: int, device=None
+    module: nn.Module, spec: QuantSpec, out_features: int, in_features: int, device=None,
+    groups: Optional[int] = None,
 ) -> None:
-    """Give `module` empty `weight_<part>` buffers for an (out, in) weight in `spec`."""
+    """Give `module` empty `weight_<part>` buffers for an (out, in) weight in `spec`, or with
+    `groups` for G stacked ones (QuantizedStack: each buffer with a leading G)."""
     module.quant_spec = spec
-    for name, (shape, dtype) in spec.part_shapes(out_features, in_features).items():
+    for name, (shape, dtype) in spec.part_shapes(out_features, in_features, groups).items():
         module.register_buffer(PREFIX + name, torch.empty(shape, dtype=dtype, device=device))
+
+
+def is_stacked(module: nn.Module) -> bool:
+    """Whether a quantised module holds G stacked weights (a mixture of experts' projection):
+    such modules have an integer `groups`, as mft.model.moe.GroupedLinear does."""
+    return getattr(module, "groups", None) is not None
+
+
+def _buffers(module: nn.Module, groups: Optional[int] = None) -> dict:
+    names = module.quant_spec.part_shapes(module.out_features, module.in_features, groups)
+    return {name: getattr(module, PREFIX + name) for name in names}
 
 
 def quantized_weight_of(module: nn.Module) -> QuantizedTensor:
     """The module's quantised weight, read from its buffers (so .to(device) is always honoured)."""
-    spec: QuantSpec = module.quant_spec
-    names = spec.part_shapes(module.out_features, module.in_features)
-    return QuantizedTensor(spec, (module.out_features, module.in_features),
-                           {name: getattr(module, PREFIX + name) for name in names})
+    return QuantizedTensor(module.quant_spec, (module.out_features, module.in_features), _buffers(module))
+
+
+def quantized_stack_of(module: nn.Module) -> QuantizedStack:
+    """quantized_weight_of for a module with stacked weights (`groups` of them)."""
+    return QuantizedStack(module.quant_spec, (module.out_features, module.in_features), _buffers(module, module.groups))
 
 
 @torch.no_grad()
 def load_dense_weight_(module: nn.Module, weight: torch.Tensor) -> None:
-    """Quantise a dense (out, in) weight on the module's device and store it in its buffers."""
-    target = quantized_weight_of(module)
-    if tuple(weight.shape) != target.shape:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} for a layer of shape {target.shape}")
-    quantized = quantize(weight.to(target.device), module.quant_spec)
-    for name, tensor in quantized.parts.items():
-        target.parts[name].copy_(tensor)
+    """Quantise a dense (out, in) weight, or (G, out, in) for stacked weights one (out, in) at a
+    time, on the module's device and store it in its buffers."""
+    if is_stacked(module):
+        stack = quantized_stack_of(module)
+        if tuple(weight.shape) != (stack.groups, *stack.shape):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} for {stack.groups} stacked weights of shape {stack.shape}")
+        targets = [stack.weight(g) for g in range(stack.groups)]
+    else:
+        targets, weight = [quantized_weight_of(module)], weight[None]
+        if tuple(weight.shape[1:]) != targets[0].shape:
+            raise ValueError(f"weight of shape {tuple(weight.shape[1:])} for a layer of shape {targets[0].shape}")
+    for target, dense in zip(targets, weight):
+        for name, tensor in quantize(dense.to(target.device), module.quant_spec).parts.items():
+            target.parts[name].copy_(tensor)
 
 
 class QuantizedLinear(nn.Module):
@@ -143,8 +167,11 @@ class QuantizedLinear(nn.Module):
 
 
 def dense_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The dense weight of a linear layer, quantised or not (LoRA updates not included)."""
+    """The dense weight of a linear layer, quantised or not, (G, out, in) for stacked weights
+    (LoRA updates not included)."""
     if getattr(module, "quant_spec", None) is not None:
+        if is_stacked(module):
+            return dequantize_stack(quantized_stack_of(module), dtype)
         return dequantize(quantized_weight_of(module), dtype)
     return module.weight.detach().to(dtype)
 
@@ -152,21 +179,3 @@ def dense_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch
 def quantized_layers(model: nn.Module) -> dict:
     """Modules that hold a quantised weight, by name."""
     return {name: m for name, m in model.named_modules() if getattr(m, "quant_spec", None) is not None}
-
-
-def replace_linears(model: nn.Module, spec: QuantSpec, targets, device: Optional[torch.device] = None) -> list:
-    """Swap every nn.Linear whose attribute name is in `targets` for an empty QuantizedLinear.
-
-    Used on a meta-built model: the dense weights are never allocated. Returns the names.
-    """
-    replaced = []
-    for name, module in list(model.named_modules()):
-        parent_name, _, leaf = name.rpartition(".")
-        if leaf in targets and isinstance(module, nn.Linear):
-            if module.bias is not None:
-                raise ValueError(f"{name} has a bias; quantised layers are bias-free")
-            layer = QuantizedLinear(module.in_features, module.out_features, spec,
-                                    device=device or module.weight.device)
-            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer)
-            replaced.append(name)
-    return replaced
