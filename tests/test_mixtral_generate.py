@@ -100,23 +100,31 @@ def test_forward_rows_equals_grouped_linear():
     torch.testing.assert_close(layer.forward_rows(x, group), grouped, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_decode_equals_eager(checkpoint, monkeypatch):
-    """The compiled decode step (aot_eager here: dynamo and AOTAutograd trace what inductor would
-    compile) gives eager's tokens, and is one graph: the MoE decode path has no host sync."""
-    _, _, model = checkpoint
+@pytest.fixture
+def compile_counter(monkeypatch):
+    """Generator's torch.compile on the aot_eager backend (dynamo and AOTAutograd trace what
+    inductor would compile), counting the graphs."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     counter = CompileCounterWithBackend("aot_eager")
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=counter, dynamic=kw["dynamic"]))
     torch._dynamo.reset()
+    return counter
+
+
+def assert_compiled_decode_equals_eager(model, counter):
     prompts = [prompt(11), prompt(6, seed=2)]
     settings = GenerationSettings(max_new_tokens=10)
     eager = [g.tokens for g in Generator(model).generate(prompts, settings)]
     compiled = Generator(model, compile=True)
     for _ in range(2):
         assert [g.tokens for g in compiled.generate(prompts, settings)] == eager
-    assert counter.frame_count == 1
+    assert counter.frame_count == 1  # one graph: the MoE decode path has no host sync
+
+
+def test_compiled_decode_equals_eager(checkpoint, compile_counter):
+    assert_compiled_decode_equals_eager(checkpoint[2], compile_counter)
 
 
 def test_mft_generate_command_equals_transformers_generate(tmp_path):
@@ -144,3 +152,120 @@ def test_mft_generate_command_equals_transformers_generate(tmp_path):
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == fmt.decode(new) + "\n"
+
+
+# -- int4 experts on torch's int4 matmul -----------------------------------------------------------
+class Int4Experts(torch.nn.Module):
+    """An int4 expert stack as mft.quant stores one (the contract of QuantizedGroupedLinear, being
+    written on another branch): `weight_<part>` buffers with a leading expert dim, each expert
+    quantised on its own; forward dequantises and runs the grouped products (the reference)."""
+
+    def __init__(self, weight, spec):
+        from mft.quant.formats import quantize
+
+        super().__init__()
+        self.quant_spec, (self.groups, self.out_features, self.in_features) = spec, weight.shape
+        experts = [quantize(w.float(), spec) for w in weight]
+        for part in ("q", "scale", "zero"):
+            self.register_buffer(f"weight_{part}", torch.stack([e.parts[part] for e in experts]))
+        self.dense = torch.stack([e.dequantize(weight.dtype) for e in experts])
+
+    def forward(self, x, offsets):
+        return grouped_linear(x, self.dense, offsets)
+
+
+def decisive_router_(model):
+    """Large router weights: bf16 rounding differences between two paths must not flip a near-tie
+    of experts (which changes a token's output entirely)."""
+    for block in model.layers:
+        torch.nn.init.normal_(block.feed_forward.gate.weight, std=1.0, generator=torch.Generator().manual_seed(2))
+
+
+def int4_mixtral():
+    """A tiny bf16 Mixtral (in_features multiples of 128), int4 everywhere: attention and head by
+    mft.quant, the experts as Int4Experts."""
+    from mft.quant.formats import QuantSpec
+
+    spec = QuantSpec(format="int4", block_size=128)
+    args = ModelArgs(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
+                     moe=MoeArgs(4, 2))
+    model = build(args, quant=spec, device="cpu", dtype=torch.bfloat16, std=0.05).eval()
+    decisive_router_(model)
+    for block in model.layers:
+        for name in ("w1", "w2", "w3"):
+            setattr(block.feed_forward, name, Int4Experts(getattr(block.feed_forward, name).weight.detach(), spec))
+    return model
+
+
+def packed_logits(model, ids):
+    with torch.no_grad():
+        n = len(ids)
+        return model(torch.tensor(ids), torch.arange(n), torch.tensor([0, n], dtype=torch.int32), n).float()
+
+
+def test_int4_experts_match_the_dequantised_experts():
+    """Experts on torch's int4 matmul give the dequantised model's logits: many tokens (per
+    non-empty expert) and one (the chosen experts only); generation decodes as the model's own forward."""
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no CPU int4 matmul")
+    from mft.generate.int4 import Int4GroupedLinear, use_int4_kernels
+
+    model = int4_mixtral()
+    ids = prompt(24)
+    references = [packed_logits(model, ids), packed_logits(model, ids[:1])]
+    replaced = use_int4_kernels(model)
+    assert "layers.1.feed_forward.w2" in replaced and len(replaced) == 7 * 2
+    assert isinstance(model.layers[0].feed_forward.w1, Int4GroupedLinear)
+    for reference, logits in zip(references, [packed_logits(model, ids), packed_logits(model, ids[:1])]):
+        torch.testing.assert_close(logits, reference, atol=0.05 * reference.abs().max().item(), rtol=0)
+    out = Generator(model, prefill_chunk=7).generate([ids], GenerationSettings(max_new_tokens=6))[0].tokens
+    sequence = list(ids)
+    for token in out:
+        logits = packed_logits(model, sequence)[-1]
+        assert logits[token] >= logits.max() - 0.02 * logits.abs().max()  # its argmax, up to bf16 rounding
+        sequence.append(token)
+
+
+def test_compiled_int4_decode_equals_eager(compile_counter):
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no CPU int4 matmul")
+    from mft.generate.int4 import use_int4_kernels
+
+    model = int4_mixtral()
+    use_int4_kernels(model)
+    assert_compiled_decode_equals_eager(model, compile_counter)
+
+
+def test_int4_experts_under_an_adapter_stay_on_the_dequantising_path(caplog):
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no CPU int4 matmul")
+    from mft.generate.int4 import use_int4_kernels
+
+    model = int4_mixtral()
+    experts = model.layers[0].feed_forward.w3
+    experts.lora_a = torch.zeros(experts.groups, 4, experts.in_features)  # as an expert LoRA wrapper holds
+    with caplog.at_level("INFO", logger="mft.generate.int4"):
+        replaced = use_int4_kernels(model)
+    assert "layers.0.feed_forward.w3" not in replaced and len(replaced) == 7 * 2 - 1
+    assert model.layers[0].feed_forward.w3 is experts
+    assert "layers.0.feed_forward.w3: int4 experts under a LoRA adapter" in caplog.text
+
+
+def test_experts_quantised_by_mft_quant_decode_on_int4_kernels():
+    """With mft.quant's own int4 experts (QuantizedGroupedLinear): converted, same logits."""
+    pytest.importorskip("mft.quant.grouped", reason="mft.quant has no int4 expert stacks in this checkout")
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        pytest.skip("this torch has no CPU int4 matmul")
+    from mft.generate.int4 import Int4GroupedLinear, use_int4_kernels
+    from mft.quant.formats import QuantSpec
+
+    args = ModelArgs(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
+                     moe=MoeArgs(4, 2))
+    model = build(args, quant=QuantSpec(format="int4", block_size=128), device="cpu", dtype=torch.bfloat16,
+                  std=0.05).eval()
+    decisive_router_(model)
+    ids = prompt(24)
+    reference = packed_logits(model, ids)
+    assert len(use_int4_kernels(model)) == 7 * 2
+    assert isinstance(model.layers[1].feed_forward.w2, Int4GroupedLinear)
+    torch.testing.assert_close(packed_logits(model, ids), reference, atol=0.05 * reference.abs().max().item(), rtol=0)
