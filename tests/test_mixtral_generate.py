@@ -181,7 +181,7 @@ def decisive_router_(model):
         torch.nn.init.normal_(block.feed_forward.gate.weight, std=1.0, generator=torch.Generator().manual_seed(2))
 
 
-def int4_mixtral():
+def int4_mixtral(device="cpu"):
     """A tiny bf16 Mixtral (in_features multiples of 128), int4 everywhere: attention and head by
     mft.quant, the experts as Int4Experts."""
     from mft.quant.formats import QuantSpec
@@ -189,7 +189,7 @@ def int4_mixtral():
     spec = QuantSpec(format="int4", block_size=128)
     args = ModelArgs(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
                      moe=MoeArgs(4, 2))
-    model = build(args, quant=spec, device="cpu", dtype=torch.bfloat16, std=0.05).eval()
+    model = build(args, quant=spec, device=device, dtype=torch.bfloat16, std=0.05).eval()
     decisive_router_(model)
     for block in model.layers:
         for name in ("w1", "w2", "w3"):
@@ -198,9 +198,11 @@ def int4_mixtral():
 
 
 def packed_logits(model, ids):
+    device = model.tok_embeddings.weight.device
     with torch.no_grad():
         n = len(ids)
-        return model(torch.tensor(ids), torch.arange(n), torch.tensor([0, n], dtype=torch.int32), n).float()
+        return model(torch.tensor(ids, device=device), torch.arange(n, device=device),
+                     torch.tensor([0, n], dtype=torch.int32, device=device), n).float()
 
 
 def test_int4_experts_match_the_dequantised_experts():
@@ -219,10 +221,15 @@ def test_int4_experts_match_the_dequantised_experts():
     for reference, logits in zip(references, [packed_logits(model, ids), packed_logits(model, ids[:1])]):
         torch.testing.assert_close(logits, reference, atol=0.05 * reference.abs().max().item(), rtol=0)
     out = Generator(model, prefill_chunk=7).generate([ids], GenerationSettings(max_new_tokens=6))[0].tokens
+    assert_argmax_up_to_rounding(model, ids, out)
+
+
+def assert_argmax_up_to_rounding(model, ids, generated):
+    """Each generated token is the argmax of the model's packed forward, up to bf16 rounding."""
     sequence = list(ids)
-    for token in out:
+    for token in generated:
         logits = packed_logits(model, sequence)[-1]
-        assert logits[token] >= logits.max() - 0.02 * logits.abs().max()  # its argmax, up to bf16 rounding
+        assert logits[token] >= logits.max() - 0.02 * logits.abs().max()
         sequence.append(token)
 
 
@@ -234,6 +241,29 @@ def test_compiled_int4_decode_equals_eager(compile_counter):
     model = int4_mixtral()
     use_int4_kernels(model)
     assert_compiled_decode_equals_eager(model, compile_counter)
+
+
+@pytest.mark.gpu
+def test_int4_experts_on_cuda_with_cuda_graphs():
+    """On the GPU: tinygemm's packs of the experts give the dequantised logits, and the compiled
+    decode step (inductor, CUDA graphs) generates each token as the model's argmax, up to bf16
+    rounding (inductor's fusions round otherwise than eager), the same on replay."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from mft.generate.int4 import Int4GroupedLinear, use_int4_kernels
+
+    model = int4_mixtral("cuda")
+    ids = prompt(24)
+    references = [packed_logits(model, ids), packed_logits(model, ids[:1])]
+    use_int4_kernels(model)
+    assert isinstance(model.layers[0].feed_forward.w1, Int4GroupedLinear)
+    for reference, logits in zip(references, [packed_logits(model, ids), packed_logits(model, ids[:1])]):
+        torch.testing.assert_close(logits, reference, atol=0.05 * reference.abs().max().item(), rtol=0)
+    compiled = Generator(model, compile=True)
+    settings = GenerationSettings(max_new_tokens=12)
+    first = compiled.generate([ids], settings)[0].tokens
+    assert compiled.generate([ids], settings)[0].tokens == first  # replays the recorded graph
+    assert_argmax_up_to_rounding(model, ids, first)
 
 
 def test_int4_experts_under_an_adapter_stay_on_the_dequantising_path(caplog):
