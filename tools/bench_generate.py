@@ -3,6 +3,8 @@
   python tools/bench_generate.py                       # 7B (Mistral-7B-v0.3 shape), bf16, CUDA
   python tools/bench_generate.py --window 4096         # v0.1 shape: sliding window, rolling cache
   python tools/bench_generate.py --tiny --device cpu   # a smoke run of the script itself
+  python tools/bench_generate.py --model mixtral-8x7b  # Mixtral 8x7B shape, int4 base (~26 GiB)
+  python tools/bench_generate.py --model mixtral-8x7b --tiny --device cpu  # its smoke run
 
 Random weights (no download), drawn once by mft and copied into transformers' MistralForCausalLM
 (wq/wk in HF's rotary layout), so both decode the same model. Token ids only: no tokenizer, no
@@ -14,6 +16,11 @@ Hydra, no mistral-common. EOS never stops a run (every row generates --new token
 - mft int4 (mft.quant, when installed): the same weights quantised (int4, groups of 128), run
   through mft.quant's dequantise + matmul, then on torch's int4 matmul (mft/generate/int4.py),
   each eager and compiled.
+--model mixtral-8x7b builds Mixtral 8x7B's shape directly int4-quantised (random weights, the
+dense model never exists) and runs the int4 rows only (no transformers rows: they need the dense
+model): the experts on torch's int4 matmul compute only the experts each token chose (the note
+says whether the experts were int4 at all: an mft.quant that leaves experts dense keeps them bf16).
+--layers cuts the model for a quick check.
 "argmax gap": see argmax_gap (each row's tokens scored by mft's packed forward on the weights as
 they are for that row).
 tokens/s = new tokens / wall time of a whole generate call (prefill included: a short prompt),
@@ -40,12 +47,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from mft.build import ModelSpec, Runtime, build_model  # noqa: E402
 from mft.checkpoint.hf import mft_to_hf_name, permute_rotary  # noqa: E402
 from mft.generate.decode import GenerationSettings, Generator  # noqa: E402
-from mft.model.args import ModelArgs  # noqa: E402
+from mft.model.args import ModelArgs, MoeArgs  # noqa: E402
+from mft.quant.formats import QuantSpec  # noqa: E402
 
 SEVEN_B = ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                     vocab_size=32768, rope_theta=1e6, sliding_window=None)
 TINY = ModelArgs(dim=256, n_layers=4, head_dim=64, hidden_dim=512, n_heads=4, n_kv_heads=2, vocab_size=1024,
                  rope_theta=1e6, sliding_window=None)
+MIXTRAL_8X7B = ModelArgs(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
+                         vocab_size=32000, rope_theta=1e6, sliding_window=None, moe=MoeArgs(8, 2))
+TINY_MOE = ModelArgs(**{**vars(TINY), "moe": MoeArgs(4, 2)})
+# (--model, --tiny) -> shape, title
+MODELS = {("mistral-7b", False): (SEVEN_B, "7B (Mistral-7B-v0.3 shape)"), ("mistral-7b", True): (TINY, "tiny"),
+          ("mixtral-8x7b", False): (MIXTRAL_8X7B, "Mixtral 8x7B shape, int4 base"),
+          ("mixtral-8x7b", True): (TINY_MOE, "tiny Mixtral, int4 base")}
+INT4 = QuantSpec(format="int4", block_size=128, double_quant=False, dq_block_size=256)
 
 
 def sync(device):
@@ -120,7 +136,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    parser.add_argument("--model", choices=["mistral-7b", "mixtral-8x7b"], default="mistral-7b",
+                        help="mixtral-8x7b: int4 base, int4 rows only")
     parser.add_argument("--tiny", action="store_true", help="a small model (smoke test of the script)")
+    parser.add_argument("--layers", type=int, default=None, help="blocks (default: the model's)")
     parser.add_argument("--window", type=int, default=None, help="sliding window (4096 = Mistral-7B-v0.1 shape)")
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     parser.add_argument("--new", type=int, default=256, help="generated tokens")
@@ -133,9 +152,12 @@ def main(argv=None):
 
     device = torch.device(opts.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]
-    args = TINY if opts.tiny else SEVEN_B
-    args = ModelArgs(**{**vars(args), "sliding_window": opts.window})
-    model = build_model(ModelSpec(args), Runtime(device=device, dtype=dtype)).eval()
+    args, title = MODELS[opts.model, opts.tiny]
+    args = ModelArgs(**{**vars(args), "sliding_window": opts.window, "n_layers": opts.layers or args.n_layers})
+    moe = args.moe is not None
+    if moe:  # built quantised: only the int4 rows exist
+        skip |= {"hf", "hf_compile", "mft", "mft_unfused", "mft_compile"}
+    model = build_model(ModelSpec(args, quant=INT4 if moe else None), Runtime(device=device, dtype=dtype)).eval()
     prompt = torch.randint(3, args.vocab_size, (opts.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
     settings = GenerationSettings(max_new_tokens=opts.new)
     rows, outputs = [], {}
@@ -191,18 +213,24 @@ def main(argv=None):
 
     if "int4" not in skip:
         try:
-            from mft.quant.formats import QuantSpec
             from mft.quant.model import quantize_model_
 
-            quantize_model_(model, QuantSpec(format="int4", block_size=128, double_quant=False, dq_block_size=256))
+            if not moe:
+                quantize_model_(model, INT4)
             if "int4_dequant" not in skip:
                 mft_row("mft int4 (eager)", model, False, "int4 g128, mft.quant's dequantise + matmul")
                 mft_row("mft int4 (compile)", model, True, "int4 g128, mft.quant's dequantise + matmul")
-            from mft.generate.int4 import use_int4_kernels
+            from mft.generate.int4 import Int4GroupedLinear, use_int4_kernels
 
             if use_int4_kernels(model):
-                mft_row("mft int4 kernel (eager)", model, False, "int4 g128 on torch's int4 matmul (tinygemm)")
-                mft_row("mft int4 kernel (compile)", model, True, "int4 g128 on torch's int4 matmul, CUDA graphs")
+                experts = ""
+                if moe:
+                    stacks = sum(isinstance(m, Int4GroupedLinear) for m in model.modules())
+                    experts = (f"; experts: {stacks} int4 stacks, chosen experts only" if stacks else
+                               "; experts bf16 (this mft.quant does not quantise them)")
+                mft_row("mft int4 kernel (eager)", model, False, "int4 g128 on torch's int4 matmul (tinygemm)" + experts)
+                mft_row("mft int4 kernel (compile)", model, True,
+                        "int4 g128 on torch's int4 matmul, CUDA graphs" + experts)
             else:
                 rows.append({"name": "mft int4 kernel", "error": f"torch has no int4 matmul for {device}"})
         except ImportError as e:
@@ -214,7 +242,7 @@ def main(argv=None):
     import transformers
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"\n## Decoding, batch 1: {'tiny' if opts.tiny else '7B (Mistral-7B-v0.3 shape)'}"
+    print(f"\n## Decoding, batch 1: {title}{f', {args.n_layers} layers' if opts.layers else ''}"
           f"{f', window {opts.window}' if opts.window else ''}, {opts.dtype}, prompt {opts.prompt}, new {opts.new}")
     print(f"device: {gpu}; torch {torch.__version__}; transformers {transformers.__version__}; "
           f"triton {getattr(sys.modules.get('triton'), '__version__', 'n/a')}; commit {commit()}")

@@ -10,7 +10,9 @@ in, and the model's own parameters (the same Parameter objects, so an optimizer'
 stay valid) now hold views into it: disjoint row ranges, which safetensors saves as separate
 tensors. In-place changes to either (merging an adapter, `load_state_dict`, an optimizer step)
 are thus seen by both. A block whose projections are not plain bias-free `nn.Linear` layers
-(LoRA kept unmerged, quantised layers, int4 kernels) is left as it is.
+(LoRA kept unmerged, quantised layers, int4 kernels) is left as it is. A mixture-of-experts
+block (Mixtral) gets its qkv fused; its experts stay as they are: at decoding each token copy
+reads only its own expert's weights (mft/model/moe.py, forward_rows), w1 and w3 one after the other.
 """
 
 import weakref
@@ -19,7 +21,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mft.model.transformer import FusedProjections, Transformer
+from mft.model.transformer import FeedForward, FusedProjections, Transformer
 
 
 def _plain(layer: nn.Module) -> bool:
@@ -58,7 +60,8 @@ def fuse_projections(model: Transformer) -> list[FusedProjections]:
     blocks = []
     for block in model.layers:
         attn, ff = block.attention, block.feed_forward
-        blocks.append(FusedProjections(qkv=_fuse([attn.wq, attn.wk, attn.wv]), w13=_fuse([ff.w1, ff.w3])))
+        w13 = _fuse([ff.w1, ff.w3]) if isinstance(ff, FeedForward) else None  # experts: see the module docstring
+        blocks.append(FusedProjections(qkv=_fuse([attn.wq, attn.wk, attn.wv]), w13=w13))
     return blocks
 
 

@@ -6,7 +6,10 @@ the top k and renormalised over them, as transformers' Mixtral and mistral-infer
 are stacked, one (E, out, in) tensor per projection (`w1`, `w2`, `w3`, `GroupedLinear`), and run
 as grouped matrix products over the token copies sorted by expert: expert e multiplies rows
 offsets[e-1]:offsets[e]. On CUDA in bf16 that is torch's grouped GEMM (one kernel for all
-experts, no weight read for an expert no token chose); elsewhere a loop over the experts.
+experts); elsewhere a loop over the experts. Decoding (no gradient, at most as many token copies
+as experts) instead multiplies each copy by its own expert's weight, gathered (`forward_rows`):
+only the chosen experts' weights are read, whatever the grouped kernel does with empty groups,
+and without the loop's host sync, so a compiled decode step stays one graph.
 
 Checkpoints store one tensor per expert (`layers.{i}.feed_forward.experts.{j}.w1.weight`,
 mistral-inference's names); mft's model holds them stacked (`layers.{i}.feed_forward.w1.weight`),
@@ -59,6 +62,11 @@ class GroupedLinear(nn.Module):
     def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return grouped_linear(x, self.weight, offsets)
 
+    def forward_rows(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """Row n of x (N, in) times weight[group[n]]: (N, out). Reads the N named groups' weights only
+        (gathered, no host sync): for a few rows, as in decoding."""
+        return torch.bmm(self.weight[group], x[:, :, None])[:, :, 0]
+
     def extra_repr(self) -> str:
         return f"groups={self.groups}, in={self.in_features}, out={self.out_features}"
 
@@ -69,6 +77,7 @@ class Routing:
     sorted by expert (stable: token order within an expert)."""
 
     token: torch.Tensor  # (T * k,) the token each sorted copy comes from
+    expert: torch.Tensor  # (T * k,) the expert each sorted copy goes to
     weight: torch.Tensor  # (T * k,) fp32, its renormalised router probability
     offsets: torch.Tensor  # (E,) int32, end of each expert's rows among the sorted copies
     counts: torch.Tensor  # (E,) int64, copies per expert (tokens routed to it)
@@ -90,7 +99,7 @@ def route(logits: torch.Tensor, k: int) -> Routing:
     counts = expert.new_zeros(n_experts).scatter_add_(0, expert, torch.ones_like(expert))  # static shape, unlike bincount
     fraction = counts.float() / max(expert.numel(), 1)
     aux_loss = n_experts * (fraction * probs.mean(dim=0)).sum()
-    return Routing(token=order // k, weight=top_weight.reshape(-1)[order], counts=counts,
+    return Routing(token=order // k, expert=expert[order], weight=top_weight.reshape(-1)[order], counts=counts,
                    offsets=torch.cumsum(counts, 0).to(torch.int32), aux_loss=aux_loss)
 
 
@@ -133,10 +142,23 @@ class MoEFeedForward(nn.Module):
         routing = route(self.gate(x), self.top_k)
         self.routing_stats = (routing.counts.detach(), routing.aux_loss.detach())
         xs = x[routing.token]
-        hidden = F.silu(self.w1(xs, routing.offsets)) * self.w3(xs, routing.offsets)
+        by_row = self._by_row(xs.shape[0])
+        hidden = F.silu(self._experts(self.w1, xs, routing, by_row)) * self._experts(self.w3, xs, routing, by_row)
         # Weighted in fp32 and cast back, as transformers does before summing the k experts.
-        ys = (self.w2(hidden, routing.offsets) * routing.weight[:, None]).to(x.dtype)
+        ys = (self._experts(self.w2, hidden, routing, by_row) * routing.weight[:, None]).to(x.dtype)
         out = x.new_zeros(x.shape).index_add_(0, routing.token, ys)
         if self.aux_loss_scale and torch.is_grad_enabled():
             out = _AddAuxGradient.apply(out, routing.aux_loss, self.aux_loss_scale)
         return out
+
+    def _by_row(self, copies: int) -> bool:
+        """Whether the experts run per token copy (forward_rows) rather than as grouped products:
+        when decoding (no gradient: training keeps one path) with at most as many copies as
+        experts, so the gathered weights are never more than the whole stack, and only when every
+        expert layer has forward_rows (an adapter-wrapped layer takes the grouped path)."""
+        return (not torch.is_grad_enabled() and copies <= self.n_experts
+                and all(hasattr(layer, "forward_rows") for layer in (self.w1, self.w2, self.w3)))
+
+    @staticmethod
+    def _experts(layer: nn.Module, x: torch.Tensor, routing: Routing, by_row: bool) -> torch.Tensor:
+        return layer.forward_rows(x, routing.expert) if by_row else layer(x, routing.offsets)

@@ -34,7 +34,7 @@ class FusedProjections:
     tensors, so no gradient reaches the layers' parameters through them. None: not fused."""
 
     qkv: Optional[torch.Tensor]  # (n_heads * hd + 2 * n_kv_heads * hd, dim)
-    w13: Optional[torch.Tensor]  # (2 * hidden_dim, dim): w1's rows then w3's
+    w13: Optional[torch.Tensor]  # (2 * hidden_dim, dim): w1's rows then w3's; None for a mixture of experts
 
 
 def project(x: torch.Tensor, *layers: nn.Module) -> Sequence[torch.Tensor]:
