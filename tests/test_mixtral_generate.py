@@ -155,25 +155,6 @@ def test_mft_generate_command_equals_transformers_generate(tmp_path):
 
 
 # -- int4 experts on torch's int4 matmul -----------------------------------------------------------
-class Int4Experts(torch.nn.Module):
-    """An int4 expert stack as mft.quant stores one (the contract of QuantizedGroupedLinear, being
-    written on another branch): `weight_<part>` buffers with a leading expert dim, each expert
-    quantised on its own; forward dequantises and runs the grouped products (the reference)."""
-
-    def __init__(self, weight, spec):
-        from mft.quant.formats import quantize
-
-        super().__init__()
-        self.quant_spec, (self.groups, self.out_features, self.in_features) = spec, weight.shape
-        experts = [quantize(w.float(), spec) for w in weight]
-        for part in ("q", "scale", "zero"):
-            self.register_buffer(f"weight_{part}", torch.stack([e.parts[part] for e in experts]))
-        self.dense = torch.stack([e.dequantize(weight.dtype) for e in experts])
-
-    def forward(self, x, offsets):
-        return grouped_linear(x, self.dense, offsets)
-
-
 def decisive_router_(model):
     """Large router weights: bf16 rounding differences between two paths must not flip a near-tie
     of experts (which changes a token's output entirely)."""
@@ -182,18 +163,15 @@ def decisive_router_(model):
 
 
 def int4_mixtral(device="cpu"):
-    """A tiny bf16 Mixtral (in_features multiples of 128), int4 everywhere: attention and head by
-    mft.quant, the experts as Int4Experts."""
+    """A tiny bf16 Mixtral (in_features multiples of 128), int4 everywhere by mft.quant (the experts
+    as QuantizedGroupedLinear stacks)."""
     from mft.quant.formats import QuantSpec
 
-    spec = QuantSpec(format="int4", block_size=128)
     args = ModelArgs(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
                      moe=MoeArgs(4, 2))
-    model = build(args, quant=spec, device=device, dtype=torch.bfloat16, std=0.05).eval()
+    model = build(args, quant=QuantSpec(format="int4", block_size=128), device=device, dtype=torch.bfloat16,
+                  std=0.05).eval()
     decisive_router_(model)
-    for block in model.layers:
-        for name in ("w1", "w2", "w3"):
-            setattr(block.feed_forward, name, Int4Experts(getattr(block.feed_forward, name).weight.detach(), spec))
     return model
 
 
@@ -279,23 +257,3 @@ def test_int4_experts_under_an_adapter_stay_on_the_dequantising_path(caplog):
     assert "layers.0.feed_forward.w3" not in replaced and len(replaced) == 7 * 2 - 1
     assert model.layers[0].feed_forward.w3 is experts
     assert "layers.0.feed_forward.w3: int4 experts under a LoRA adapter" in caplog.text
-
-
-def test_experts_quantised_by_mft_quant_decode_on_int4_kernels():
-    """With mft.quant's own int4 experts (QuantizedGroupedLinear): converted, same logits."""
-    pytest.importorskip("mft.quant.grouped", reason="mft.quant has no int4 expert stacks in this checkout")
-    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-        pytest.skip("this torch has no CPU int4 matmul")
-    from mft.generate.int4 import Int4GroupedLinear, use_int4_kernels
-    from mft.quant.formats import QuantSpec
-
-    args = ModelArgs(dim=128, n_layers=2, head_dim=32, hidden_dim=256, n_heads=4, n_kv_heads=2, vocab_size=VOCAB,
-                     moe=MoeArgs(4, 2))
-    model = build(args, quant=QuantSpec(format="int4", block_size=128), device="cpu", dtype=torch.bfloat16,
-                  std=0.05).eval()
-    decisive_router_(model)
-    ids = prompt(24)
-    reference = packed_logits(model, ids)
-    assert len(use_int4_kernels(model)) == 7 * 2
-    assert isinstance(model.layers[1].feed_forward.w2, Int4GroupedLinear)
-    torch.testing.assert_close(packed_logits(model, ids), reference, atol=0.05 * reference.abs().max().item(), rtol=0)

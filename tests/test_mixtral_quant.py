@@ -201,16 +201,6 @@ def test_random_quantised_moe_draws_each_expert(folder):
     assert torch.equal(dense_weight(again.layers[0].feed_forward.w1), w1)
 
 
-def test_int4_decoding_kernels_leave_the_experts_on_the_grouped_product(folder):
-    from mft.generate.int4 import use_int4_kernels
-
-    model = build(read_model_args(folder), weights=folder, quant=MODEL_SPECS["int4"]).eval()
-    toks = tokens(8)
-    use_int4_kernels(model)
-    assert isinstance(model.layers[0].feed_forward.w1, QuantizedGroupedLinear)
-    assert torch.isfinite(mft_logits(model, toks)).all()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", list(SPECS))

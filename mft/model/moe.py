@@ -6,10 +6,11 @@ the top k and renormalised over them, as transformers' Mixtral and mistral-infer
 are stacked, one (E, out, in) tensor per projection (`w1`, `w2`, `w3`, `GroupedLinear`), and run
 as grouped matrix products over the token copies sorted by expert: expert e multiplies rows
 offsets[e-1]:offsets[e]. On CUDA in bf16 that is torch's grouped GEMM (one kernel for all
-experts); elsewhere a loop over the experts. Decoding (no gradient, at most as many token copies
-as experts) instead multiplies each copy by its own expert's weight, gathered (`forward_rows`):
-only the chosen experts' weights are read, whatever the grouped kernel does with empty groups,
-and without the loop's host sync, so a compiled decode step stays one graph.
+experts; measured on an H200, an expert without rows costs nothing, so decoding reads only the
+chosen experts' weights); elsewhere a loop over the experts. Decoding (no gradient, at most as
+many token copies as experts) on any other path multiplies each copy by its own expert's weight,
+gathered (`forward_rows`, 4-bit stacks dequantise only those experts), without the loop's host
+sync, so a compiled decode step stays one graph.
 
 Checkpoints store one tensor per expert (`layers.{i}.feed_forward.experts.{j}.w1.weight`,
 mistral-inference's names); mft's model holds them stacked (`layers.{i}.feed_forward.w1.weight`),
@@ -142,7 +143,7 @@ class MoEFeedForward(nn.Module):
         routing = route(self.gate(x), self.top_k)
         self.routing_stats = (routing.counts.detach(), routing.aux_loss.detach())
         xs = x[routing.token]
-        by_row = self._by_row(xs.shape[0])
+        by_row = self._by_row(xs)
         hidden = F.silu(self._experts(self.w1, xs, routing, by_row)) * self._experts(self.w3, xs, routing, by_row)
         # Weighted in fp32 and cast back, as transformers does before summing the k experts.
         ys = (self._experts(self.w2, hidden, routing, by_row) * routing.weight[:, None]).to(x.dtype)
@@ -151,13 +152,18 @@ class MoEFeedForward(nn.Module):
             out = _AddAuxGradient.apply(out, routing.aux_loss, self.aux_loss_scale)
         return out
 
-    def _by_row(self, copies: int) -> bool:
+    def _by_row(self, copies: torch.Tensor) -> bool:
         """Whether the experts run per token copy (forward_rows) rather than as grouped products:
         when decoding (no gradient: training keeps one path) with at most as many copies as
-        experts, so the gathered weights are never more than the whole stack, and only when every
-        expert layer has forward_rows (an adapter-wrapped layer takes the grouped path)."""
-        return (not torch.is_grad_enabled() and copies <= self.n_experts
-                and all(hasattr(layer, "forward_rows") for layer in (self.w1, self.w2, self.w3)))
+        experts, so the gathered weights are never more than the whole stack, only when every
+        expert layer has forward_rows (an adapter-wrapped layer takes the grouped path), and not
+        for dense experts on torch's grouped GEMM, which already skips the empty experts."""
+        layers = (self.w1, self.w2, self.w3)
+        if torch.is_grad_enabled() or copies.shape[0] > self.n_experts:
+            return False
+        if all(type(layer) is GroupedLinear for layer in layers) and uses_grouped_gemm(copies, self.w1.weight):
+            return False
+        return all(hasattr(layer, "forward_rows") for layer in layers)
 
     @staticmethod
     def _experts(layer: nn.Module, x: torch.Tensor, routing: Routing, by_row: bool) -> torch.Tensor:

@@ -110,5 +110,9 @@ class QuantizedGroupedLinear(nn.Module):
     def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return quantized_grouped_linear(x, offsets, self.quantized_weights())
 
+    def forward_rows(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """Row n of x (N, in) times expert group[n]'s weight, dequantising only those experts (decoding)."""
+        return torch.bmm(self.dequantize(x.dtype, groups=group), x[:, :, None])[:, :, 0]
+
     def extra_repr(self) -> str:
         return f"groups={self.groups}, in={self.in_features}, out={self.out_features}, {self.quant_spec.describe()}"
