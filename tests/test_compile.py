@@ -107,7 +107,7 @@ def test_compiled_triton_model_is_one_graph_per_block_never_recompiles_and_match
 
 
 @needs_kernels
-def test_compiled_moe_model_is_one_graph_per_block_never_recompiles_and_matches_eager(monkeypatch):
+def test_compiled_moe_model_is_one_graph_per_block_never_recompiles_and_matches_eager(monkeypatch, caplog):
     """Mixtral's sparse block through torch's grouped GEMM (forced here: on CUDA it runs in bf16 on
     sm90+, and torch's fake implementation takes bf16 only; the per-expert loop reads the offsets
     on the host, a graph break), with the load-balancing loss's gradient on: one graph, none
@@ -116,13 +116,15 @@ def test_compiled_moe_model_is_one_graph_per_block_never_recompiles_and_matches_
     from mft.model.args import MoeArgs
     from mft.train.routing import moe_layers, set_aux_loss_scale
 
-    monkeypatch.setattr(moe, "uses_grouped_gemm", lambda x, weight: True)
+    monkeypatch.setattr(moe, "grouped_gemm_runs", lambda device, dtype: True)
     args = dataclasses.replace(ARGS, hidden_dim=64, moe=MoeArgs(4, 2))
     model = build(args, attn_backend="triton", std=0.2, dtype=torch.bfloat16)
     set_aux_loss_scale(moe_layers(model), 0.1, 1)
     eager = copy.deepcopy(model)
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compile_blocks(model, torch.device("cpu"), backend=counter)  # fullgraph: a graph break would raise
+    with caplog.at_level(logging.WARNING, logger="mft.build.parallelize"):
+        compile_blocks(model, torch.device("cpu"), backend=counter)  # fullgraph: a graph break would raise
+    assert not caplog.records
     frames = []
     for seed, lengths in enumerate(PACKINGS):
         batch = packed(lengths, seed)
@@ -133,6 +135,18 @@ def test_compiled_moe_model_is_one_graph_per_block_never_recompiles_and_matches_
         assert torch.equal(moe_layers(model)[1].routing_stats[0], moe_layers(eager)[1].routing_stats[0])
         frames.append(counter.frame_count)
     assert frames[0] <= 2 and frames[1] == frames[0]
+
+
+def test_moe_blocks_whose_experts_loop_compile_with_graph_breaks(caplog):
+    """Where the grouped GEMM does not run (here: CPU; on CUDA: not bf16, or before sm90) the
+    per-expert loop reads the offsets on the host, so fullgraph would fail: the blocks compile
+    without it, and the log says why."""
+    from mft.model.args import MoeArgs
+
+    model = build(dataclasses.replace(ARGS, moe=MoeArgs(4, 2)), attn_backend="triton")
+    with caplog.at_level(logging.WARNING, logger="mft.build.parallelize"):
+        compile_blocks(model, torch.device("cpu"), backend="aot_eager", dtype=torch.float32)
+    assert "per-expert loop" in caplog.text
 
 
 @needs_kernels

@@ -23,11 +23,15 @@ from torch import nn
 from mft.model.args import ModelArgs
 
 
+def grouped_gemm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the experts run as torch's grouped GEMM on `device` in `dtype`: bf16 on a CUDA GPU of
+    compute capability 9 (Hopper) or newer (torch's kernel there), else as the per-expert loop."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def uses_grouped_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM runs these operands: bf16 on a CUDA GPU of compute capability
-    9 (Hopper) or newer (torch's kernel there), else the per-expert loop."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    """Whether torch's grouped GEMM runs these operands (grouped_gemm_runs)."""
+    return x.dtype == weight.dtype and grouped_gemm_runs(x.device, x.dtype)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
