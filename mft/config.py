@@ -193,6 +193,11 @@ class TrainConfig:
     # Output head + cross-entropy over this many supervised tokens at a time, recomputed in backward, so
     # no (tokens x vocab) fp32 logits are kept (GiBs at long seq_len); 0: all at once.
     loss_chunk_tokens: int = 2048
+    # Mixture of experts (model.moe): weight of the routers' load-balancing loss (Switch / Mixtral: 1 when
+    # balanced), the mean over layers, added to the cross-entropy. 0: off, as in transformers' fine-tuning
+    # (output_router_logits false) and mistral-finetune. When on, transformers' coefficient is 0.001 on a
+    # loss k times this one (it pools the layers and divides by tokens, not tokens x k): 0.002 for top 2.
+    router_aux_loss_coef: float = 0.0
     # Evaluate on the validation set every N optimizer steps; 0: only before the first step and after the last.
     eval_every: int = 50
     # Evaluate before the first step (the baseline of the report); false: start training at once.

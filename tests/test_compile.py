@@ -10,6 +10,7 @@ inductor's C++ compile, which takes minutes on two cores; inductor itself runs i
 """
 
 import copy
+import dataclasses
 import logging
 import os
 import subprocess
@@ -103,6 +104,49 @@ def test_compiled_triton_model_is_one_graph_per_block_never_recompiles_and_match
     # Block 0 reads the embedding (no grad), block 1 a tensor that requires grad: two graphs at most,
     # and none more for the second packing.
     assert frames[0] <= 2 and frames[1] == frames[0]
+
+
+@needs_kernels
+def test_compiled_moe_model_is_one_graph_per_block_never_recompiles_and_matches_eager(monkeypatch, caplog):
+    """Mixtral's sparse block through torch's grouped GEMM (forced here: on CUDA it runs in bf16 on
+    sm90+, and torch's fake implementation takes bf16 only; the per-expert loop reads the offsets
+    on the host, a graph break), with the load-balancing loss's gradient on: one graph, none
+    more for a new packing of the same token count, and the eager model's numbers."""
+    from mft.model import moe
+    from mft.model.args import MoeArgs
+    from mft.train.routing import moe_layers, set_aux_loss_scale
+
+    monkeypatch.setattr(moe, "grouped_gemm_runs", lambda device, dtype: True)
+    args = dataclasses.replace(ARGS, hidden_dim=64, moe=MoeArgs(4, 2))
+    model = build(args, attn_backend="triton", std=0.2, dtype=torch.bfloat16)
+    set_aux_loss_scale(moe_layers(model), 0.1, 1)
+    eager = copy.deepcopy(model)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    with caplog.at_level(logging.WARNING, logger="mft.build.parallelize"):
+        compile_blocks(model, torch.device("cpu"), backend=counter)  # fullgraph: a graph break would raise
+    assert not caplog.records
+    frames = []
+    for seed, lengths in enumerate(PACKINGS):
+        batch = packed(lengths, seed)
+        (loss, grads), (ref_loss, ref_grads) = loss_and_grads(model, batch), loss_and_grads(eager, batch)
+        assert rel_err(loss, ref_loss) < 1e-3
+        assert grads.keys() == ref_grads.keys() and "layers.1.feed_forward.gate.weight" in grads
+        assert all(rel_err(grads[n], ref_grads[n]) < 1e-2 for n in grads), lengths
+        assert torch.equal(moe_layers(model)[1].routing_stats[0], moe_layers(eager)[1].routing_stats[0])
+        frames.append(counter.frame_count)
+    assert frames[0] <= 2 and frames[1] == frames[0]
+
+
+def test_moe_blocks_whose_experts_loop_compile_with_graph_breaks(caplog):
+    """Where the grouped GEMM does not run (here: CPU; on CUDA: not bf16, or before sm90) the
+    per-expert loop reads the offsets on the host, so fullgraph would fail: the blocks compile
+    without it, and the log says why."""
+    from mft.model.args import MoeArgs
+
+    model = build(dataclasses.replace(ARGS, moe=MoeArgs(4, 2)), attn_backend="triton")
+    with caplog.at_level(logging.WARNING, logger="mft.build.parallelize"):
+        compile_blocks(model, torch.device("cpu"), backend="aot_eager", dtype=torch.float32)
+    assert "per-expert loop" in caplog.text
 
 
 @needs_kernels

@@ -39,7 +39,11 @@ BUDGET_MARGIN_SHARE = 0.10
 BUDGET_MARGIN_BYTES = GIB
 
 aten = torch.ops.aten
-MATMULS = {aten.mm.default: 0, aten.bmm.default: 0, aten.addmm.default: 1}  # op -> index of its first factor
+# op -> index of its first factor; the grouped GEMM is a mixture of experts' products (mft/model/moe.py).
+MATMULS = {aten.mm.default: 0, aten.bmm.default: 0, aten.addmm.default: 1, aten._grouped_mm.default: 0}
+# mft's custom matmuls, by name: the 4-bit one (mft/quant/linear.py) and the 4-bit experts' grouped
+# one (where it is registered).
+MFT_MATMULS = ("mft::quantized_matmul", "mft::quantized_grouped_mm")
 ATTENTION_OPS = {
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
@@ -54,8 +58,8 @@ def keeps_output(op, args) -> bool:
     """Whether selective checkpointing keeps `op`'s output rather than recompute it.
 
     Kept: attention (aten's fused kernels, torch's varlen_attn, mft's own custom ops named
-    *attention*), and
-    matmuls (mft's quantised ones among them), except a low-rank product, whose inner dimension is under a quarter of both output
+    *attention*), and matmuls (the experts' grouped products and mft's quantised ones among them),
+    except a low-rank product, whose inner dimension is under a quarter of both output
     dimensions (LoRA's B, rank r): at 2r FLOPs per output element it costs about what reading a
     kept copy costs, and keeping it would double what each adapted layer keeps."""
     if op in MATMULS:
@@ -65,7 +69,7 @@ def keeps_output(op, args) -> bool:
         return True
     namespace = getattr(op, "namespace", "")
     name = op.name() if namespace in ("mft", "torch_attn") else ""  # torch_attn: torch's varlen_attn
-    return "attention" in name or "attn" in name or name in ("mft::quantized_matmul", "mft::quantized_grouped_mm")
+    return "attention" in name or "attn" in name or name in MFT_MATMULS
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from mft.build import memory
+from mft.model import moe
 from mft.model.attention import compiles_whole
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def parallelize(model: nn.Module, runtime, param_dtype: torch.dtype) -> None:
         elif policy == "selective":
             model.layers[i] = checkpoint_wrapper(model.layers[i], context_fn=selective_contexts)
     if runtime.compile:
-        compile_blocks(model, device)
+        compile_blocks(model, device, dtype=runtime.dtype)
     if runtime.world.distributed:
         shard(model, runtime.world.size, device, runtime.dtype)
     elif param_dtype != runtime.dtype:
@@ -78,12 +79,19 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 selective_contexts = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
 
 
-def compile_blocks(model: nn.Module, device: torch.device, backend: str = "inductor") -> None:
+def compile_blocks(model: nn.Module, device: torch.device, backend: str = "inductor",
+                   dtype: torch.dtype = torch.bfloat16) -> None:
     """torch.compile each block in place, as one graph (fullgraph) where the attention backend allows
     (`compiles_whole`: its kernels are custom ops and the document boundaries never reach the
-    block, since the backend's `prepare` runs before it). The blocks share their compiled graphs
-    (nn modules are inlined, their weights are inputs)."""
+    block, since the backend's `prepare` runs before it) and, for a mixture of experts, where the
+    experts run as the grouped GEMM in the compute `dtype` (the per-expert loop reads the offsets
+    on the host: a graph break). The blocks share their compiled graphs (nn modules are inlined,
+    their weights are inputs)."""
     fullgraph = compiles_whole(model.attn_fn, device)
+    if fullgraph and model.args.moe is not None and not moe.grouped_gemm_runs(device, dtype):
+        log.warning("torch.compile: the experts run as a per-expert loop on %s in %s (the grouped GEMM needs "
+                    "bf16 on sm90+), so each block compiles with graph breaks around it", device, dtype)
+        fullgraph = False
     if fullgraph:
         # Graphs per (grad mode, first block or not, auto's choice and its one dynamic recompile):
         # about 10, past dynamo's default of 8, where a fullgraph block fails instead of running eagerly.

@@ -27,11 +27,15 @@ from torch import nn
 from mft.model.args import ModelArgs
 
 
+def grouped_gemm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the experts run as torch's grouped GEMM on `device` in `dtype`: bf16 on a CUDA GPU of
+    compute capability 9 (Hopper) or newer (torch's kernel there), else as the per-expert loop."""
+    return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def uses_grouped_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM runs these operands: bf16 on a CUDA GPU of compute capability
-    9 (Hopper) or newer (torch's kernel there), else the per-expert loop."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    """Whether torch's grouped GEMM runs these operands (grouped_gemm_runs)."""
+    return x.dtype == weight.dtype and grouped_gemm_runs(x.device, x.dtype)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
@@ -40,7 +44,16 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     each group (cumulative counts). Row n of group g gives weight[g] @ x[n]: (N, out).
 
     `grouped`: True runs torch's grouped GEMM (any device where torch has it), False the loop over
-    groups (a host sync to read the offsets), None as `uses_grouped_gemm` says."""
+    groups (a host sync to read the offsets), None as `uses_grouped_gemm` says. Under autocast both
+    operands are cast to its dtype first, as F.linear's are (autocast leaves the grouped GEMM alone).
+    On the meta device (the memory plan) one product of the same shapes stands in: it keeps what
+    the grouped GEMM keeps (x and the weight), and neither the loop (which reads the offsets) nor
+    torch's meta grouped GEMM (bf16 only) runs there."""
+    if x.is_meta:
+        return F.linear(x, weight[0])
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
     if grouped is None:
         grouped = uses_grouped_gemm(x, weight)
     if grouped:

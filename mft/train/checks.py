@@ -150,6 +150,10 @@ def _check_run(cfg: TrainConfig) -> None:
         _require(cfg.epochs is not None and cfg.epochs > 0, "epochs", cfg.epochs,
                  "a positive number of passes over the data (max_steps is null)")
     _require(cfg.max_grad_norm >= 0, "max_grad_norm", cfg.max_grad_norm, "a number >= 0 (0: no clipping)")
+    _require(cfg.router_aux_loss_coef >= 0, "router_aux_loss_coef", cfg.router_aux_loss_coef,
+             "a number >= 0 (0: no load-balancing loss)")
+    _require(cfg.router_aux_loss_coef == 0 or cfg.model.moe is not None, "router_aux_loss_coef",
+             cfg.router_aux_loss_coef, f"0 for model={cfg.model.name}, which has no mixture of experts (model.moe is null)")
     _require(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", cfg.max_nonfinite_steps,
              "a positive number of non-finite steps in a row")
     _require(cfg.eval_every >= 0, "eval_every", cfg.eval_every, "a number of steps >= 0 (0: first and last step)")

@@ -38,6 +38,7 @@ from mft.train.loss import supervised_loss
 from mft.train.metrics import MetricsLogger, RunStatus, StartupTimes, failure_message
 from mft.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from mft.train.resume import check_resume_fits, check_run_dir, random_base_to_resume
+from mft.train.routing import RoutingWindow, moe_layers, parameter_counts, set_aux_loss_scale
 from mft.train.setup import describe_base, model_spec, save_base_model, train_runtime
 from mft.utils.device import resolve_device, resolve_dtype
 from mft.utils.distributed import World, all_reduce_sum, gather_objects
@@ -59,15 +60,23 @@ class RunResult:
 
 
 def accumulate_gradients(model, group: list[Batch], device: torch.device, world: World = World(),
-                         loss_chunk: int = 0) -> tuple[float, int]:
+                         loss_chunk: int = 0, aux_loss_coef: float = 0.0,
+                         routing: Optional[RoutingWindow] = None) -> tuple[float, int]:
     """Backward over micro-batches so the gradient is the mean over all their supervised tokens.
 
     Each micro-batch's summed loss is divided by the whole group's supervised-token count, so
     grad_accum=k over k batches equals one batch holding all of them. Under FSDP the count is
     summed over ranks and the loss scaled by the world size (FSDP averages gradients over
     ranks), so N ranks equal one process with N times the batch. Returns (loss sum, tokens)
-    over the whole step, every rank included.
+    over the whole step, every rank included (the cross-entropy only).
+
+    A mixture of experts with `aux_loss_coef` > 0 adds coef * the mean over its layers of their
+    load-balancing losses, each micro-batch's weighing 1 / len(group) (and, through FSDP's
+    average, each rank's 1 / world): the loss is a mean per micro-batch, not a sum over tokens.
+    `routing` collects the routers' statistics after each micro-step.
     """
+    if aux_loss_coef:
+        set_aux_loss_scale(moe_layers(model), aux_loss_coef, len(group))
     local = sum(int(b.loss_mask.sum()) for b in group)
     supervised = max(1, int(all_reduce_sum(local, device)))
     loss_sum = 0.0
@@ -76,6 +85,8 @@ def accumulate_gradients(model, group: list[Batch], device: torch.device, world:
             sums = supervised_loss(model, batch.to(device), loss_chunk=loss_chunk)
             (sums.loss * world.size / supervised).backward()
             loss_sum += float(sums.loss.detach())
+            if routing is not None:
+                routing.add()
     return all_reduce_sum(loss_sum, device), supervised
 
 
@@ -237,9 +248,11 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
         base_checkpoint = cfg.model.checkpoint
     torch.manual_seed(cfg.seed)  # dropout; the weights were drawn from their own generators
     n_train = sum(p.numel() for p in trainable_parameters(model))  # DTensor.numel() is the global size
-    n_total = sum(p.numel() for p in model.parameters())
-    log.info("model %s on %s/%s x %d process(es): %.2fM parameters, %.3fM trainable", cfg.model.name, device,
-             dtype, world.size, n_total / 1e6, n_train / 1e6)
+    n_total, n_active = parameter_counts(args)
+    log.info("model %s on %s/%s x %d process(es): %.2fM parameters%s, %.3fM trainable", cfg.model.name, device,
+             dtype, world.size, n_total / 1e6,
+             f" ({n_active / 1e6:.2f}M active per token)" if n_active != n_total else "", n_train / 1e6)
+    routing = RoutingWindow(moe_layers(model))
 
     steps = total_steps(cfg, len(train_set) // world.size)
     optimizer = build_optimizer(model, cfg.optim)
@@ -320,11 +333,13 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
                                trainer_state)
 
     def log_window(step: int, grad_norm: float) -> Dict[str, Any]:
-        record = window.record(scheduler.get_last_lr()[0], grad_norm)
+        record = {**window.record(scheduler.get_last_lr()[0], grad_norm), **routing.record()}
         metrics.log(step, record)
-        log.info("step %d: train_loss %s, lr %.3g, grad_norm %.4g, %.0f tokens/s%s", step,
+        log.info("step %d: train_loss %s, lr %.3g, grad_norm %.4g, %.0f tokens/s%s%s", step,
                  "n/a" if record["train_loss"] is None else f"{record['train_loss']:.4f}", record["lr"],
                  record["grad_norm"], record["tokens_per_s"],
+                 f", router aux loss {record['router_aux_loss']:.4f}, expert load max {record['expert_load_max']:.2f}"
+                 if "router_aux_loss" in record else "",
                  f", {window.skipped} non-finite step(s) skipped" if window.skipped else "")
         return record
 
@@ -337,7 +352,8 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
     signals = StopSignals()
     bar = tqdm(total=steps, initial=start, disable=not (cfg.progress and world.is_main), dynamic_ncols=True, desc="train")
     # In the summary however the run ends.
-    facts = {"total_steps": steps, "start_step": start, "world_size": world.size, "train_data": data_report(train_set),
+    facts = {"total_steps": steps, "start_step": start, "world_size": world.size, "parameters": n_total,
+             "active_parameters": n_active, "trainable_parameters": n_train, "train_data": data_report(train_set),
              "valid_data": data_report(valid_set) if valid_set else None}
     try:
         with logging_redirect_tqdm():
@@ -347,7 +363,8 @@ def train(cfg: TrainConfig, run_dir: Path, world: World = World()) -> RunResult:
             first_step_began = time.perf_counter()
             for step in range(start + 1, steps + 1):
                 group = [next(batches) for _ in range(cfg.grad_accum)]
-                step_loss, supervised = accumulate_gradients(model, group, device, world, cfg.loss_chunk_tokens)
+                step_loss, supervised = accumulate_gradients(model, group, device, world, cfg.loss_chunk_tokens,
+                                                             cfg.router_aux_loss_coef, routing)
                 grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(
                     list(trainable_parameters(model)), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                 )))

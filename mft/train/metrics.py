@@ -5,6 +5,12 @@ every evaluation, and a last record {"step": N, "summary": true, "status": ..., 
 ended (RunStatus), written by the loop when it finishes or a signal stops it, and by mft-train
 (record_failure) when it fails after its run dir existed. No summary: the run is still going, or
 was killed before it could write one. mft/report reads this file.
+
+A train record holds train_loss, lr, grad_norm and the speeds (mft/train/loop.py, StepWindow), and
+for a mixture of experts the routers' statistics over the same steps (mft/train/routing.py,
+RoutingWindow.record): expert_tokens (a list, one count per expert), expert_load_max and
+router_aux_loss. W&B gets a list as one series per item (expert_tokens/0, expert_tokens/1, ...).
+The summary also holds parameters, active_parameters (per token) and trainable_parameters.
 """
 
 import json
@@ -85,7 +91,7 @@ class MetricsLogger:
             return
         self._write({"step": step, **metrics})
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            self._wandb.log(_series(metrics), step=step)
 
     def summary(self, values: Dict[str, Any]) -> None:
         """The run's outcome: one last record in metrics.jsonl, W&B's run summary (not charts)."""
@@ -133,6 +139,17 @@ def record_failure(run_dir: Path, error: BaseException, wall_time_s: float) -> N
               "wall_time_s": wall_time_s}
     with open(path, "a") as f:
         f.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+
+
+def _series(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """A list of numbers as one W&B series per item (key/0, key/1, ...): W&B charts no lists."""
+    flat: Dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, list):
+            flat.update((f"{key}/{i}", item) for i, item in enumerate(value))
+        else:
+            flat[key] = value
+    return flat
 
 
 def _finite(value: Any) -> Any:

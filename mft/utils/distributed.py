@@ -58,6 +58,13 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over every rank, in place (unchanged in one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
 def gather_objects(value: Any) -> List[Any]:
     """Every rank's `value` (small, JSON-like), in rank order, on every rank."""
     if not dist.is_initialized():
