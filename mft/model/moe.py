@@ -25,8 +25,10 @@ from mft.model.args import ModelArgs
 
 def uses_grouped_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM runs these operands: bf16 on a CUDA GPU of compute capability
-    9 (Hopper) or newer (torch's kernel there), else the per-expert loop."""
-    return (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+    9 (Hopper) or newer (torch's kernel there), with rows of 16-byte multiples (the kernel refuses
+    others: a LoRA rank of 4 in bf16), else the per-expert loop."""
+    aligned = all(size * x.element_size() % 16 == 0 for size in (x.shape[-1], weight.shape[-2]))
+    return (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and aligned
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 
 
