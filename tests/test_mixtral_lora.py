@@ -15,9 +15,10 @@ from test_mixtral import SEQ, TINY_MOE, hf_logits, mft_logits, mixtral, tokens
 
 from conftest import build
 from mft.checkpoint.adapter import load_adapter, save_adapter
-from mft.checkpoint.consolidated import expected_shapes, file_shapes
+from mft.checkpoint.consolidated import file_shapes
 from mft.checkpoint.export import export_consolidated, export_hf, export_peft, mistral_lora_tensors
 from mft.checkpoint.load import read_model_args
+from mft.cli.export import main as mft_export
 from mft.model.moe import GroupedLinear, grouped_linear
 from mft.peft.lora import (
     GroupedLoRALinear,
@@ -324,7 +325,26 @@ def test_mistral_inference_lora_for_experts(base_folder, tmp_path):
         merged = plain.layers[1].feed_forward.w2.weight[e] + 2.0 * lora[f"{name}.lora_B.weight"] @ lora[f"{name}.lora_A.weight"]
         torch.testing.assert_close(merged, model.layers[1].feed_forward.w2.weight[e]
                                    + model.layers[1].feed_forward.w2.delta_weight(e), atol=1e-6, rtol=1e-5)
-    assert set(expected_shapes(model.args)) != set(file_shapes(model.args))
+
+
+def test_export_command_merges_stacked_expert_adapters(base_folder, tmp_path):
+    """mft-export hf with a second adapter: both are merged into the experts as the model loads
+    (merge_and_unload puts GroupedLinears back), and transformers gives the logits of mft's model
+    carrying both."""
+    first, settings = adapted(base_folder, ["w1", "w2", "w3"], seed=1)
+    save_adapter(first, tmp_path / "first", settings, base_record(base_folder, first))
+    second, settings = adapted(base_folder, ["wv", "w3", "gate"], seed=2)
+    save_adapter(second, tmp_path / "second", settings, base_record(base_folder, second))
+    assert mft_export(["hf", str(tmp_path / "first"), str(tmp_path / "hf"), "--adapter", f"{tmp_path / 'second'}:0.5",
+                       "--dtype", "fp32", "--tokenizer", "none"]) == 0
+    reference = build(read_model_args(base_folder), weights=base_folder)
+    load_adapter(reference, tmp_path / "first")
+    assert set(merge_and_unload(reference)) == {f"layers.{i}.feed_forward.w{j}" for i in (0, 1) for j in (1, 2, 3)}
+    assert type(reference.layers[0].feed_forward.w1) is GroupedLinear
+    load_adapter(reference, tmp_path / "second", scale=0.5)
+    hf_model = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    toks = tokens()
+    torch.testing.assert_close(hf_logits(hf_model, toks), mft_logits(reference.eval(), toks), atol=1e-4, rtol=1e-4)
 
 
 def test_mft_train_config_accepts_the_router_target():
