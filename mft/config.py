@@ -26,6 +26,9 @@ from mft.utils.world import run_stamp
 
 # The linear layers of a transformer block: attention (wq wk wv wo) and MLP (w1 w2 w3).
 BLOCK_LINEARS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+# What peft.target_modules may name: those, and a mixture of experts' router (gate), never a default
+# (mft.peft.lora.LORA_TARGET_CHOICES, which needs torch).
+LORA_TARGET_CHOICES = [*BLOCK_LINEARS, "gate"]
 
 
 class AttnBackend(Choice):
@@ -95,7 +98,8 @@ class PeftConfig:
     alpha: float = 16.0
     # Dropout on the LoRA branch's input.
     dropout: float = 0.0
-    # Linear layers that get adapters (names as in Mistral's checkpoints).
+    # Layers that get adapters (Mistral's names): wq wk wv wo w1 w2 w3 (a mixture of experts: every expert's
+    # w1 w2 w3, one adapter each) and, MoE only, gate (the router; not in the default list).
     target_modules: List[str] = field(default_factory=lambda: list(BLOCK_LINEARS))
 
 

@@ -1,15 +1,17 @@
 """Exports for other tools: a PEFT adapter, a merged Hugging Face model, Mistral consolidated + LoRA.
 
 - `export_peft`: adapter_model.safetensors + adapter_config.json that peft loads onto
-  transformers' MistralForCausalLM (module names of transformers; wq/wk rows in HF's rotary
-  layout); given the base model, also `base/`, that base as a Hugging Face folder, which
+  transformers' MistralForCausalLM or MixtralForCausalLM (module names of transformers; wq/wk rows
+  in HF's rotary layout; Mixtral's router and fused experts through peft's `target_parameters`);
+  given the base model, also `base/`, that base as a Hugging Face folder, which
   adapter_config.json then names (for a base transformers cannot read: consolidated, random, 4-bit).
 - `export_hf`: config.json, sharded model-*.safetensors + index, generation_config.json and
   tokenizer files, loadable by transformers' from_pretrained; LoRA layers are merged on the fly.
 - `export_consolidated`: params.json + consolidated.safetensors (+ the tokenizer file), the
   layout of mistral-inference and of mft's own loader.
 Model folders also get the files `AutoTokenizer.from_pretrained` reads (`_copy_tokenizer`).
-- `export_mistral_lora`: lora.safetensors with mistral-inference's names, for its load_lora.
+- `export_mistral_lora`: lora.safetensors with mistral-inference's names, for its load_lora (a
+  mixture of experts: the router and every expert by name).
 
 Every folder is written atomically (a temporary folder, then one rename).
 """
@@ -44,7 +46,14 @@ PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MISTRAL_LORA = "lora.safetensors"
 # mistral-inference's load_lora merges with `scaling` (2.0 unless the caller says otherwise).
 MISTRAL_LORA_SCALING = 2.0
-_LORA_KEY = re.compile(r"^(?P<module>layers\.\d+\.(?:attention|feed_forward)\.(?P<leaf>w[qkvo123]))\.lora_(?P<ab>[ab])$")
+_LORA_KEY = re.compile(r"^(?P<module>layers\.\d+\.(?:attention|feed_forward)\.(?P<leaf>w[qkvo123]|gate))"
+                       r"\.lora_(?P<ab>[ab])$")
+# The linear layers mistral-inference's load_lora merges an adapter into (consolidated file names).
+_MISTRAL_LORA_LAYER = re.compile(r"^layers\.\d+\.(?:attention\.w[qkvo]|feed_forward\.(?:gate|(?:experts\.\d+\.)?w[123]))\.weight$")
+# transformers 5's Mixtral modules that peft adapts through `target_parameters`: the router (a
+# MixtralTopKRouter holding `weight`, not an nn.Linear) and the experts (MixtralExperts holding
+# gate_up_proj (E, 2 * hidden, dim), w1's rows then w3's, and down_proj (E, dim, hidden)).
+HF_ROUTER, HF_EXPERTS = "model.layers.{i}.mlp.gate", "model.layers.{i}.mlp.experts"
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 # safetensors' names of the floating dtypes a checkpoint's weights are stored in.
 _STORED_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -103,6 +112,13 @@ def _adapter(folder: str | Path) -> tuple[dict, ModelArgs, dict[str, torch.Tenso
     incomplete = [m for m, ab in pairs.items() if set(ab) != {"a", "b"}]
     if incomplete or not pairs:
         raise MftError(f"{folder}/{ADAPTER_WEIGHTS}: needs lora_a and lora_b for every module (incomplete: {incomplete[:5]})")
+    shapes, r = consolidated.expected_shapes(args), config["r"]
+    for module, ab in pairs.items():
+        weight = shapes.get(f"{module}.weight")
+        want = None if weight is None else ((*weight[:-2], r, weight[-1]), (*weight[:-2], weight[-2], r))
+        if want != (tuple(ab["a"].shape), tuple(ab["b"].shape)):
+            raise MftError(f"{folder}/{ADAPTER_WEIGHTS}: {module}'s factors {list(ab['a'].shape)}, {list(ab['b'].shape)} "
+                           f"do not fit its base model (expected {'no such layer' if want is None else list(map(list, want))}).")
     return config, args, {m: (ab["a"], ab["b"]) for m, ab in pairs.items()}
 
 
@@ -111,34 +127,92 @@ def _rotary_heads(module: str, args: ModelArgs) -> Optional[int]:
     return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(leaf)
 
 
+def _peft_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked per-expert factors a (E, r, in), b (E, out, r) as peft's ParamWrapper holds them:
+    lora_A (E * r, in), expert e's rows at e * r, and lora_B (out, r * E), expert e's column k at
+    k * E + e."""
+    experts, rank, _ = a.shape
+    return a.reshape(experts * rank, -1), b.permute(1, 2, 0).reshape(b.shape[1], rank * experts)
+
+
+def _peft_experts(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], layer: int, args: ModelArgs,
+                  scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One layer's expert factors for transformers 5's fused parameters, {parameter: (A, scale * B)}
+    in the stacked (E, r, in), (E, out, r) layout.
+
+    gate_up_proj's rows are w1's then w3's, each with its own A: one adapter of rank r per half
+    present, A = [A1; A3] and B = [[B1, 0], [0, B3]], whose product is exactly [[B1 A1], [B3 A3]]."""
+    prefix, hidden = f"layers.{layer}.feed_forward.", args.hidden_dim
+    adapted = {}
+    halves = [(half, pairs[prefix + leaf]) for half, leaf in enumerate(("w1", "w3")) if prefix + leaf in pairs]
+    if halves:
+        experts, rank = halves[0][1][0].shape[:2]
+        b = torch.zeros(experts, 2 * hidden, rank * len(halves))
+        for k, (half, (_, half_b)) in enumerate(halves):
+            b[:, half * hidden:(half + 1) * hidden, k * rank:(k + 1) * rank] = half_b * scale
+        adapted["gate_up_proj"] = (torch.cat([half_a for _, (half_a, _) in halves], dim=1), b)
+    if prefix + "w2" in pairs:
+        a, b = pairs[prefix + "w2"]
+        adapted["down_proj"] = (a, b * scale)
+    return adapted
+
+
 def export_peft(adapter_folder: str | Path, out: str | Path, *, scale: float = 1.0,
                 base_name_or_path: Optional[str] = None, base_model: Optional[nn.Module] = None,
                 **base_options) -> Path:
-    """Write an mft adapter as a PEFT LoRA adapter for transformers' MistralForCausalLM.
+    """Write an mft adapter as a PEFT LoRA adapter for transformers' MistralForCausalLM or
+    MixtralForCausalLM.
 
     peft computes W x + (lora_alpha / r) B A x, as mft does; `scale` is folded into B. B of
     q_proj/k_proj gets HF's rotary row permutation, as HF's q_proj/k_proj weights have it.
+    Mixtral's router and experts are parameters in transformers 5, not linear layers, so they
+    are named in `target_parameters` (peft's ParamWrapper): the router's `weight` as one LoRA, each
+    expert's w2 as its slice of `down_proj`, w1 and w3 together as one adapter of `gate_up_proj`
+    of twice the rank (exact, see _peft_experts; `rank_pattern` and `alpha_pattern` keep its scale).
+    When a module holds both, peft nests gate_up_proj's wrapper inside down_proj's, so its tensors
+    are under `experts.base_layer.`. peft refuses dropout on parameters: such adapters say 0.
     With `base_model`, that model is written to <out>/base as a Hugging Face folder
     (`base_options`: write_hf's keywords) and base_model_name_or_path is its absolute path.
     """
     config, args, pairs = _adapter(adapter_folder)
-    tensors, targets = {}, set()
+    tensors, targets, parameters = {}, set(), set()
+    rank_pattern, alpha_pattern = {}, {}
     for module, (a, b) in sorted(pairs.items()):
-        heads = _rotary_heads(module, args)
-        if heads is not None:
-            b = hf.permute_rotary(b, heads)
-        hf_module = hf.mft_to_hf_name(f"{module}.weight").removesuffix(".weight")
-        targets.add(hf_module.rsplit(".", 1)[-1])
+        leaf = module.rsplit(".", 1)[-1]
+        if consolidated.is_stacked(f"{module}.weight", args):
+            continue  # the experts: per layer, below
+        if leaf == "gate":
+            hf_module = HF_ROUTER.format(i=module.split(".")[1])
+            parameters.add("mlp.gate.weight")
+        else:
+            heads = _rotary_heads(module, args)
+            if heads is not None:
+                b = hf.permute_rotary(b, heads)
+            hf_module = hf.mft_to_hf_name(f"{module}.weight").removesuffix(".weight")
+            targets.add(hf_module.rsplit(".", 1)[-1])
         tensors[f"base_model.model.{hf_module}.lora_A.weight"] = a.contiguous()
         tensors[f"base_model.model.{hf_module}.lora_B.weight"] = (b * scale).contiguous()
+    for layer in range(args.n_layers if args.moe is not None else 0):
+        adapted = _peft_experts(pairs, layer, args, scale)
+        for parameter, (a, b) in adapted.items():
+            nested = ".base_layer" if parameter == "gate_up_proj" and len(adapted) == 2 else ""
+            hf_module = HF_EXPERTS.format(i=layer) + nested
+            lora_a, lora_b = _peft_layout(a, b)
+            tensors[f"base_model.model.{hf_module}.lora_A.weight"] = lora_a.contiguous()
+            tensors[f"base_model.model.{hf_module}.lora_B.weight"] = lora_b.contiguous()
+            parameters.add(f"mlp.experts.{parameter}")
+            if a.shape[1] != config["r"]:
+                rank_pattern[parameter] = a.shape[1]
+                alpha_pattern[parameter] = config["alpha"] * a.shape[1] / config["r"]
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_name_or_path,
         "r": config["r"],
         "lora_alpha": config["alpha"],
-        "lora_dropout": config.get("dropout", 0.0),
-        "target_modules": sorted(targets),
+        "lora_dropout": 0.0 if parameters else config.get("dropout", 0.0),
+        "target_modules": sorted(targets) or None,
+        "target_parameters": sorted(parameters) or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -147,8 +221,8 @@ def export_peft(adapter_folder: str | Path, out: str | Path, *, scale: float = 1
         "use_dora": False,
         "modules_to_save": None,
         "layers_to_transform": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
     }
     if base_model is not None:
         peft_config["base_model_name_or_path"] = str(Path(out).resolve() / PEFT_BASE)
@@ -163,25 +237,32 @@ def export_peft(adapter_folder: str | Path, out: str | Path, *, scale: float = 1
 
 def mistral_lora_tensors(adapter_folder: str | Path, *, scale: float = 1.0, dtype: torch.dtype = torch.bfloat16,
                          scaling: float = MISTRAL_LORA_SCALING) -> dict[str, torch.Tensor]:
-    """mistral-inference's LoRA state dict: layers.{i}.<attention|feed_forward>.<w>.lora_{A,B}.weight.
+    """mistral-inference's LoRA state dict: layers.{i}.<attention|feed_forward>.<w>.lora_{A,B}.weight,
+    and for a mixture of experts layers.{i}.feed_forward.gate.lora_{A,B}.weight (the router) and
+    layers.{i}.feed_forward.experts.{j}.<w1|w2|w3>.lora_{A,B}.weight (expert j's slice of the
+    stacked factors).
 
-    Its load_lora merges W + scaling * B @ A for every linear layer of every block (all seven
-    must be present: untargeted ones get zeros) and wants one dtype, the model's. mft's
+    Its load_lora merges W + scaling * B @ A for every linear layer of every block (all must be
+    present: untargeted ones get zeros) and wants one dtype, the model's. mft's
     alpha / r * scale is folded into B, divided by the `scaling` it will be loaded with.
     """
     config, args, pairs = _adapter(adapter_folder)
     factor = config["alpha"] / config["r"] * scale / scaling
-    shapes = consolidated.expected_shapes(args)
     r = config["r"]
     tensors = {}
-    for i in range(args.n_layers):
-        for part, leaves in (("attention", "wq wk wv wo"), ("feed_forward", "w1 w2 w3")):
-            for leaf in leaves.split():
-                module = f"layers.{i}.{part}.{leaf}"
-                out_features, in_features = shapes[f"{module}.weight"]
-                a, b = pairs.get(module, (torch.zeros(r, in_features), torch.zeros(out_features, r)))
-                tensors[f"{module}.lora_A.weight"] = a.to(dtype).contiguous()
-                tensors[f"{module}.lora_B.weight"] = (b * factor).to(dtype).contiguous()
+    for file_name, shape in consolidated.file_shapes(args).items():
+        if not _MISTRAL_LORA_LAYER.match(file_name):
+            continue
+        out_features, in_features = shape
+        name, expert = consolidated.expert_of(file_name)
+        pair = pairs.get(name.removesuffix(".weight"))
+        if pair is None:
+            a, b = torch.zeros(r, in_features), torch.zeros(out_features, r)
+        else:
+            a, b = pair if expert is None else (pair[0][expert], pair[1][expert])
+        module = file_name.removesuffix(".weight")
+        tensors[f"{module}.lora_A.weight"] = a.to(dtype).contiguous()
+        tensors[f"{module}.lora_B.weight"] = (b * factor).to(dtype).contiguous()
     return tensors
 
 
@@ -223,8 +304,8 @@ def _copy_tokenizer(folder: Path, tokenizer_file: Optional[str | Path], hf_from:
 
 
 def export_hf(model: nn.Module, out: str | Path, **options) -> Path:
-    """Write `model` (adapters merged) as a Hugging Face MistralForCausalLM folder, atomically
-    (`options`: write_hf's keywords)."""
+    """Write `model` (adapters merged) as a Hugging Face folder (MistralForCausalLM, or
+    MixtralForCausalLM with the hub's per-expert names), atomically (`options`: write_hf's keywords)."""
     with atomic_dir(out) as tmp:
         write_hf(model, tmp, **options)
     return Path(out)
@@ -243,7 +324,7 @@ def write_hf(model: nn.Module, folder: Path, *, tokenizer_file: Optional[str | P
     limit = parse_size(max_shard_size)
     dtype = dtype or model.tok_embeddings.weight.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
-    shapes = consolidated.expected_shapes(args)
+    shapes = consolidated.file_shapes(args)
     plan: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():

@@ -34,8 +34,10 @@ def grouped_gemm_runs(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def uses_grouped_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM runs these operands (grouped_gemm_runs)."""
-    return x.dtype == weight.dtype and grouped_gemm_runs(x.device, x.dtype)
+    """Whether torch's grouped GEMM runs these operands (grouped_gemm_runs), with rows of 16-byte
+    multiples (the kernel refuses others: a LoRA rank of 4 in bf16), else the per-expert loop."""
+    aligned = all(size * x.element_size() % 16 == 0 for size in (x.shape[-1], weight.shape[-2]))
+    return x.dtype == weight.dtype and aligned and grouped_gemm_runs(x.device, x.dtype)
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,

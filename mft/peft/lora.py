@@ -6,6 +6,11 @@ the Mistral parameter names whether or not adapters are applied; the adapter add
 takes over the QuantizedLinear's `weight_<part>` buffers under the same names instead of
 `weight` (mft/quant/linear.py); everything else, the adapter files included, is identical.
 
+A mixture of experts' stacked projections (`GroupedLinear`, mft/model/moe.py) get a
+`GroupedLoRALinear`: one pair of factors per expert, stacked the same way, `lora_a` (E, r, in) and
+`lora_b` (E, out, r), applied through the same grouped products as the experts themselves. The
+router (`gate`) is an ordinary linear layer: an opt-in target that gets a LoRALinear.
+
 The update runs in the input's dtype: A, and B with the scale folded in, are cast from their
 fp32 masters, and `torch.addmm` adds x A^T (sB)^T into the base output in one kernel. The
 training loop makes those casts once per optimizer step (`lora_step_copies`) rather than once
@@ -23,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from mft.model.moe import GroupedLinear, grouped_linear
 from mft.model.names import canonical_name
+from mft.quant.formats import QuantSpec
 from mft.quant.linear import (
     QuantizedLinear,
     quantized_linear,
@@ -33,7 +40,11 @@ from mft.quant.linear import (
 from mft.utils.dtensor import copy_full_, full_tensor
 from mft.utils.errors import MftError
 
+# The default targets: every linear layer of a block (a mixture of experts: every expert's w1 w2 w3).
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+# What target_modules may name: the above and a mixture of experts' router, `gate` (never a default:
+# adapting the router changes which experts a token reaches).
+LORA_TARGET_CHOICES = (*LORA_TARGETS, "gate")
 
 
 @dataclass
@@ -84,7 +95,68 @@ def add_lora_update(base_out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -
     return out2d.view(base_out.shape)
 
 
-class LoRALinear(nn.Module):
+class LoRALayer(nn.Module):
+    """What LoRALinear and GroupedLoRALinear share: the fp32 factors `lora_a` and `lora_b`, the
+    scale, this step's casts of them (`step_copies`) and merging into the base weight."""
+
+    quant_spec: Optional[QuantSpec] = None  # the base's 4-bit format; None: a dense `weight`
+    r: int
+    scale: float
+    lora_a: nn.Parameter
+    lora_b: nn.Parameter
+
+    def _add_factors(self, settings: LoRASettings, a_shape: Tuple[int, ...], b_shape: Tuple[int, ...],
+                     device: torch.device, lora_dtype: torch.dtype) -> None:
+        """Registered after the base weight, so parameters keep the order weight, lora_a, lora_b."""
+        self.r = settings.r
+        self.scale = settings.scale
+        self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
+        self.lora_a = nn.Parameter(torch.empty(a_shape, device=device, dtype=lora_dtype))
+        self.lora_b = nn.Parameter(torch.empty(b_shape, device=device, dtype=lora_dtype))
+        self.merged = False
+        # (A, scale * B) in the compute dtype, with autograd to the masters; set only inside
+        # lora_step_copies. A plain attribute: never in the state dict, never moved or saved.
+        self.step_copies: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A in fp32, the shape of the base weight."""
+        raise NotImplementedError
+
+    def lora_factors(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A and scale * B in `dtype`: this step's copies when there are some, else cast now."""
+        if self.step_copies is not None and self.step_copies[0].dtype == dtype:
+            return self.step_copies
+        return self.lora_a.to(dtype), scaled_cast(self.lora_b, self.scale, dtype)
+
+    def _check_mergeable(self) -> None:
+        if self.quant_spec is not None:
+            raise MftError(
+                "Cannot merge a LoRA adapter into a quantised base in place; write a merged model with "
+                "`mft-export hf` (it dequantises the base first)."
+            )
+
+    @torch.no_grad()
+    def _add_delta_(self, sign: float) -> None:
+        self.weight.copy_((self.weight.float() + sign * self.delta_weight()).to(self.weight.dtype))
+
+    def merge(self) -> None:
+        self._check_mergeable()
+        if not self.merged:
+            self._add_delta_(1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        self._check_mergeable()
+        if self.merged:
+            self._add_delta_(-1.0)
+            self.merged = False
+
+
+class LoRALinear(LoRALayer):
     """A bias-free linear layer whose frozen `weight` is adapted by `lora_b @ lora_a`.
 
     A starts kaiming-uniform and B at zero, so the layer equals its base at init. The LoRA
@@ -109,16 +181,7 @@ class LoRALinear(nn.Module):
             self.weight = weight
             self.weight.requires_grad_(False)
             device = weight.device
-        self.r = settings.r
-        self.scale = settings.scale
-        self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
-        self.lora_a = nn.Parameter(torch.empty(self.r, self.in_features, device=device, dtype=lora_dtype))
-        self.lora_b = nn.Parameter(torch.empty(self.out_features, self.r, device=device, dtype=lora_dtype))
-        self.merged = False
-        # (A, scale * B) in the compute dtype, with autograd to the masters; set only inside
-        # lora_step_copies. A plain attribute: never in the state dict, never moved or saved.
-        self.step_copies: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        self.reset_lora_parameters()
+        self._add_factors(settings, (settings.r, self.in_features), (self.out_features, settings.r), device, lora_dtype)
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
@@ -136,12 +199,6 @@ class LoRALinear(nn.Module):
         if self.quant_spec is not None:
             return quantized_linear(x, quantized_weight_of(self))
         return F.linear(x, self.weight)
-
-    def lora_factors(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """A and scale * B in `dtype`: this step's copies when there are some, else cast now."""
-        if self.step_copies is not None and self.step_copies[0].dtype == dtype:
-            return self.step_copies
-        return self.lora_a.to(dtype), scaled_cast(self.lora_b, self.scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_linear(x)
@@ -173,39 +230,78 @@ class LoRALinear(nn.Module):
         """scale * B @ A in fp32."""
         return (self.lora_b.float() @ self.lora_a.float()) * self.scale
 
-    def _check_mergeable(self) -> None:
-        if self.quant_spec is not None:
-            raise MftError(
-                "Cannot merge a LoRA adapter into a quantised base in place; write a merged model with "
-                "`mft-export hf` (it dequantises the base first)."
-            )
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        self._check_mergeable()
-        if not self.merged:
-            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        self._check_mergeable()
-        if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
-
     def extra_repr(self) -> str:
         quant = f", base={self.quant_spec.describe()}" if self.quant_spec is not None else ""
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, merged={self.merged}{quant}"
 
 
+class GroupedLoRALinear(LoRALayer):
+    """A GroupedLinear (a mixture of experts' projection: G stacked (out, in) weights) whose group g
+    is adapted by its own `lora_b[g] @ lora_a[g]`.
+
+    The frozen `weight` (G, out, in) keeps the GroupedLinear's name; `lora_a` is (G, r, in),
+    `lora_b` (G, out, r), fp32 like LoRALinear's, drawn per group as LoRALinear draws its own.
+    forward(x, offsets) takes the rows sorted by group: the base's grouped product, then the update
+    as two more grouped products over the same rows (x A_g^T, then that times (scale B_g)^T), so a
+    row meets only its own group's factors and no (G, out, in) delta is ever formed.
+    """
+
+    def __init__(self, base: GroupedLinear, settings: LoRASettings, lora_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.groups, self.in_features, self.out_features = base.groups, base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self._add_factors(settings, (self.groups, settings.r, self.in_features),
+                          (self.groups, self.out_features, settings.r), self.weight.device, lora_dtype)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Group by group, each slice drawn as a LoRALinear of its shape draws (A's fan-in is `in`),
+        from one CPU generator, then copied whole (a sharded factor keeps its own rows)."""
+        if self.lora_a.is_meta:
+            return
+        a, b = torch.empty(self.lora_a.shape), torch.empty(self.lora_b.shape)
+        for g in range(self.groups):
+            init_lora_factors_(a[g], b[g], generator)
+        copy_full_(self.lora_a, a)
+        copy_full_(self.lora_b, b)
+
+    def base_linear(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The frozen base's grouped product."""
+        return grouped_linear(x, self.weight, offsets)
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        out = self.base_linear(x, offsets)
+        if self.merged:
+            return out
+        a, b = self.lora_factors(x.dtype)
+        return out + grouped_linear(grouped_linear(self.dropout(x), a, offsets), b, offsets)
+
+    def delta_weight(self, group: Optional[int] = None) -> torch.Tensor:
+        """scale * B_g @ A_g in fp32: every group's, (G, out, in), or only `group`'s, (out, in)."""
+        if group is not None:
+            return (self.lora_b[group].float() @ self.lora_a[group].float()) * self.scale
+        return torch.bmm(self.lora_b.float(), self.lora_a.float()) * self.scale
+
+    @torch.no_grad()
+    def _add_delta_(self, sign: float) -> None:
+        for g in range(self.groups):  # one group at a time: no fp32 copy of the whole stack
+            self.weight[g].copy_((self.weight[g].float() + sign * self.delta_weight(g)).to(self.weight.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"groups={self.groups}, in={self.in_features}, out={self.out_features}, r={self.r}, "
+                f"scale={self.scale:g}, merged={self.merged}")
+
+
 def apply_lora(model: nn.Module, settings: LoRASettings) -> List[str]:
-    """Freeze `model` and replace each targeted nn.Linear by a LoRALinear; returns their names."""
-    unknown = sorted(set(settings.target_modules) - set(LORA_TARGETS))
+    """Freeze `model` and replace each targeted layer by its adapted form: an nn.Linear (or a
+    QuantizedLinear) by a LoRALinear, a mixture of experts' GroupedLinear by a GroupedLoRALinear.
+    Returns their names."""
+    unknown = sorted(set(settings.target_modules) - set(LORA_TARGET_CHOICES))
     if unknown or not settings.target_modules:
         raise MftError(
             f"peft.target_modules: {unknown or 'empty list'} not allowed; "
-            f"expected a non-empty subset of {list(LORA_TARGETS)}."
+            f"expected a non-empty subset of {list(LORA_TARGET_CHOICES)} ('gate': a mixture of experts' router)."
         )
     if settings.r <= 0:
         raise MftError(f"peft.r must be a positive rank, got {settings.r}.")
@@ -214,12 +310,19 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> List[str]:
     replaced = []
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in settings.target_modules and isinstance(module, (nn.Linear, QuantizedLinear)):
+        if leaf not in settings.target_modules:
+            continue
+        if isinstance(module, GroupedLinear):
+            adapted: nn.Module = GroupedLoRALinear(module, settings)
+        elif isinstance(module, (nn.Linear, QuantizedLinear)):
             if getattr(module, "bias", None) is not None:
                 raise MftError(f"LoRA target {name} has a bias; Mistral linear layers have none.")
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, leaf, LoRALinear(module if isinstance(module, QuantizedLinear) else module.weight, settings))
-            replaced.append(name)
+            adapted = LoRALinear(module if isinstance(module, QuantizedLinear) else module.weight, settings)
+        else:
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, leaf, adapted)
+        replaced.append(name)
     if not replaced:
         raise MftError(f"peft.target_modules {settings.target_modules} matched no linear layer of the model.")
     return replaced
@@ -236,7 +339,7 @@ def compute_dtype(model: nn.Module) -> Optional[torch.dtype]:
 
 @contextmanager
 def lora_step_copies(model: nn.Module) -> Iterator[None]:
-    """Inside, every LoRALinear whose factors are kept in a wider dtype than the model computes
+    """Inside, every LoRA layer whose factors are kept in a wider dtype than the model computes
     in uses copies cast once on entry (A, and B with the scale folded in), not once per forward.
 
     Wrap all micro-steps (forward and backward) of one optimizer step, never optimizer.step():
@@ -269,8 +372,9 @@ def init_lora_(model: nn.Module, seed: int) -> None:
         module.reset_lora_parameters(generator)
 
 
-def lora_modules(model: nn.Module) -> Dict[str, LoRALinear]:
-    return {canonical_name(name): m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: nn.Module) -> Dict[str, LoRALayer]:
+    """Every LoRALinear and GroupedLoRALinear of `model`, by canonical module name, in module order."""
+    return {canonical_name(name): m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
 def merge_lora(model: nn.Module) -> None:
@@ -284,7 +388,8 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> List[str]:
-    """Merge every LoRALinear into its weight and put a plain nn.Linear back in its place.
+    """Merge every LoRA layer into its weight and put the plain layer back in its place (an
+    nn.Linear, or a GroupedLinear for a mixture of experts' projection).
 
     For inference (no adapter matmuls left) and to stack adapters: after this, load_adapter
     applies the next adapter onto the merged weights. Returns the replaced module names.
@@ -292,10 +397,14 @@ def merge_and_unload(model: nn.Module) -> List[str]:
     replaced = []
     for name, module in lora_modules(model).items():
         module.merge()
-        linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-        linear.weight = module.weight
+        with torch.device("meta"):
+            if isinstance(module, GroupedLoRALinear):
+                plain: nn.Module = GroupedLinear(module.groups, module.in_features, module.out_features)
+            else:
+                plain = nn.Linear(module.in_features, module.out_features, bias=False)
+        plain.weight = module.weight
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, linear)
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, plain)
         replaced.append(name)
     return replaced
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mft.config import (
-    BLOCK_LINEARS,
+    LORA_TARGET_CHOICES,
     ModelConfig,
     OptimConfig,
     PeftConfig,
@@ -82,8 +82,8 @@ def _check_peft(pcfg: PeftConfig) -> None:
     _require(pcfg.alpha > 0, "peft.alpha", pcfg.alpha, "a positive number (the LoRA scale is alpha / r)")
     _require(0.0 <= pcfg.dropout < 1.0, "peft.dropout", pcfg.dropout, "a probability in [0, 1)")
     targets = list(pcfg.target_modules)
-    _require(bool(targets) and set(targets) <= set(BLOCK_LINEARS), "peft.target_modules", targets,
-             f"a non-empty subset of {BLOCK_LINEARS}")
+    _require(bool(targets) and set(targets) <= set(LORA_TARGET_CHOICES), "peft.target_modules", targets,
+             f"a non-empty subset of {LORA_TARGET_CHOICES} (gate: a mixture of experts' router)")
 
 
 def resolve_quant(qcfg: QuantConfig, pcfg: PeftConfig):
