@@ -13,6 +13,7 @@ from mft.checkpoint.load import read_model_args
 from mft.checkpoint.quantized import read_quant_config, save_quantized
 from mft.cli.quantize import main as mft_quantize
 from mft.model.moe import GroupedLinear, grouped_linear
+from mft.peft.lora import GroupedLoRALinear, LoRASettings, lora_modules
 from mft.quant.dequant import dequantize_stack
 from mft.quant.formats import QuantSpec, dequantize, quantize, quantize_stack
 from mft.quant.grouped import QuantizedGroupedLinear, quantized_grouped_linear
@@ -227,3 +228,43 @@ def test_cuda_grouped_gemm_equals_the_cpu_loop(name):
         results.append((y.float().cpu(), xi.grad.float().cpu(), xs.grad.float().cpu()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def _perturb_lora_(model, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    for module in lora_modules(model).values():
+        with torch.no_grad():
+            module.lora_b.copy_(torch.randn(module.lora_b.shape, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("name", list(MODEL_SPECS))
+def test_qlora_on_experts_equals_lora_on_the_dequantised_experts(folder, name):
+    """QLoRA of the experts: LoRA over the 4-bit stacks (the buffers taken over under their names)
+    gives the logits and LoRA gradients of the same adapters over a dense model holding the
+    dequantised weights."""
+    settings = LoRASettings(r=4, alpha=8, target_modules=["wq", "wv", "w1", "w2", "w3"])
+    qlora = build(read_model_args(folder), weights=folder, quant=MODEL_SPECS[name], lora=settings)
+    experts = qlora.layers[0].feed_forward.w1
+    assert isinstance(experts, GroupedLoRALinear) and experts.quant_spec == MODEL_SPECS[name]
+    assert "layers.0.feed_forward.w1.weight_q" in dict(qlora.named_buffers())
+    dense = build(read_model_args(folder), weights=folder, lora=settings)
+    with torch.no_grad():
+        for module_name, module in quantized_layers(qlora).items():
+            target = dense.get_submodule(module_name)
+            target.weight.copy_(dense_weight(module))
+    _perturb_lora_(qlora)
+    _perturb_lora_(dense)
+    toks = tokens()
+    losses = []
+    for model in (qlora, dense):
+        logits = mft_logits(model, toks)
+        positions, cu = torch.arange(len(toks)), torch.tensor([0, len(toks)], dtype=torch.int32)
+        loss = model(toks, positions, cu, len(toks), targets=toks.roll(-1)) / len(toks)
+        loss.backward()
+        losses.append((logits, loss))
+    torch.testing.assert_close(losses[0][0], losses[1][0], atol=1e-4, rtol=1e-4)
+    q_grads, d_grads = lora_modules(qlora), lora_modules(dense)
+    assert set(q_grads) == set(d_grads)
+    for key in q_grads:
+        torch.testing.assert_close(q_grads[key].lora_a.grad, d_grads[key].lora_a.grad, atol=1e-5, rtol=1e-3)
+        torch.testing.assert_close(q_grads[key].lora_b.grad, d_grads[key].lora_b.grad, atol=1e-5, rtol=1e-3)

@@ -31,9 +31,11 @@ from torch.distributed.tensor import DTensor
 from mft.model.moe import GroupedLinear, grouped_linear
 from mft.model.names import canonical_name
 from mft.quant.formats import QuantSpec
+from mft.quant.grouped import QuantizedGroupedLinear, quantized_grouped_linear
 from mft.quant.linear import (
     QuantizedLinear,
     quantized_linear,
+    quantized_stack_of,
     quantized_weight_of,
     register_quantized_weight,
 )
@@ -246,13 +248,23 @@ class GroupedLoRALinear(LoRALayer):
     row meets only its own group's factors and no (G, out, in) delta is ever formed.
     """
 
-    def __init__(self, base: GroupedLinear, settings: LoRASettings, lora_dtype: torch.dtype = torch.float32):
+    def __init__(self, base: GroupedLinear | QuantizedGroupedLinear, settings: LoRASettings,
+                 lora_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.groups, self.in_features, self.out_features = base.groups, base.in_features, base.out_features
-        self.weight = base.weight
-        self.weight.requires_grad_(False)
+        self.quant_spec = None
+        if isinstance(base, QuantizedGroupedLinear):  # QLoRA: share the packed buffers, same names
+            register_quantized_weight(self, base.quant_spec, self.out_features, self.in_features, device="meta",
+                                      groups=self.groups)
+            for name, tensor in base.quantized_weights().parts.items():
+                setattr(self, "weight_" + name, tensor)
+            device = base.weight_q.device
+        else:
+            self.weight = base.weight
+            self.weight.requires_grad_(False)
+            device = self.weight.device
         self._add_factors(settings, (self.groups, settings.r, self.in_features),
-                          (self.groups, self.out_features, settings.r), self.weight.device, lora_dtype)
+                          (self.groups, self.out_features, settings.r), device, lora_dtype)
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator: Optional[torch.Generator] = None) -> None:
@@ -267,7 +279,9 @@ class GroupedLoRALinear(LoRALayer):
         copy_full_(self.lora_b, b)
 
     def base_linear(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """The frozen base's grouped product."""
+        """The frozen base's grouped product (4-bit: dequantised inside one op, not kept for backward)."""
+        if self.quant_spec is not None:
+            return quantized_grouped_linear(x, offsets, quantized_stack_of(self))
         return grouped_linear(x, self.weight, offsets)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -289,8 +303,9 @@ class GroupedLoRALinear(LoRALayer):
             self.weight[g].copy_((self.weight[g].float() + sign * self.delta_weight(g)).to(self.weight.dtype))
 
     def extra_repr(self) -> str:
+        quant = f", base={self.quant_spec.describe()}" if self.quant_spec is not None else ""
         return (f"groups={self.groups}, in={self.in_features}, out={self.out_features}, r={self.r}, "
-                f"scale={self.scale:g}, merged={self.merged}")
+                f"scale={self.scale:g}, merged={self.merged}{quant}")
 
 
 def apply_lora(model: nn.Module, settings: LoRASettings) -> List[str]:
@@ -312,7 +327,7 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> List[str]:
         leaf = name.rsplit(".", 1)[-1]
         if leaf not in settings.target_modules:
             continue
-        if isinstance(module, GroupedLinear):
+        if isinstance(module, (GroupedLinear, QuantizedGroupedLinear)):
             adapted: nn.Module = GroupedLoRALinear(module, settings)
         elif isinstance(module, (nn.Linear, QuantizedLinear)):
             if getattr(module, "bias", None) is not None:
