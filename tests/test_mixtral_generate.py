@@ -159,7 +159,9 @@ def decisive_router_(model):
     """Large router weights: bf16 rounding differences between two paths must not flip a near-tie
     of experts (which changes a token's output entirely)."""
     for block in model.layers:
-        torch.nn.init.normal_(block.feed_forward.gate.weight, std=1.0, generator=torch.Generator().manual_seed(2))
+        weight = block.feed_forward.gate.weight
+        with torch.no_grad():
+            weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(2)))
 
 
 def int4_mixtral(device="cpu"):

@@ -220,10 +220,10 @@ def test_cuda_grouped_gemm_equals_the_cpu_loop(name):
     grad = torch.randn(384, 512, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     results = []
     for layer, device in ((cpu, "cpu"), (gpu, "cuda")):
-        xi = x.to(device).requires_grad_(True)
+        xi = x.to(device, copy=True).requires_grad_(True)
         y = layer(xi, offsets.to(device))
         y.backward(grad.to(device))
-        xs = x.to(device).requires_grad_(True)
+        xs = x.to(device, copy=True).requires_grad_(True)
         layer(xs, offsets.to(device)).sum().backward()
         results.append((y.float().cpu(), xi.grad.float().cpu(), xs.grad.float().cpu()))
     for a, b in zip(*results):

@@ -17,7 +17,7 @@ import logging
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -96,6 +96,16 @@ def compile_blocks(model: nn.Module, device: torch.device, backend: str = "induc
         # Graphs per (grad mode, first block or not, auto's choice and its one dynamic recompile):
         # about 10, past dynamo's default of 8, where a fullgraph block fails instead of running eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    # Dynamo refuses a Python side effect inside a checkpointed region (its checkpoint is a higher-order
+    # op): a checkpointed, compiled MoE block keeps no routing statistics for the metrics.
+    silenced = [m for block in model.layers if isinstance(block, CheckpointWrapper)
+                for m in block.modules() if isinstance(m, moe.MoEFeedForward)]
+    for layer in silenced:
+        layer.record_routing = False
+    if silenced:
+        log.warning("torch.compile with activation checkpointing: the %d checkpointed mixture-of-experts blocks log "
+                    "no expert token counts or router aux loss (dynamo allows no side effect inside a checkpoint); "
+                    "the aux loss, when on, still trains", len(silenced))
     for i, block in enumerate(model.layers):
         model.layers[i] = torch.compile(block, backend=backend, fullgraph=fullgraph)
 

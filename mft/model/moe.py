@@ -153,10 +153,12 @@ class MoEFeedForward(nn.Module):
         self.w3 = GroupedLinear(self.n_experts, args.dim, args.hidden_dim)
         self.aux_loss_scale = 0.0
         self.routing_stats: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.record_routing = True  # False where a compiled checkpoint forbids the side effect (parallelize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = route(self.gate(x), self.top_k)
-        self.routing_stats = (routing.counts.detach(), routing.aux_loss.detach())
+        if self.record_routing:
+            self.routing_stats = (routing.counts.detach(), routing.aux_loss.detach())
         xs = x[routing.token]
         by_row = self._by_row(xs)
         hidden = F.silu(self._experts(self.w1, xs, routing, by_row)) * self._experts(self.w3, xs, routing, by_row)

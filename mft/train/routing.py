@@ -35,7 +35,7 @@ class RoutingWindow:
     """What the routers did over the micro-steps since the last train record (see `record`)."""
 
     def __init__(self, layers: list[MoEFeedForward]) -> None:
-        self.layers = layers
+        self.layers = [layer for layer in layers if layer.record_routing]  # see mft.build.parallelize
         self._reset()
 
     def _reset(self) -> None:
