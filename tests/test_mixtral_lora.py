@@ -19,7 +19,7 @@ from mft.checkpoint.consolidated import file_shapes
 from mft.checkpoint.export import export_consolidated, export_hf, export_peft, mistral_lora_tensors
 from mft.checkpoint.load import read_model_args
 from mft.cli.export import main as mft_export
-from mft.model.moe import GroupedLinear, grouped_linear
+from mft.model.moe import GroupedLinear, grouped_linear, project_grouped
 from mft.peft.lora import (
     GroupedLoRALinear,
     LoRALinear,
@@ -104,6 +104,22 @@ def test_grouped_lora_forward_equals_a_per_group_reference(r):
         a, b = layer.lora_factors(x.dtype)
         update = grouped_linear(grouped_linear(x, a, OFFSETS, grouped=grouped), b, OFFSETS, grouped=grouped)
         torch.testing.assert_close(grouped_linear(x, layer.weight, OFFSETS) + update, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_w1_and_w3_share_one_grouped_product_for_their_a_factors():
+    """project_grouped (w1 and w3 read the same rows): the same outputs and LoRA gradients as each
+    layer on its own, with ranks that differ."""
+    layers = [random_layer(LoRASettings(r=r, alpha=8.0), seed=seed) for r, seed in ((4, 0), (2, 1))]
+    x = torch.randn(19, 12, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for outputs in (lambda: project_grouped(x, OFFSETS, *layers), lambda: [layer(x, OFFSETS) for layer in layers]):
+        for layer in layers:
+            layer.zero_grad()
+        outs = outputs()
+        sum((o * torch.randn(o.shape, generator=torch.Generator().manual_seed(i))).sum() for i, o in enumerate(outs)).backward()
+        grads.append([t.detach().clone() for layer in layers for t in (layer.lora_a.grad, layer.lora_b.grad)] + outs)
+    for together, alone in zip(*grads):
+        torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_lora_draws_each_group_as_lora_linear_does():

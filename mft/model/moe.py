@@ -66,6 +66,18 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     return torch.cat(parts) if parts else x.new_zeros((0, weight.shape[1]))
 
 
+def project_grouped(x: torch.Tensor, offsets: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
+    """The grouped products of `layers` that all read `x` (w1 and w3), in order: computed together
+    when every layer is of one type that defines `project_grouped_together(x, offsets, layers)`
+    (GroupedLoRALinear shares one grouped product for their A factors), else each on its own.
+    The grouped counterpart of mft.model.transformer.project."""
+    kind = type(layers[0])
+    together = getattr(kind, "project_grouped_together", None)
+    if together is not None and all(type(layer) is kind for layer in layers):
+        return together(x, offsets, layers)
+    return [layer(x, offsets) for layer in layers]
+
+
 class GroupedLinear(nn.Module):
     """G bias-free linear layers of one shape, stacked: `weight` (G, out, in). forward(x, offsets)
     multiplies each group's rows by its own weight (grouped_linear)."""
@@ -160,10 +172,15 @@ class MoEFeedForward(nn.Module):
         if self.record_routing:
             self.routing_stats = (routing.counts.detach(), routing.aux_loss.detach())
         xs = x[routing.token]
-        by_row = self._by_row(xs)
-        hidden = F.silu(self._experts(self.w1, xs, routing, by_row)) * self._experts(self.w3, xs, routing, by_row)
+        if self._by_row(xs):
+            gate, up = self.w1.forward_rows(xs, routing.expert), self.w3.forward_rows(xs, routing.expert)
+        else:
+            gate, up = project_grouped(xs, routing.offsets, self.w1, self.w3)
+        hidden = F.silu(gate) * up
+        expert_out = (self.w2.forward_rows(hidden, routing.expert) if self._by_row(hidden)
+                      else self.w2(hidden, routing.offsets))
         # Weighted in fp32 and cast back, as transformers does before summing the k experts.
-        ys = (self._experts(self.w2, hidden, routing, by_row) * routing.weight[:, None]).to(x.dtype)
+        ys = (expert_out * routing.weight[:, None]).to(x.dtype)
         out = x.new_zeros(x.shape).index_add_(0, routing.token, ys)
         if self.aux_loss_scale and torch.is_grad_enabled():
             out = _AddAuxGradient.apply(out, routing.aux_loss, self.aux_loss_scale)
@@ -182,6 +199,3 @@ class MoEFeedForward(nn.Module):
             return False
         return all(hasattr(layer, "forward_rows") for layer in layers)
 
-    @staticmethod
-    def _experts(layer: nn.Module, x: torch.Tensor, routing: Routing, by_row: bool) -> torch.Tensor:
-        return layer.forward_rows(x, routing.expert) if by_row else layer(x, routing.offsets)

@@ -291,6 +291,21 @@ class GroupedLoRALinear(LoRALayer):
         a, b = self.lora_factors(x.dtype)
         return out + grouped_linear(grouped_linear(self.dropout(x), a, offsets), b, offsets)
 
+    @staticmethod
+    def project_grouped_together(x: torch.Tensor, offsets: torch.Tensor,
+                                 layers: Sequence["GroupedLoRALinear"]) -> List[torch.Tensor]:
+        """The outputs of expert `layers` that all read `x` (w1 and w3), with one grouped product
+        for all their A factors (concatenated per expert), then each its own B; as
+        LoRALinear.project_together (one by one with an active dropout, or once merged)."""
+        if any(layer.merged or (layer.training and isinstance(layer.dropout, nn.Dropout)) for layer in layers):
+            return [layer(x, offsets) for layer in layers]
+        outs = [layer.base_linear(x, offsets) for layer in layers]
+        factors = [layer.lora_factors(x.dtype) for layer in layers]
+        xa = grouped_linear(x, torch.cat([a for a, _ in factors], dim=1), offsets)
+        # Each layer's columns made dense: torch's grouped GEMM takes no strided rows.
+        parts = [part.contiguous() for part in xa.split([layer.r for layer in layers], dim=-1)]
+        return [out + grouped_linear(part, b, offsets) for out, part, (_, b) in zip(outs, parts, factors)]
+
     def delta_weight(self, group: Optional[int] = None) -> torch.Tensor:
         """scale * B_g @ A_g in fp32: every group's, (G, out, in), or only `group`'s, (out, in)."""
         if group is not None:
