@@ -235,6 +235,13 @@ def test_eta_comes_from_the_model_flops_and_the_stated_speed(tmp_path, capsys):
     assert flop_parameters(TINY) == sum(p.numel() for n, p in model.named_parameters()
                                         if p.dim() == 2 and not n.startswith("tok_embeddings"))
     assert flop_parameters(ModelArgs(vocab_size=32768)) == 7_113_539_584  # Mistral-7B-v0.3
+    # Mixtral 8x7B: the 12.9B a token uses (mft.train.routing's count), less the embedding and norms.
+    from mft.model.args import MoeArgs
+    from mft.train.routing import parameter_counts
+
+    mixtral = ModelArgs(vocab_size=32000, rope_theta=1e6, moe=MoeArgs(8, 2))
+    norms = (2 * mixtral.n_layers + 1) * mixtral.dim
+    assert flop_parameters(mixtral) == parameter_counts(mixtral)[1] - mixtral.vocab_size * mixtral.dim - norms
     path = tmp_path / "data.jsonl"
     path.write_text(f"{CHAT}\n")
     args = (path, "--seq-len", 1024, "--batch-size", 1000, "--max-steps", 100)  # 100 x 1000 x 1024 tokens

@@ -271,6 +271,13 @@ def test_every_family_feature_on_the_gpu(backend):
 def test_mft_generate_command_equals_transformers_generate(tmp_path, make):
     """The mft-generate command on a transformers-written folder with its own tekken.json: the
     chat prompt mistral-common builds, greedy, gives the text of transformers' generate."""
+    torch.manual_seed(0)
+    assert_mft_generate_command_equals_transformers(make(vocab=131072).eval(), tmp_path, 24)  # the tekken vocabulary
+
+
+def assert_mft_generate_command_equals_transformers(hf_model, tmp_path, max_new_tokens: int) -> None:
+    """`hf_model` (of the tekken vocabulary) saved with v3-tekken's tekken.json: `mft-generate` on
+    the folder prints the text of transformers' greedy generate of the same chat prompt."""
     import shutil
     import subprocess
     import sys
@@ -278,19 +285,17 @@ def test_mft_generate_command_equals_transformers_generate(tmp_path, make):
     from mft.data.tokenizer import BUILTIN, load_tokenizer
     from mft.generate.chat import ChatFormat
 
-    torch.manual_seed(0)
-    hf_model = make(vocab=131072).eval()  # the tekken vocabulary
     hf_model.save_pretrained(tmp_path / "model")
     shutil.copyfile(BUILTIN["v3-tekken"], tmp_path / "model" / "tekken.json")
     fmt = ChatFormat(load_tokenizer(tmp_path / "model"))
     ids = fmt.encode([{"role": "user", "content": "Name three rivers."}])
     with torch.no_grad():
         ids_t = torch.tensor([ids])
-        out = hf_model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=24, do_sample=False,
-                                eos_token_id=fmt.tokenizer.eos_id, pad_token_id=fmt.tokenizer.eos_id)
+        out = hf_model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=fmt.tokenizer.eos_id, pad_token_id=fmt.tokenizer.eos_id)
     new = [t for t in out[0, len(ids):].tolist() if t != fmt.tokenizer.eos_id]
     cmd = [sys.executable, "-m", "mft.generate", f"base={tmp_path / 'model'}", "prompt=Name three rivers.",
-           "max_new_tokens=24", "device=cpu", "precision=fp32", "stream=false"]
+           f"max_new_tokens={max_new_tokens}", "device=cpu", "precision=fp32", "stream=false"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == fmt.decode(new) + "\n"

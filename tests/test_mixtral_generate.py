@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from conftest import build  # noqa: E402
+from test_families import assert_mft_generate_command_equals_transformers  # noqa: E402
 from test_mixtral import VOCAB, mixtral  # noqa: E402
 
 from mft.checkpoint.load import read_model_args  # noqa: E402
@@ -130,28 +131,7 @@ def test_compiled_decode_equals_eager(checkpoint, compile_counter):
 def test_mft_generate_command_equals_transformers_generate(tmp_path):
     """The mft-generate command on a tiny Mixtral folder transformers wrote, with its own tekken.json:
     the chat prompt mistral-common builds, greedy, gives the text of transformers' generate."""
-    import shutil
-    import subprocess
-    import sys
-
-    from mft.data.tokenizer import BUILTIN, load_tokenizer
-    from mft.generate.chat import ChatFormat
-
-    hf_model = mixtral(vocab_size=131072)  # the tekken vocabulary
-    hf_model.save_pretrained(tmp_path / "model")
-    shutil.copyfile(BUILTIN["v3-tekken"], tmp_path / "model" / "tekken.json")
-    fmt = ChatFormat(load_tokenizer(tmp_path / "model"))
-    ids = fmt.encode([{"role": "user", "content": "Name three rivers."}])
-    with torch.no_grad():
-        ids_t = torch.tensor([ids])
-        out = hf_model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=16, do_sample=False,
-                                eos_token_id=fmt.tokenizer.eos_id, pad_token_id=fmt.tokenizer.eos_id)
-    new = [t for t in out[0, len(ids):].tolist() if t != fmt.tokenizer.eos_id]
-    cmd = [sys.executable, "-m", "mft.generate", f"base={tmp_path / 'model'}", "prompt=Name three rivers.",
-           "max_new_tokens=16", "device=cpu", "precision=fp32", "stream=false"]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout == fmt.decode(new) + "\n"
+    assert_mft_generate_command_equals_transformers(mixtral(vocab_size=131072), tmp_path, 16)  # the tekken vocabulary
 
 
 # -- int4 experts on torch's int4 matmul -----------------------------------------------------------

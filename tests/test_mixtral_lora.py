@@ -182,7 +182,7 @@ def test_apply_lora_wraps_experts_and_the_router_on_request(base_folder):
     assert set(lora_state_dict(model)) == {f"layers.{i}.feed_forward.gate.{p}" for i in (0, 1) for p in ("lora_a", "lora_b")}
 
     dense = build(dataclasses.replace(TINY_MOE, moe=None))
-    with pytest.raises(MftError, match="matched no linear layer"):
+    with pytest.raises(MftError, match=r"\['gate'\] matched no layer"):
         apply_lora(dense, LoRASettings(target_modules=["gate"]))
     with pytest.raises(MftError, match="'gate'"):
         apply_lora(dense, LoRASettings(target_modules=["router"]))
@@ -369,7 +369,7 @@ def test_mft_train_config_accepts_the_router_target():
     from mft.train.checks import check_config
 
     register_configs()
-    check_config(to_dataclass(compose("train", ["peft.target_modules=[wq,w1,gate]"])))
+    check_config(to_dataclass(compose("train", ["model=tiny-moe", "peft.target_modules=[wq,w1,gate]"])))
     with pytest.raises(MftError, match=r"peft\.target_modules.*'gate'"):
         check_config(to_dataclass(compose("train", ["peft.target_modules=[wq,router]"])))
 
@@ -394,3 +394,29 @@ def test_grouped_lora_on_cuda_bf16_equals_the_loop(r):
     torch.testing.assert_close(out, loop, atol=3e-2, rtol=3e-2)
     for ours, reference in zip(grads, (layer.lora_a.grad, layer.lora_b.grad)):
         torch.testing.assert_close(ours, reference, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+def test_adapted_experts_decode_row_by_row_as_the_grouped_products(quantised):
+    """forward_rows (decoding: each token copy through its own expert, only those experts read)
+    equals the grouped forward, for a dense and a 4-bit base, with a rank the grouped GEMM pads."""
+    from mft.quant.formats import QuantSpec
+    from mft.quant.grouped import QuantizedGroupedLinear
+
+    gen = torch.Generator().manual_seed(0)
+    base = GroupedLinear(4, 64, 24)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(base.weight.shape, generator=gen))
+    if quantised:
+        base = QuantizedGroupedLinear.from_dense(base.weight.detach(), QuantSpec("nf4", 64, double_quant=True))
+    layer = GroupedLoRALinear(base, LoRASettings(r=3, alpha=6.0))
+    with torch.no_grad():
+        layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=gen))
+    group = torch.tensor([2, 0, 2, 3])
+    x = torch.randn(4, 64, generator=gen)
+    order = torch.argsort(group, stable=True)
+    offsets = torch.cumsum(torch.bincount(group, minlength=4), 0).to(torch.int32)
+    grouped = torch.empty(4, 24)
+    grouped[order] = layer(x[order], offsets)
+    torch.testing.assert_close(layer.forward_rows(x, group), grouped, atol=1e-4, rtol=1e-4)
+

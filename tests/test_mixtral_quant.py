@@ -268,3 +268,20 @@ def test_qlora_on_experts_equals_lora_on_the_dequantised_experts(folder, name):
     for key in q_grads:
         torch.testing.assert_close(q_grads[key].lora_a.grad, d_grads[key].lora_a.grad, atol=1e-5, rtol=1e-3)
         torch.testing.assert_close(q_grads[key].lora_b.grad, d_grads[key].lora_b.grad, atol=1e-5, rtol=1e-3)
+
+
+def test_merged_export_of_qlora_experts_gives_the_adapted_logits(folder, tmp_path):
+    """mft-export's merge of a QLoRA Mixtral: each expert dequantised alone, its delta added, written
+    one tensor at a time; the consolidated folder read back gives the adapted 4-bit model's logits."""
+    from mft.checkpoint.export import export_consolidated
+
+    settings = LoRASettings(r=4, alpha=8)
+    qlora = build(read_model_args(folder), weights=folder, quant=MODEL_SPECS["nf4-dq"], lora=settings).eval()
+    _perturb_lora_(qlora)
+    out = export_consolidated(qlora, tmp_path / "merged", dtype=torch.float32)
+    merged = build(read_model_args(out), weights=out).eval()
+    toks = tokens()
+    expected = mft_logits(qlora, toks)
+    assert (expected - mft_logits(build(read_model_args(folder), weights=folder, quant=MODEL_SPECS["nf4-dq"]).eval(),
+                                  toks)).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(mft_logits(merged, toks), expected, atol=1e-4, rtol=1e-4)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_args
+from test_activation_checkpointing import assert_peak_matches_estimate
 
 from mft.build import ModelSpec, Runtime, build_model, memory
 from mft.build.parallelize import block_policies
@@ -118,6 +119,9 @@ def test_aux_loss_coef_is_checked():
         check_config(composed("model=tiny", "router_aux_loss_coef=0.01"))
     with pytest.raises(MftError, match=r"router_aux_loss_coef=-1\.0: expected a number >= 0"):
         check_config(composed("model=tiny-moe", "router_aux_loss_coef=-1"))
+    with pytest.raises(MftError, match=r"peft\.target_modules=.*: expected no 'gate' for model=tiny, which has no mixture"):
+        check_config(composed("model=tiny", "peft.target_modules=[wq,gate]"))
+    check_config(composed("model=tiny-moe", "peft.target_modules=[wq,gate]"))
 
 
 def test_none_bytes_of_an_moe_block_equal_what_autograd_keeps_on_cpu():
@@ -274,33 +278,12 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_moe_estimated_peak_is_within_15_percent_of_cuda_max_memory_allocated(policy):
     """A 2-layer Mixtral-8x7B-shaped bf16 model, LoRA r16 on attention, 4096 tokens: a step's measured
     peak (torch's grouped GEMM on sm90+) against the plan's estimate (measured on meta)."""
-    from types import SimpleNamespace
-
     from mft.model.args import ModelArgs
-    from mft.train.optim import build_optimizer
 
     args = ModelArgs(dim=4096, n_layers=2, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                      vocab_size=32000, norm_eps=1e-5, rope_theta=1e6, sliding_window=None, moe=MoeArgs(8, 2))
-    tokens, chunk, device = 4096, 2048, torch.device("cuda")
-    spec = ModelSpec(args, lora=LoRASettings(r=16, alpha=32, target_modules=["wq", "wk", "wv", "wo"]))
-    meta = build_model(spec, Runtime(device="meta", dtype=torch.bfloat16, train=True))
-    measured = memory.measure_blocks(meta, tokens, torch.bfloat16, autocast=False)
-    estimate = memory.peak_bytes(memory.fixed_bytes(meta, 1, torch.bfloat16), measured, (policy,) * args.n_layers,
-                                 memory.head_bytes(args.dim, args.vocab_size, tokens, chunk, torch.bfloat16))
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    model = build_model(spec, Runtime(device=device, dtype=torch.bfloat16, train=True, activation_checkpointing=policy))
-    optimizer = build_optimizer(model, SimpleNamespace(lr=1e-5, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.0))
-    ids = torch.randint(0, args.vocab_size, (tokens + 1,), device=device)
-    inputs = (ids[:-1], torch.arange(tokens, device=device), torch.tensor([0, tokens], dtype=torch.int32, device=device),
-              tokens)
-    for _ in range(2):  # the second step has AdamW's states
-        torch.cuda.reset_peak_memory_stats()
-        model(*inputs, targets=ids[1:], loss_chunk=chunk).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_allocated() - base
-    assert estimate == pytest.approx(peak, rel=0.15), (policy, estimate / memory.GIB, peak / memory.GIB)
+    lora = LoRASettings(r=16, alpha=32, target_modules=["wq", "wk", "wv", "wo"])
+    assert_peak_matches_estimate(ModelSpec(args, lora=lora), policy)
 
 
 @pytest.mark.gpu

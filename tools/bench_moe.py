@@ -53,11 +53,9 @@ failed.
 
 import argparse
 import json
-import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -66,7 +64,7 @@ from typing import Optional
 import torch
 
 from bench_common import PEAK_TFLOPS, SPECS, commit, flops_per_token, package_version, preset_args, preset_names
-from bench_train import fmt, measure, token_batch, verdict
+from bench_train import RESULT_MARK, fmt, measure, run_child, token_batch, verdict
 from mft.model.args import ModelArgs, MoeArgs
 
 GROUPS = ("moe4-lora", "moe4-lora-attn", "mixtral-qlora")
@@ -79,7 +77,6 @@ EXPERTS = ("w1", "w2", "w3")
 HF_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 HF_EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 MAX_QUANT_BYTES_PER_WEIGHT = 1.0  # 4-bit codes + block constants: about 0.52; bf16: 2
-RESULT_MARK = "BENCH_RESULT "
 PACKAGES = ("torch", "triton", "transformers", "peft", "bitsandbytes")
 
 
@@ -303,18 +300,7 @@ def child_command(row: Row, opts) -> list[str]:
 
 def run_in_subprocess(row: Row, opts) -> dict:
     """`row`'s result from a fresh process; a crash or a timeout is a failure with its reason."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    try:
-        done = subprocess.run(child_command(row, opts), capture_output=True, text=True, timeout=opts.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {opts.timeout} s"}
-    if opts.verbose:
-        sys.stderr.write(done.stdout + done.stderr)
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
-    last = [line for line in done.stderr.splitlines() if line.strip()]
-    return {"error": f"exit status {done.returncode}: {last[-1].strip() if last else 'no output'}"}
+    return run_child(child_command(row, opts), opts.timeout, opts.verbose)
 
 
 def reference(results: list[tuple[Row, dict]], row: Row) -> Optional[float]:

@@ -352,12 +352,17 @@ def child_command(row: Row, opts) -> list[str]:
 
 def run_in_subprocess(row: Row, opts) -> dict:
     """`row`'s result from a fresh process; a crash or a timeout is a failure with its reason."""
+    return run_child(child_command(row, opts), opts.timeout, opts.verbose)
+
+
+def run_child(command: list[str], timeout: float, verbose: bool) -> dict:
+    """The result line a child process printed (after RESULT_MARK), or its failure with the reason."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
-        done = subprocess.run(child_command(row, opts), capture_output=True, text=True, timeout=opts.timeout, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {opts.timeout} s"}
-    if opts.verbose:
+        return {"error": f"timed out after {timeout} s"}
+    if verbose:
         sys.stderr.write(done.stdout + done.stderr)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_MARK):

@@ -278,7 +278,7 @@ def stream_consolidated(model: torch.nn.Module, folder: Path | None) -> Path | N
             layer = name.rpartition(".feed_forward.")[0]
             for other in [n for n in gathered if n.rpartition(".feed_forward.")[0] != layer]:
                 del gathered[other]
-            gathered[name] = full_tensor(params[name].detach())
+            gathered[name] = full_tensor(params[name].detach()).cpu()  # the GPU holds no extra stacks
         return gathered[name][expert]
 
     if folder is None:

@@ -36,11 +36,11 @@ from mft.checkpoint.hf_tokenizer import (
     write_sentencepiece_as_hf,
     write_tekken_config,
 )
-from mft.checkpoint.merge import merged_tensors
+from mft.checkpoint.merge import merged_tensor, merged_tensors
 from mft.model.args import ModelArgs
 from mft.utils.atomic import atomic_dir
 from mft.utils.errors import MftError
-from mft.utils.tensorfile import open_safetensors, read_header
+from mft.utils.tensorfile import TensorSlot, open_safetensors, read_header, write_streamed
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MISTRAL_LORA = "lora.safetensors"
@@ -376,7 +376,9 @@ def export_consolidated(model: nn.Module, out: str | Path, *, tokenizer_file: Op
     dtype = dtype or model.tok_embeddings.weight.dtype
     with atomic_dir(out) as tmp:
         (tmp / consolidated.PARAMS_FILE).write_text(json.dumps(consolidated.args_to_params(model.args), indent=2) + "\n")
-        save_file(dict(merged_tensors(model, dtype)), str(tmp / consolidated.WEIGHTS_FILE), metadata={"format": "pt"})
+        layout = {name: TensorSlot(dtype, shape) for name, shape in consolidated.file_shapes(model.args).items()}
+        write_streamed(tmp / consolidated.WEIGHTS_FILE, layout, lambda name: merged_tensor(model, name, dtype),
+                       metadata={"format": "pt"})  # one tensor in memory at a time (a 93 GB 8x7B too)
         _copy_tokenizer(tmp, tokenizer_file, hf_tokenizer_from, sentencepiece_copy=False)
         if lora_from is not None:
             export_mistral_lora(lora_from, tmp / MISTRAL_LORA, scale=lora_scale, dtype=dtype)

@@ -14,19 +14,22 @@ import torch
 from torch import nn
 
 from mft.checkpoint import consolidated
-from mft.model.args import ModelArgs
 from mft.peft.lora import GroupedLoRALinear, LoRALayer
-from mft.quant.linear import dense_weight
+from mft.quant.dequant import dequantize_stack
+from mft.quant.linear import dense_weight, quantized_stack_of
 
 
 def _merged_weight(module: nn.Module, expert: Optional[int]) -> torch.Tensor:
     """The fp32 weight of a linear layer with its adapter merged: the whole weight, or one
     expert's (out, in) slice of a stacked one."""
     if getattr(module, "quant_spec", None) is not None:
-        weight = dense_weight(module, torch.float32)
-        if isinstance(module, LoRALayer):
-            weight += module.delta_weight().to(weight.device)
-        return weight if expert is None else weight[expert]
+        if expert is None:
+            weight = dense_weight(module, torch.float32)
+            return weight + module.delta_weight().to(weight.device) if isinstance(module, LoRALayer) else weight
+        # One expert of a 4-bit stack: only its weights dequantised, only its delta formed.
+        weight = dequantize_stack(quantized_stack_of(module), torch.float32,
+                                  groups=torch.tensor([expert], device=module.weight_q.device))[0]
+        return weight + module.delta_weight(expert).to(weight.device) if isinstance(module, LoRALayer) else weight
     weight = module.weight if expert is None else module.weight[expert]
     if module.merged:
         return weight.float()
@@ -35,25 +38,24 @@ def _merged_weight(module: nn.Module, expert: Optional[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merged_tensors(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(consolidated file name, dense CPU tensor in `dtype`) for every tensor of `model`, LoRA merged,
-    one at a time, in the order and under the names of `consolidated.file_shapes`: a stacked
-    experts' tensor comes out as one tensor per expert (`layers.{i}.feed_forward.experts.{j}.w1.weight`).
+def merged_tensor(model: nn.Module, file_name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The dense CPU tensor in `dtype` of the consolidated file's `file_name` (one expert's slice of
+    a stacked projection: `layers.{i}.feed_forward.experts.{j}.w1.weight`), LoRA merged."""
+    name, expert = consolidated.expert_of(file_name)
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if leaf == "weight" and (isinstance(module, LoRALayer) or getattr(module, "quant_spec", None) is not None):
+        tensor = _merged_weight(module, expert).to(dtype)
+    else:
+        param = model.get_parameter(name).detach()
+        tensor = (param if expert is None else param[expert]).to(dtype)
+    return tensor.to("cpu").contiguous()
 
-    `dtype` defaults to the embeddings' dtype. The model is left as it is (adapters unmerged).
-    """
-    args: ModelArgs = model.args
+
+def merged_tensors(model: nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(consolidated file name, merged_tensor) for every tensor of `model`, one at a time, in the
+    order and under the names of `consolidated.file_shapes`. `dtype` defaults to the embeddings'
+    dtype. The model is left as it is (adapters unmerged)."""
     dtype = dtype or model.tok_embeddings.weight.dtype
-    for name, shape in consolidated.expected_shapes(args).items():
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name) if module_name else model
-        adapted = leaf == "weight" and (isinstance(module, LoRALayer) or getattr(module, "quant_spec", None) is not None)
-        stacked = consolidated.is_stacked(name, args)
-        for expert in range(shape[0]) if stacked else [None]:
-            if adapted:
-                tensor = _merged_weight(module, expert).to(dtype)
-            else:
-                param = model.get_parameter(name).detach()
-                tensor = (param if expert is None else param[expert]).to(dtype)
-            file_name = name if expert is None else consolidated.expert_file_name(name, expert)
-            yield file_name, tensor.to("cpu").contiguous()
+    for file_name in consolidated.file_shapes(model.args):
+        yield file_name, merged_tensor(model, file_name, dtype)

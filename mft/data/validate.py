@@ -129,9 +129,11 @@ def packing_defects(store: TokenStore, seq_len: int, too_long: TooLong) -> list[
 
 def flop_parameters(model: ModelArgs) -> int:
     """Parameters that a token is multiplied by: every linear layer and the output head (the input
-    embedding is a lookup)."""
+    embedding is a lookup); of a mixture of experts, the router and the k experts a token reaches."""
     attention = model.dim * model.head_dim * (2 * model.n_heads + 2 * model.n_kv_heads)
-    return model.n_layers * (attention + 3 * model.dim * model.hidden_dim) + model.dim * model.vocab_size
+    experts, router = (1, 0) if model.moe is None else (model.moe.num_experts_per_tok, model.dim * model.moe.num_experts)
+    feed_forward = experts * 3 * model.dim * model.hidden_dim + router
+    return model.n_layers * (attention + feed_forward) + model.dim * model.vocab_size
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -190,12 +190,13 @@ class MoEFeedForward(nn.Module):
         """Whether the experts run per token copy (forward_rows) rather than as grouped products:
         when decoding (no gradient: training keeps one path) with at most as many copies as
         experts, so the gathered weights are never more than the whole stack, only when every
-        expert layer has forward_rows (an adapter-wrapped layer takes the grouped path), and not
-        for dense experts on torch's grouped GEMM, which already skips the empty experts."""
+        expert layer has forward_rows, and not for dense experts (adapted or not) on torch's
+        grouped GEMM, which already skips the empty experts."""
         layers = (self.w1, self.w2, self.w3)
         if torch.is_grad_enabled() or copies.shape[0] > self.n_experts:
             return False
-        if all(type(layer) is GroupedLinear for layer in layers) and uses_grouped_gemm(copies, self.w1.weight):
+        dense = all(isinstance(getattr(layer, "weight", None), torch.Tensor) for layer in layers)  # LoRA'd too
+        if dense and uses_grouped_gemm(copies, self.w1.weight):
             return False
         return all(hasattr(layer, "forward_rows") for layer in layers)
 

@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from mft.model.moe import GroupedLinear, grouped_linear
 from mft.model.names import canonical_name
+from mft.quant.dequant import dequantize_stack
 from mft.quant.formats import QuantSpec
 from mft.quant.grouped import QuantizedGroupedLinear, quantized_grouped_linear
 from mft.quant.linear import (
@@ -284,12 +285,36 @@ class GroupedLoRALinear(LoRALayer):
             return quantized_grouped_linear(x, offsets, quantized_stack_of(self))
         return grouped_linear(x, self.weight, offsets)
 
+    def grouped_factors(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """lora_factors with the rank padded by zeros to a multiple of 8 (exact: zero rows of A meet
+        zero columns of B): torch's grouped GEMM takes only rows of 16-byte multiples, and a rank
+        it refuses would send the products to the per-expert loop, whose host sync a compiled
+        block cannot hold."""
+        a, b = self.lora_factors(dtype)
+        pad = -self.r % 8
+        if pad == 0:
+            return a, b
+        return F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, pad))
+
     def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         out = self.base_linear(x, offsets)
         if self.merged:
             return out
-        a, b = self.lora_factors(x.dtype)
+        a, b = self.grouped_factors(x.dtype)
         return out + grouped_linear(grouped_linear(self.dropout(x), a, offsets), b, offsets)
+
+    def forward_rows(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """Row n of x (N, in) through expert group[n] alone, adapter included: the base's weights of
+        only those experts (dequantised, for a 4-bit base), for decoding (mft.model.moe)."""
+        if self.quant_spec is not None:
+            weight = dequantize_stack(quantized_stack_of(self), x.dtype, groups=group)
+        else:
+            weight = self.weight[group]
+        out = torch.bmm(weight, x[:, :, None])
+        if not self.merged:
+            a, b = self.lora_factors(x.dtype)
+            out = out + torch.bmm(b[group], torch.bmm(a[group], x[:, :, None]))
+        return out[:, :, 0]
 
     @staticmethod
     def project_grouped_together(x: torch.Tensor, offsets: torch.Tensor,
@@ -300,10 +325,10 @@ class GroupedLoRALinear(LoRALayer):
         if any(layer.merged or (layer.training and isinstance(layer.dropout, nn.Dropout)) for layer in layers):
             return [layer(x, offsets) for layer in layers]
         outs = [layer.base_linear(x, offsets) for layer in layers]
-        factors = [layer.lora_factors(x.dtype) for layer in layers]
+        factors = [layer.grouped_factors(x.dtype) for layer in layers]
         xa = grouped_linear(x, torch.cat([a for a, _ in factors], dim=1), offsets)
         # Each layer's columns made dense: torch's grouped GEMM takes no strided rows.
-        parts = [part.contiguous() for part in xa.split([layer.r for layer in layers], dim=-1)]
+        parts = [part.contiguous() for part in xa.split([a.shape[1] for a, _ in factors], dim=-1)]
         return [out + grouped_linear(part, b, offsets) for out, part, (_, b) in zip(outs, parts, factors)]
 
     def delta_weight(self, group: Optional[int] = None) -> torch.Tensor:
@@ -353,8 +378,10 @@ def apply_lora(model: nn.Module, settings: LoRASettings) -> List[str]:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, leaf, adapted)
         replaced.append(name)
-    if not replaced:
-        raise MftError(f"peft.target_modules {settings.target_modules} matched no linear layer of the model.")
+    unmatched = sorted(set(settings.target_modules) - {name.rsplit(".", 1)[-1] for name in replaced})
+    if unmatched:
+        raise MftError(f"peft.target_modules {unmatched} matched no layer of the model ('gate' is a mixture of "
+                       "experts' router: a dense model has none); leave them out.")
     return replaced
 
 

@@ -152,6 +152,9 @@ def _check_run(cfg: TrainConfig) -> None:
     _require(cfg.max_grad_norm >= 0, "max_grad_norm", cfg.max_grad_norm, "a number >= 0 (0: no clipping)")
     _require(cfg.router_aux_loss_coef >= 0, "router_aux_loss_coef", cfg.router_aux_loss_coef,
              "a number >= 0 (0: no load-balancing loss)")
+    _require(cfg.peft.method == "none" or "gate" not in cfg.peft.target_modules or cfg.model.moe is not None,
+             "peft.target_modules", list(cfg.peft.target_modules),
+             f"no 'gate' for model={cfg.model.name}, which has no mixture of experts (model.moe is null)")
     _require(cfg.router_aux_loss_coef == 0 or cfg.model.moe is not None, "router_aux_loss_coef",
              cfg.router_aux_loss_coef, f"0 for model={cfg.model.name}, which has no mixture of experts (model.moe is null)")
     _require(cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps", cfg.max_nonfinite_steps,

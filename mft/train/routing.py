@@ -57,7 +57,9 @@ class RoutingWindow:
     def record(self) -> Dict[str, Any]:
         """The train record's routing fields over every rank; nothing for a dense model. Resets.
 
-        expert_tokens: per expert, the tokens routed to it, summed over layers, micro-steps and
+        expert_layers: the layers these figures cover (a compiled, checkpointed block records
+        none: mft.build.parallelize); expert_tokens: per expert, the tokens routed to it, summed
+        over those layers, micro-steps and
         ranks (each token counts once in each of its k experts); expert_load_max: the largest
         share of one expert over the uniform share, in the worst layer (1: balanced, E / k: every
         token to the same k experts); router_aux_loss: the load-balancing loss (1 when balanced),
@@ -72,7 +74,8 @@ class RoutingWindow:
         counts = summed[:-2].view(layers, experts)
         aux_sum, micro_steps = summed[-2:].tolist()
         load = counts.max(dim=1).values / (counts.sum(dim=1) / experts).clamp(min=1)
-        record = {"expert_tokens": [int(c) for c in counts.sum(dim=0).tolist()],
+        record = {"expert_layers": layers,
+                  "expert_tokens": [int(c) for c in counts.sum(dim=0).tolist()],
                   "expert_load_max": float(load.max()),
                   "router_aux_loss": aux_sum / (layers * micro_steps)}
         self._reset()
