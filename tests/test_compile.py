@@ -112,11 +112,11 @@ def test_compiled_moe_model_is_one_graph_per_block_never_recompiles_and_matches_
     sm90+, and torch's fake implementation takes bf16 only; the per-expert loop reads the offsets
     on the host, a graph break), with the load-balancing loss's gradient on: one graph, none
     more for a new packing of the same token count, and the eager model's numbers."""
-    from mft.model import moe
+    from mft.kernels import grouped
     from mft.model.args import MoeArgs
     from mft.train.routing import moe_layers, set_aux_loss_scale
 
-    monkeypatch.setattr(moe, "grouped_gemm_runs", lambda device, dtype: True)
+    monkeypatch.setattr(grouped, "grouped_gemm_runs", lambda device, dtype: True)
     args = dataclasses.replace(ARGS, hidden_dim=64, moe=MoeArgs(4, 2))
     model = build(args, attn_backend="triton", std=0.2, dtype=torch.bfloat16)
     set_aux_loss_scale(moe_layers(model), 0.1, 1)

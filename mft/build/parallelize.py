@@ -23,6 +23,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from mft.build import memory
+from mft.kernels import grouped
 from mft.model import moe
 from mft.model.attention import compiles_whole
 
@@ -88,7 +89,7 @@ def compile_blocks(model: nn.Module, device: torch.device, backend: str = "induc
     on the host: a graph break). The blocks share their compiled graphs (nn modules are inlined,
     their weights are inputs)."""
     fullgraph = compiles_whole(model.attn_fn, device)
-    if fullgraph and model.args.moe is not None and not moe.grouped_gemm_runs(device, dtype):
+    if fullgraph and model.args.moe is not None and not grouped.grouped_gemm_runs(device, dtype):
         log.warning("torch.compile: the experts run as a per-expert loop on %s in %s (the grouped GEMM needs "
                     "bf16 on sm90+), so each block compiles with graph breaks around it", device, dtype)
         fullgraph = False

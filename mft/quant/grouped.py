@@ -8,7 +8,7 @@ one has `layers.0.feed_forward.w1.weight` (G, out, in).
 
 Compute, as for the quantised linear layer: one custom op dequantises the stack into one
 (G, out, in) buffer in x's dtype and runs the grouped product (torch's grouped GEMM in bf16 on
-Hopper, the per-expert loop elsewhere: mft.model.moe.grouped_linear), and its backward op
+Hopper, the per-expert loop elsewhere: mft.kernels.grouped.grouped_linear), and its backward op
 dequantises again for the gradient of x. Nothing weight-sized is kept for backward, and
 torch.compile sees one opaque node each (no graph break, the loop's host sync included).
 """
@@ -16,7 +16,7 @@ torch.compile sees one opaque node each (no graph break, the loop's host sync in
 import torch
 from torch import nn
 
-from mft.model.moe import grouped_linear
+from mft.kernels.grouped import grouped_linear
 from mft.quant.dequant import dequantize_stack
 from mft.quant.formats import QuantizedStack, QuantSpec
 from mft.quant.linear import load_dense_weight_, quantized_stack_of, register_quantized_weight

@@ -13,10 +13,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from mft.model.moe import GroupedLinear
 from mft.quant.formats import QuantSpec
 from mft.quant.grouped import QuantizedGroupedLinear
-from mft.quant.linear import QuantizedLinear, quantized_layers
+from mft.quant.linear import QuantizedLinear, is_stacked, quantized_layers
 from mft.utils.errors import MftError
 
 LINEAR_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # w1/w2/w3: a mixture of experts' too
@@ -35,13 +34,20 @@ def check_modules(modules: Sequence[str]) -> list:
     return list(modules)
 
 
+def _is_grouped_linear(module: nn.Module) -> bool:
+    """A dense stack of G weights (mft.model.moe.GroupedLinear: an integer `groups` and a (G, out,
+    in) `weight`), told by its attributes: this layer sits below the model's."""
+    weight = getattr(module, "weight", None)
+    return is_stacked(module) and isinstance(weight, torch.Tensor) and weight.dim() == 3
+
+
 def _swap(model: nn.Module, targets: Sequence[str], make) -> list:
     """Replace every nn.Linear or GroupedLinear whose attribute name is in `targets` by
     make(module); returns their names."""
     replaced = []
     for name, module in list(model.named_modules()):
         parent_name, _, leaf = name.rpartition(".")
-        if leaf in targets and isinstance(module, (nn.Linear, GroupedLinear)):
+        if leaf in targets and (isinstance(module, nn.Linear) or _is_grouped_linear(module)):
             if getattr(module, "bias", None) is not None:
                 raise ValueError(f"{name} has a bias; quantised layers are bias-free")
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, make(module))
@@ -56,7 +62,7 @@ def replace_linears(model: nn.Module, spec: QuantSpec, targets, device: Optional
     """
     def empty(module: nn.Module) -> nn.Module:
         where = device or module.weight.device
-        if isinstance(module, GroupedLinear):
+        if _is_grouped_linear(module):
             return QuantizedGroupedLinear(module.groups, module.in_features, module.out_features, spec, device=where)
         return QuantizedLinear(module.in_features, module.out_features, spec, device=where)
 
@@ -67,7 +73,7 @@ def replace_linears(model: nn.Module, spec: QuantSpec, targets, device: Optional
 def quantize_model_(model: nn.Module, spec: QuantSpec, modules: Sequence[str] = LINEAR_TARGETS) -> list:
     """Replace materialised layers (nn.Linear, GroupedLinear) by quantised copies, in place; returns their names."""
     def quantised(module: nn.Module) -> nn.Module:
-        layer = QuantizedGroupedLinear if isinstance(module, GroupedLinear) else QuantizedLinear
+        layer = QuantizedGroupedLinear if _is_grouped_linear(module) else QuantizedLinear
         return layer.from_dense(module.weight.detach(), spec)
 
     return _swap(model, check_modules(modules), quantised)
