@@ -99,22 +99,18 @@ def table_rows(stdout: str) -> dict[tuple[str, str], list[str]]:
 
 @pytest.mark.slow
 def test_bench_moe_smoke_on_cpu():
+    """Both sides of the expert-LoRA group run (mft's row checks its adapters cover the experts)."""
     command = [sys.executable, "tools/bench_moe.py", "--device", "cpu", "--shape", "tiny", "--moe", "4,2",
-               "--layers", "1", "--seq", "64", "--steps", "1", "--warmup", "0", "--groups", "moe4-lora,moe4-lora-attn",
+               "--layers", "1", "--seq", "64", "--steps", "1", "--warmup", "0", "--groups", "moe4-lora",
                "--rows", "mft eager,tf+peft grouped_mm"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
     rows = table_rows(done.stdout)
-    assert set(rows) == {(g, r) for g in ("moe4-lora", "moe4-lora-attn") for r in ("mft eager", "tf+peft grouped_mm")}
-    expert_lora_row = rows["moe4-lora", "mft eager"]
-    for key, cells in rows.items():
+    assert set(rows) == {("moe4-lora", r) for r in ("mft eager", "tf+peft grouped_mm")}
+    for cells in rows.values():
         group, _, targets, layers, checkpointing, seq, tokens_per_s, peak, ratio, mfu, trainable, loss, note = cells
-        assert (targets, layers, checkpointing, seq, peak, mfu) == (
-            "attn+experts" if group == "moe4-lora" else "attn", "1", "none", "64", "-", "-"), cells
-        if cells is expert_lora_row and note.startswith("failed"):  # experts not wrapped by this checkout's apply_lora
-            assert "trainable parameters, expected 112,640" in note, cells
-            continue
+        assert (targets, layers, checkpointing, seq, peak, mfu) == ("attn+experts", "1", "none", "64", "-", "-"), cells
         assert note == "" and float(tokens_per_s.replace(",", "")) > 0 and 0 < float(loss) < 20, cells
-    assert rows["moe4-lora-attn", "tf+peft grouped_mm"][8] == "1.00x"
-    assert done.returncode == (1 if expert_lora_row[-1].startswith("failed") else 0), done.stdout + done.stderr
+    assert rows["moe4-lora", "tf+peft grouped_mm"][8] == "1.00x"
     assert "command: python tools/bench_moe.py --device cpu" in done.stdout
