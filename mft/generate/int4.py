@@ -144,7 +144,7 @@ def _int4_experts(module: nn.Module, name: str) -> Optional[Int4GroupedLinear]:
 
     if hasattr(module, "lora_a"):
         log.info("%s: int4 experts under a LoRA adapter stay on mft.quant's dequantising path "
-                 "(every expert dequantised per step; no int4 kernel path for adapted experts yet).", name)
+                 "(a decoding step dequantises the chosen experts; no int4 kernel path for adapted experts yet).", name)
         return None
     q, scale, zero = module.weight_q, module.weight_scale, module.weight_zero
     layer = Int4GroupedLinear(q, scale, zero, module.quant_spec.block_size)
