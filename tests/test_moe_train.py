@@ -13,15 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_args
-from test_activation_checkpointing import assert_peak_matches_estimate
+from test_activation_checkpointing import assert_peak_matches_estimate, bytes_autograd_saves
 
 from mft.build import ModelSpec, Runtime, build_model, memory
 from mft.build.parallelize import block_policies
 from mft.data.encode import Encoded
 from mft.data.packing import collate, pack
 from mft.model.args import MoeArgs
-from mft.model.attention import PackedDocs
-from mft.model.rope import rope_tables
 from mft.peft.lora import LoRASettings
 from mft.train import metrics as metrics_module
 from mft.train.loop import accumulate_gradients, train
@@ -133,21 +131,7 @@ def test_none_bytes_of_an_moe_block_equal_what_autograd_keeps_on_cpu():
     model = build_model(ModelSpec(args, lora=ATTENTION_LORA, attn_backend="sdpa"), Runtime(train=True))
     meta = build_model(ModelSpec(args, lora=ATTENTION_LORA), Runtime(device="meta", train=True))
     estimate = memory.measure_blocks(meta, tokens, torch.float32, autocast=False)[1]
-    block = model.layers[1]
-    x = torch.randn(tokens, args.dim, requires_grad=True)
-    rope = rope_tables(torch.arange(tokens), args)
-    docs = PackedDocs.from_cu_seqlens(torch.tensor([0, tokens], dtype=torch.int32), tokens, tokens)
-    shared = {t.untyped_storage().data_ptr() for t in (*block.parameters(), rope.cos, rope.sin)}
-    saved = {}
-
-    def keep(t):
-        saved[t.untyped_storage().data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        block(x, rope, docs)
-    real = sum(t.untyped_storage().nbytes() for ptr, t in saved.items() if ptr not in shared)
-    assert real == estimate.none
+    assert bytes_autograd_saves(model.layers[1], args, tokens) == estimate.none
     # The experts' hidden activations (T * k rows) are most of it; selective keeps the products.
     assert estimate.none > estimate.selective > tokens * 2 * args.hidden_dim * 4 > estimate.full
 

@@ -64,7 +64,7 @@ from typing import Optional
 import torch
 
 from bench_common import PEAK_TFLOPS, SPECS, commit, flops_per_token, package_version, preset_args, preset_names
-from bench_train import RESULT_MARK, fmt, measure, run_child, token_batch, verdict
+from bench_train import fmt, measure, print_result, run_child, token_batch, verdict
 from mft.model.args import ModelArgs, MoeArgs
 
 GROUPS = ("moe4-lora", "moe4-lora-attn", "mixtral-qlora")
@@ -272,20 +272,15 @@ def run_hf(row: Row, args: ModelArgs, opts, device: torch.device) -> dict:
     return {**measure(step, opts, device), "trainable": trainable}
 
 
+def run_row(row: Row, opts) -> dict:
+    """One row's measurements, tokens/s included."""
+    result = (run_mft if row.stack == "mft" else run_hf)(row, row_args(row, opts), opts, torch.device(opts.device))
+    return {**result, "tokens_per_s": row.seq / result["step_s"]}
+
+
 def child_main(row: Row, opts) -> int:
     """Run `row` and print its result as one marked JSON line (errors included)."""
-    device = torch.device(opts.device)
-    args = row_args(row, opts)
-    try:
-        result = (run_mft if row.stack == "mft" else run_hf)(row, args, opts, device)
-        result["tokens_per_s"] = row.seq / result["step_s"]
-    except Exception as e:  # the parent prints the row as failed, with this first line
-        message = str(e).strip().splitlines()
-        result = {"error": type(e).__name__ + (f": {message[0]}" if message else "")}
-    if "loss" in result and result["loss"] != result["loss"]:
-        result = {**result, "error": "loss is NaN"}
-    print(RESULT_MARK + json.dumps(result), flush=True)
-    return 0
+    return print_result(lambda: run_row(row, opts))
 
 
 # -- the parent: one subprocess per row, the table, the goals --------------------------------------

@@ -328,8 +328,13 @@ def run_row(row: Row, opts) -> dict:
 
 def child_main(row: Row, opts) -> int:
     """Run `row` and print its result as one marked JSON line (errors included)."""
+    return print_result(lambda: run_row(row, opts))
+
+
+def print_result(run: Callable[[], dict]) -> int:
+    """Print what `run` returns, or its error's first line, as the marked JSON line the parent reads."""
     try:
-        result = run_row(row, opts)
+        result = run()
     except Exception as e:  # the parent prints the row as failed, with this first line
         message = str(e).strip().splitlines()
         result = {"error": type(e).__name__ + (f": {message[0]}" if message else "")}
