@@ -307,11 +307,15 @@ class CastCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 \
-                and kwargs.get("dtype") == torch.bfloat16 and args[0].dim() == 2 \
-                and {R, 2 * R, 3 * R} & set(args[0].shape):
-            self.casts += 1
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+            self.casts += is_factor_fp32(args[0])
+        if func is torch.ops.aten._foreach_copy_.default:  # lora_step_copies casts all factors at once
+            self.casts += sum(dst.dtype == torch.bfloat16 and is_factor_fp32(src) for dst, src in zip(*args[:2]))
         return func(*args, **kwargs)
+
+
+def is_factor_fp32(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.dim() == 2 and bool({R, 2 * R, 3 * R} & set(t.shape))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
