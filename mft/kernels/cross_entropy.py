@@ -1,10 +1,18 @@
 """Cross-entropy through the output head in chunks of tokens, without keeping any logits.
 
-At seq 4096 and vocab 32768 the fp32 logits alone are 512 MiB, and autograd keeps them (and
-the log-softmax) for backward. Here each chunk's head matmul + cross-entropy runs under
-activation checkpointing: forward keeps only the chunk's hidden states, backward recomputes
-one chunk's logits at a time. Peak extra memory: one chunk's logits (chunk x vocab x ~10 bytes).
-Pure torch (the name of the folder notwithstanding): the matmul dominates, fusing buys little.
+At seq 4096 and vocab 32768 the fp32 logits alone are 512 MiB, and autograd would keep them (and
+the log-softmax) for backward. Two ways to avoid that, both pure torch:
+
+- `linear_cross_entropy`, for a plain head weight (the usual case): each chunk's logits are made
+  once, and its gradient (softmax - one-hot) is multiplied back through the head at once, in
+  forward; backward only scales the kept d hidden (T, dim) (and d weight, when the head trains).
+  No head matmul is recomputed (measured on an H200 at seq 4096: about 3 ms of a 7B LoRA step).
+- `chunked_cross_entropy`, for any head function (a 4-bit head): each chunk's head matmul +
+  cross-entropy runs under activation checkpointing, and backward recomputes one chunk's logits
+  at a time.
+
+Peak extra memory of either: one chunk's logits and their gradient (chunk x vocab x ~10 bytes).
+Positions whose target is IGNORE_INDEX add nothing to the loss and get no gradient.
 """
 
 from typing import Callable
@@ -14,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # hidden states (T, dim) -> logits (T, vocab)
+IGNORE_INDEX = -100  # F.cross_entropy's default
 
 
 def _chunk_loss(head: Head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -35,3 +44,52 @@ def chunked_cross_entropy(
         else:
             total = total + _chunk_loss(head, h, t)
     return total
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of hidden @ weight^T against targets, gradients made in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk_size: int) -> torch.Tensor:
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            logits = F.linear(h, weight).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            supervised = t != IGNORE_INDEX
+            rows, picked = torch.arange(len(t), device=t.device), t.clamp(min=0)
+            total += ((lse - logits[rows, picked]) * supervised).sum()
+            if not (want_hidden or want_weight):
+                continue
+            # d loss / d logits = softmax - one-hot, in fp32 (in place of the logits), then in the
+            # compute dtype, as autograd would pass it back through the head's .float().
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[rows, picked] -= supervised.float()
+            grad = grad.mul_(supervised[:, None]).to(h.dtype)
+            if want_hidden:
+                grad_hidden[start:start + chunk_size] = grad @ weight
+            if want_weight:
+                grad_weight += (grad.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # Scaled in fp32 and rounded once (the chain rule's order differs from autograd's here).
+        return (None if grad_hidden is None else (grad_hidden.float() * grad_loss).to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype), None, None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_size: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of hidden (T, dim) @ weight (vocab, dim)^T against targets (T,), fp32,
+    chunk by chunk, the gradients computed in forward (module docstring)."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mft.kernels.cross_entropy import chunked_cross_entropy
+from mft.kernels.cross_entropy import chunked_cross_entropy, linear_cross_entropy
 from mft.model.args import ModelArgs
 from mft.model.attention import AttentionFn, PackedDocs, get_attention_backend, prepare_attention
 from mft.model.kv_cache import CachePlan
@@ -145,6 +145,13 @@ class Transformer(nn.Module):
             return F.linear(hidden, self.tok_embeddings.weight)
         return self.output(hidden)
 
+    def head_weight(self) -> Optional[torch.Tensor]:
+        """The head's weight (the output layer's, or the embedding's when tied), or None when the
+        output layer is not a plain nn.Linear (a 4-bit one)."""
+        if self.output is None:
+            return self.tok_embeddings.weight
+        return self.output.weight if type(self.output) is nn.Linear else None
+
     def hidden_states(
         self,
         tokens: torch.Tensor,
@@ -191,12 +198,16 @@ class Transformer(nn.Module):
         head: a loss on a few supervised tokens (or a prefill that needs the last token's logits)
         skips most of the largest matmul. With `targets` (one per selected position) it returns
         instead their summed fp32 cross-entropy, the head and the loss run `loss_chunk` tokens at
-        a time and recomputed in backward (mft.kernels.cross_entropy), so no (tokens x vocab)
-        logits are kept; 0: one chunk.
+        a time (mft.kernels.cross_entropy: the gradients made in forward for a plain head, else
+        recomputed in backward), so no (tokens x vocab) logits are kept; 0: one chunk.
         (One entry point, so that wrappers that hook `forward`, FSDP's among them, see every call.)
         """
         hidden = self.hidden_states(tokens, positions, cu_seqlens, max_seqlen, cache, fused)
         hidden = hidden if head_mask is None else hidden[head_mask.reshape(-1)]
         if targets is None:
             return self.head(hidden)
-        return chunked_cross_entropy(hidden, self.head, targets, loss_chunk or max(hidden.shape[0], 1))
+        chunk = loss_chunk or max(hidden.shape[0], 1)
+        weight = self.head_weight()
+        if weight is None:
+            return chunked_cross_entropy(hidden, self.head, targets, chunk)
+        return linear_cross_entropy(hidden, weight, targets, chunk)
