@@ -46,3 +46,20 @@ def test_bench_train_smoke_on_cpu():
     assert liger_note in ("skipped: liger-kernel not installed", "skipped: liger-kernel's Triton kernels need a GPU")
     assert "failed" not in done.stdout
     assert "command: python tools/bench_train.py --device cpu" in done.stdout
+
+
+def test_breakdown_sorts_kernels_by_kind_and_bounds_the_step():
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_train
+
+    kinds = {name: bench_train.kernel_kind(name) for name in (
+        "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma",
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 128>", "_swa_fwd_kernel",
+        "triton_poi_fused_add_mul_silu_silu_backward_0", "_add_low_rank_kernel", "Memcpy DtoD (Device -> Device)")}
+    assert list(kinds.values()) == ["matmul", "attention", "attention", "attention", "other", "other", "other"]
+    row = bench_train.Row("seq4096", "mft", seq=4096, compile=True)
+    result = {"step_s": 0.25, "kernels_s": {"matmul": 0.17, "attention": 0.035, "other": 0.03}}
+    lines = bench_train.breakdown_table([(row, result), (bench_train.Row("seq4096", "hf"), {"step_s": 0.4})])
+    assert len(lines) == 3  # header, rule, the one row with a breakdown
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[3:] == ["250.0", "170.0", "35.0", "30.0", "15.0", "19,980"]

@@ -181,7 +181,38 @@ def measure(step: Callable[[], torch.Tensor], opts, device: torch.device) -> dic
         synchronize(device)
         times.append(time.perf_counter() - begin)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
-    return {"step_s": statistics.median(times), "peak_gib": peak, "loss": float(loss)}
+    result = {"step_s": statistics.median(times), "peak_gib": peak, "loss": float(loss)}
+    if opts.breakdown and device.type == "cuda":
+        result["kernels_s"] = kernel_breakdown(step)
+    return result
+
+
+# Substrings of CUDA kernel names, by kind (cuBLAS's nvjet/cutlass GEMMs; cuDNN's, FlashAttention's
+# and mft's Triton attention kernels); every other kernel (elementwise, reductions, copies) is "other".
+KERNEL_KINDS = (("attention", ("flash", "fmha", "sdpa", "cudnn::fusion", "_swa_", "attn")),
+                ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "splitk", "grouped_mm")))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in lowered for m in marks)), "other")
+
+
+def kernel_breakdown(step: Callable[[], torch.Tensor], steps: int = 2) -> dict:
+    """GPU time per step by kernel kind (seconds), from torch.profiler over `steps` more steps; the
+    profiler's own annotations of compiled graphs ("## Call CompiledFxGraph ...") are not kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    totals = {kind: 0.0 for kind in ("matmul", "attention", "other")}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA and not event.name.startswith("## "):
+            totals[kernel_kind(event.name)] += event.time_range.elapsed_us() / 1e6 / steps
+    return totals
 
 
 def run_mft(row: Row, args: ModelArgs, opts, device: torch.device) -> dict:
@@ -349,7 +380,7 @@ def print_result(run: Callable[[], dict]) -> int:
 def child_command(row: Row, opts) -> list[str]:
     """This script, run for `row` alone with the parent's settings."""
     passed = ["--shape", opts.shape, "--steps", str(opts.steps), "--warmup", str(opts.warmup),
-              "--device", opts.device, "--ce-chunk", str(opts.ce_chunk)]
+              "--device", opts.device, "--ce-chunk", str(opts.ce_chunk)] + (["--breakdown"] if opts.breakdown else [])
     passed += ["--layers", str(opts.layers)] if opts.layers else []
     passed += ["--tmp-dir", opts.tmp_dir] if opts.tmp_dir else []
     return [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(asdict(row))] + passed
@@ -413,6 +444,23 @@ def table(results: list[tuple[Row, dict]], args: ModelArgs, on_gpu: bool) -> lis
                      f"{fmt(peak, '.2f')} | {fmt(ratio, '.2f')}{'x' if ratio else ''} | "
                      f"{fmt(mfu, '.1f')}{'%' if mfu else ''} | {fmt(r.get('loss'), '.3f')} | {note} |")
     return lines
+
+
+def breakdown_table(results: list[tuple[Row, dict]]) -> list[str]:
+    """Where each row's step goes (--breakdown): GPU kernel time by kind, and the GPU idle rest of the
+    step; "bound" is the tokens/s the row would reach if its matmuls and attention took all the time."""
+    lines = ["| group | row | act. ckpt | step ms | matmul ms | attention ms | other kernels ms | GPU idle ms | "
+             "bound tokens/s |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row, r in results:
+        kernels = r.get("kernels_s")
+        if not kernels:
+            continue
+        idle = r["step_s"] - sum(kernels.values())
+        bound = row.seq / (kernels["matmul"] + kernels["attention"])
+        lines.append(f"| {row.group} | {row.name} | {row.checkpointing_label} | {1e3 * r['step_s']:.1f} | "
+                     f"{1e3 * kernels['matmul']:.1f} | {1e3 * kernels['attention']:.1f} | {1e3 * kernels['other']:.1f} | "
+                     f"{1e3 * idle:.1f} | {bound:,.0f} |")
+    return lines if len(lines) > 2 else []
 
 
 def verdict(ok: Optional[bool]) -> str:
@@ -519,6 +567,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--commit", help="the commit to print (the GPU machine's git metadata may be stale)")
     parser.add_argument("--tmp-dir", help="where load-7b writes its folder (default: the system's temp dir)")
     parser.add_argument("--verbose", action="store_true", help="echo each row's subprocess output")
+    parser.add_argument("--breakdown", action="store_true", help="also profile 2 steps per row (CUDA): GPU time "
+                        "by kernel kind and GPU idle time, in a second table")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.steps < 1 or opts.warmup < 0:
@@ -570,6 +620,8 @@ def main() -> int:
     if any(row.stack != "load" for row in rows):
         print("\n".join(table(results, args, torch.device(opts.device).type == "cuda")) + "\n")
         print("\n".join(goal_lines(results)))
+        if opts.breakdown:
+            print("\n" + "\n".join(breakdown_table(results)))
     print("\n".join(load_lines(results)))
     return 1 if any("error" in r for _, r in results) else 0
 
