@@ -12,7 +12,7 @@ ALLOWED = {
     "quant": {"utils", "kernels"},
     "model": {"utils", "kernels"},
     "data": {"utils"},
-    "peft": {"utils", "quant", "model"},
+    "peft": {"utils", "kernels", "quant", "model"},
     "checkpoint": {"utils", "kernels", "quant", "model", "peft"},
     "build": {"utils", "kernels", "quant", "model", "peft", "checkpoint"},
     "config": {"utils", "model", "data"},

@@ -182,7 +182,7 @@ def measure(step: Callable[[], torch.Tensor], opts, device: torch.device) -> dic
         times.append(time.perf_counter() - begin)
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     result = {"step_s": statistics.median(times), "peak_gib": peak, "loss": float(loss)}
-    if opts.breakdown and device.type == "cuda":
+    if getattr(opts, "breakdown", False) and device.type == "cuda":  # bench_moe.py measures without it
         result["kernels_s"] = kernel_breakdown(step)
     return result
 
