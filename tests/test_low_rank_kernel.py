@@ -66,8 +66,11 @@ def test_kernel_on_cuda_equals_addmm(shape):
     base, xa, b = (torch.randn(s, device="cuda", generator=gen, dtype=torch.bfloat16) for s in ((M, N), (M, R), (N, R)))
     want = torch.addmm(base, xa, b.t())
     got = low_rank.add_low_rank(base, xa, b)
-    # Both accumulate in fp32 and round once; only the order of the r products may differ.
-    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    # Measured on an H200: cuBLAS's addmm differs from an fp32 reference by up to one bf16 step of
+    # the operands where base and update cancel (its epilogue rounds in another order); the kernel
+    # adds in fp32 and rounds once, so it is never further from the reference than addmm.
+    reference = base.float() + xa.float() @ b.float().t()
+    assert (got.float() - reference).abs().max() <= (want.float() - reference).abs().max()
     assert (got != want).float().mean() < 1e-3
 
     compiled = torch.compile(lambda t, u, v: low_rank.add_low_rank(t, u, v) * 2, fullgraph=True)
