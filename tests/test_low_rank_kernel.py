@@ -66,12 +66,13 @@ def test_kernel_on_cuda_equals_addmm(shape):
     base, xa, b = (torch.randn(s, device="cuda", generator=gen, dtype=torch.bfloat16) for s in ((M, N), (M, R), (N, R)))
     want = torch.addmm(base, xa, b.t())
     got = low_rank.add_low_rank(base, xa, b)
-    # Measured on an H200: cuBLAS's addmm differs from an fp32 reference by up to one bf16 step of
-    # the operands where base and update cancel (its epilogue rounds in another order); the kernel
-    # adds in fp32 and rounds once, so it is never further from the reference than addmm.
+    # The kernel sums in fp32 and rounds once: within half a bf16 step (2^-8 relative) of an fp32
+    # reference, up to the fp32 sums' own order. cuBLAS's addmm is not: measured on an H200, it
+    # differs from the kernel in 30% of the elements (by a bf16 step of the operands, 0.0156 at
+    # most here), as if it rounded the product before adding the base.
     reference = base.float() + xa.float() @ b.float().t()
-    assert (got.float() - reference).abs().max() <= (want.float() - reference).abs().max()
-    assert (got != want).float().mean() < 1e-3
+    assert ((got.float() - reference).abs() <= reference.abs() * 2**-8 + 1e-5).all()
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=3e-2)
 
     compiled = torch.compile(lambda t, u, v: low_rank.add_low_rank(t, u, v) * 2, fullgraph=True)
     assert torch.equal(compiled(base, xa, b), got * 2)
