@@ -5,6 +5,9 @@ same construct -> convert -> materialise -> load/init path as mft-train and mft-
 """
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,14 @@ from mft.model.transformer import Transformer
 # shorter than the test sequences. Test files derive their shapes from it with tiny_args(...).
 TINY = ModelArgs(dim=64, n_layers=2, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=128,
                  norm_eps=1e-5, rope_theta=10000.0, sliding_window=8)
+
+
+def run_in_triton_interpreter(script: str) -> subprocess.CompletedProcess:
+    """`script` in a fresh Python with TRITON_INTERPRET=1 (it must be set before triton is first
+    imported), the repository first on the path: how the CPU tests run mft's Triton kernels."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
 
 
 def tiny_args(**changes) -> ModelArgs:

@@ -1,15 +1,12 @@
 """mft.kernels.low_rank: LoRA's update added into the base output, against an fp32 torch reference
 and against torch.addmm's autograd (the op it replaces on CUDA)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_in_triton_interpreter
 
 # Triton's interpreter mishandles bf16 loads on CPU, so the interpreted check runs fp16; bf16 is the
 # GPU test's.
@@ -43,8 +40,7 @@ _INTERPRETED_SCRIPT = textwrap.dedent(
 
 def test_kernel_equals_the_fp32_reference_in_the_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", _INTERPRETED_SCRIPT], env=env, capture_output=True, text=True)
+    result = run_in_triton_interpreter(_INTERPRETED_SCRIPT)
     assert result.returncode == 0 and "low-rank kernel ok" in result.stdout, result.stderr[-3000:]
 
 

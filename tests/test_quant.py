@@ -3,9 +3,6 @@
 Imports only torch, numpy, triton (in a subprocess) and mft.quant / mft.peft, no Hydra.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_in_triton_interpreter
 from mft.peft.lora import LoRALinear, LoRASettings
 from mft.quant.formats import (
     NF4_LEVELS,
@@ -40,7 +38,6 @@ PAPER_NF4 = [
 NF4 = QuantSpec("nf4", 64)
 NF4_DQ = QuantSpec("nf4", 64, double_quant=True)
 INT4 = QuantSpec("int4", 128)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def weights(shape=(48, 256), seed=0, std=0.02):
@@ -183,8 +180,7 @@ _KERNEL_SCRIPT = textwrap.dedent(
 
 def test_triton_kernels_equal_the_torch_reference_in_the_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, capture_output=True, text=True)
+    result = run_in_triton_interpreter(_KERNEL_SCRIPT)
     assert result.returncode == 0 and "bit-identical" in result.stdout, result.stderr[-3000:]
 
 
