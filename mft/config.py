@@ -194,8 +194,9 @@ class TrainConfig:
     # custom ops; speed in docs/benchmarks.md); the first step pays the compile time (logged, and
     # compile_s in the summary). null: on for CUDA with attn_backend auto or triton, off otherwise.
     compile: Optional[bool] = None
-    # Output head + cross-entropy over this many supervised tokens at a time (gradients made in forward),
-    # so no (tokens x vocab) fp32 logits are kept (GiBs at long seq_len); 0: all at once.
+    # Output head + cross-entropy over this many supervised tokens at a time (a frozen head's gradient
+    # made in forward, else recomputed in backward), so no (tokens x vocab) fp32 logits are kept (GiBs
+    # at long seq_len); 0: all at once.
     loss_chunk_tokens: int = 2048
     # Mixture of experts (model.moe): weight of the routers' load-balancing loss (Switch / Mixtral: 1 when
     # balanced), the mean over layers, added to the cross-entropy. 0: off, as in transformers' fine-tuning

@@ -3,13 +3,13 @@
 At seq 4096 and vocab 32768 the fp32 logits alone are 512 MiB, and autograd would keep them (and
 the log-softmax) for backward. Two ways to avoid that, both pure torch:
 
-- `linear_cross_entropy`, for a plain head weight (the usual case): each chunk's logits are made
-  once, and its gradient (softmax - one-hot) is multiplied back through the head at once, in
-  forward; backward only scales the kept d hidden (T, dim) (and d weight, when the head trains).
-  No head matmul is recomputed (measured on an H200 at seq 4096: about 3 ms of a 7B LoRA step).
-- `chunked_cross_entropy`, for any head function (a 4-bit head): each chunk's head matmul +
-  cross-entropy runs under activation checkpointing, and backward recomputes one chunk's logits
-  at a time.
+- `linear_cross_entropy`, for a frozen plain head weight (LoRA, QLoRA with a bf16 head): each
+  chunk's logits are made once, and their gradient (softmax - one-hot) is multiplied back through
+  the head at once, in forward; backward only scales the kept d hidden (T, dim). No head matmul
+  is recomputed.
+- `chunked_cross_entropy`, for any head function (one that trains, a 4-bit one): each chunk's
+  head matmul + cross-entropy runs under activation checkpointing, and backward recomputes one
+  chunk's logits at a time.
 
 Peak extra memory of either: one chunk's logits and their gradient (chunk x vocab x ~10 bytes).
 Positions whose target is IGNORE_INDEX add nothing to the loss and get no gradient.
@@ -47,15 +47,13 @@ def chunked_cross_entropy(
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of hidden @ weight^T against targets, gradients made in forward."""
+    """Summed cross-entropy of hidden @ weight^T against targets, d hidden made in forward."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_size: int) -> torch.Tensor:
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
             logits = F.linear(h, weight).float()
@@ -63,33 +61,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
             supervised = t != IGNORE_INDEX
             rows, picked = torch.arange(len(t), device=t.device), t.clamp(min=0)
             total += ((lse - logits[rows, picked]) * supervised).sum()
-            if not (want_hidden or want_weight):
+            if grad_hidden is None:
                 continue
             # d loss / d logits = softmax - one-hot, in fp32 (in place of the logits), then in the
             # compute dtype, as autograd would pass it back through the head's .float().
             grad = logits.sub_(lse[:, None]).exp_()
             grad[rows, picked] -= supervised.float()
             grad = grad.mul_(supervised[:, None]).to(h.dtype)
-            if want_hidden:
-                grad_hidden[start:start + chunk_size] = grad @ weight
-            if want_weight:
-                grad_weight += (grad.t() @ h).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+            grad_hidden[start:start + chunk_size] = grad @ weight
+        ctx.save_for_backward(grad_hidden)
         return total
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        (grad_hidden,) = ctx.saved_tensors
         # Scaled in fp32 and rounded once (the chain rule's order differs from autograd's here).
         return (None if grad_hidden is None else (grad_hidden.float() * grad_loss).to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype), None, None)
+                None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_size: int = 1024) -> torch.Tensor:
     """Summed cross-entropy of hidden (T, dim) @ weight (vocab, dim)^T against targets (T,), fp32,
-    chunk by chunk, the gradients computed in forward (module docstring)."""
+    chunk by chunk, d hidden computed in forward (module docstring). The head is frozen: a head
+    that trains takes `chunked_cross_entropy`, whose weight gradient accumulates in its .grad
+    (here it would need a second fp32 copy of the weight until backward)."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("linear_cross_entropy takes a frozen head weight; use chunked_cross_entropy for one "
+                         "that trains")
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)

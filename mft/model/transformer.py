@@ -145,12 +145,16 @@ class Transformer(nn.Module):
             return F.linear(hidden, self.tok_embeddings.weight)
         return self.output(hidden)
 
-    def head_weight(self) -> Optional[torch.Tensor]:
-        """The head's weight (the output layer's, or the embedding's when tied), or None when the
-        output layer is not a plain nn.Linear (a 4-bit one)."""
+    def frozen_head_weight(self) -> Optional[torch.Tensor]:
+        """The head's weight (the output layer's, or the embedding's when tied) when it is a plain
+        tensor that does not train; None for a head that trains or a 4-bit output layer."""
         if self.output is None:
-            return self.tok_embeddings.weight
-        return self.output.weight if type(self.output) is nn.Linear else None
+            weight = self.tok_embeddings.weight
+        elif type(self.output) is nn.Linear:
+            weight = self.output.weight
+        else:
+            return None
+        return None if weight.requires_grad else weight
 
     def hidden_states(
         self,
@@ -198,8 +202,8 @@ class Transformer(nn.Module):
         head: a loss on a few supervised tokens (or a prefill that needs the last token's logits)
         skips most of the largest matmul. With `targets` (one per selected position) it returns
         instead their summed fp32 cross-entropy, the head and the loss run `loss_chunk` tokens at
-        a time (mft.kernels.cross_entropy: the gradients made in forward for a plain head, else
-        recomputed in backward), so no (tokens x vocab) logits are kept; 0: one chunk.
+        a time (mft.kernels.cross_entropy: the gradient made in forward for a frozen plain head,
+        else recomputed in backward), so no (tokens x vocab) logits are kept; 0: one chunk.
         (One entry point, so that wrappers that hook `forward`, FSDP's among them, see every call.)
         """
         hidden = self.hidden_states(tokens, positions, cu_seqlens, max_seqlen, cache, fused)
@@ -207,7 +211,7 @@ class Transformer(nn.Module):
         if targets is None:
             return self.head(hidden)
         chunk = loss_chunk or max(hidden.shape[0], 1)
-        weight = self.head_weight()
+        weight = self.frozen_head_weight()
         if weight is None:
             return chunked_cross_entropy(hidden, self.head, targets, chunk)
         return linear_cross_entropy(hidden, weight, targets, chunk)
