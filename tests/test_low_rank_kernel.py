@@ -14,7 +14,10 @@ _INTERPRETED_SCRIPT = textwrap.dedent(
     """
     import torch
     from mft.kernels import low_rank
-    assert low_rank.kernel_available(torch.empty(1, 1, dtype=torch.float16))
+    half, bf16 = torch.empty(4, 8, dtype=torch.float16), torch.empty(4, 8, dtype=torch.bfloat16)
+    assert low_rank.kernel_available(half, half, half)
+    assert not low_rank.kernel_available(bf16, bf16, bf16)  # the interpreter cannot load bf16
+    assert not low_rank.kernel_available(half, half.new_empty(4, 129), half.new_empty(8, 129))  # rank > MAX_RANK
     gen = torch.Generator().manual_seed(0)
     # Partial tiles in both dimensions, ranks under, at and over tl.dot's 16, and xa a column slice
     # of a wider product (strided rows), as LoRALinear.project_together passes it.
@@ -47,9 +50,12 @@ def test_kernel_equals_the_fp32_reference_in_the_interpreter():
 def test_cpu_and_fp32_take_addmm():
     from mft.kernels import low_rank
 
-    assert not low_rank.kernel_available(torch.empty(2, 2, dtype=torch.bfloat16))
+    bf16 = torch.empty(2, 2, dtype=torch.bfloat16)
+    assert not low_rank.kernel_available(bf16, bf16, bf16)
     if torch.cuda.is_available():
-        assert not low_rank.kernel_available(torch.empty(2, 2, device="cuda"))
+        fp32, half = torch.empty(2, 2, device="cuda"), torch.empty(2, 2, device="cuda", dtype=torch.bfloat16)
+        assert not low_rank.kernel_available(fp32, fp32, fp32)
+        assert not low_rank.kernel_available(half, fp32, half)  # mixed dtypes
 
 
 @pytest.mark.gpu

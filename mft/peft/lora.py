@@ -126,7 +126,7 @@ def add_lora_update(base_out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -
     """base_out + xa @ b^T in one pass over the base output (xa (..., r), b (out, r)): mft's
     memory-bound kernel on CUDA (mft.kernels.low_rank), one addmm elsewhere."""
     base2d, xa2d = base_out.reshape(-1, base_out.shape[-1]), xa.reshape(-1, xa.shape[-1])
-    if low_rank.kernel_available(base2d):
+    if low_rank.kernel_available(base2d, xa2d, b):
         out2d = low_rank.add_low_rank(base2d, xa2d, b)
     else:
         out2d = torch.addmm(base2d, xa2d, b.t())
