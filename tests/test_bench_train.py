@@ -63,3 +63,5 @@ def test_breakdown_sorts_kernels_by_kind_and_bounds_the_step():
     assert len(lines) == 3  # header, rule, the one row with a breakdown
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells[3:] == ["250.0", "170.0", "35.0", "30.0", "15.0", "19,980"]
+    unnamed = {"step_s": 0.1, "kernels_s": {"matmul": 0.0, "attention": 0.0, "other": 0.09}}  # GEMMs it cannot name
+    assert bench_train.breakdown_table([(row, unnamed)])[2].rstrip(" |").endswith("| -")

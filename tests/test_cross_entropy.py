@@ -72,3 +72,13 @@ def test_the_model_takes_it_for_a_frozen_plain_head_only():
     assert tied.frozen_head_weight() is tied.tok_embeddings.weight
     quantize_model_(model, QuantSpec("int4", 32), ["output"])
     assert model.frozen_head_weight() is None
+
+
+def test_no_gradient_is_made_without_grad_mode():
+    hidden, weight, targets = inputs(torch.float32)
+    hidden.requires_grad_()
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, 4)
+    assert loss.grad_fn is None
+    saved = linear_cross_entropy(hidden, weight, targets, 4).grad_fn.saved_tensors
+    assert len(saved) == 1 and saved[0].shape == hidden.shape  # with grad mode: d hidden, kept

@@ -455,11 +455,14 @@ def breakdown_table(results: list[tuple[Row, dict]]) -> list[str]:
         kernels = r.get("kernels_s")
         if not kernels:
             continue
+        # Kernels on several streams may overlap, so idle can come out negative; kernels the kinds do
+        # not name (an unknown GEMM) count as "other", so matmul + attention may be 0.
         idle = r["step_s"] - sum(kernels.values())
-        bound = row.seq / (kernels["matmul"] + kernels["attention"])
+        compute = kernels["matmul"] + kernels["attention"]
+        bound = row.seq / compute if compute > 0 else None
         lines.append(f"| {row.group} | {row.name} | {row.checkpointing_label} | {1e3 * r['step_s']:.1f} | "
                      f"{1e3 * kernels['matmul']:.1f} | {1e3 * kernels['attention']:.1f} | {1e3 * kernels['other']:.1f} | "
-                     f"{1e3 * idle:.1f} | {bound:,.0f} |")
+                     f"{1e3 * idle:.1f} | {fmt(bound, ',.0f')} |")
     return lines if len(lines) > 2 else []
 
 

@@ -161,8 +161,9 @@ def fixed_bytes(model: nn.Module, world_size: int, compute_dtype: torch.dtype) -
 
 def head_bytes(dim: int, vocab: int, tokens: int, loss_chunk: int, compute_dtype: torch.dtype) -> int:
     """The head and loss's working set (mft.kernels.cross_entropy): the final norm's fp32 input
-    and normed output, the hidden states the loss keeps, and one chunk's logits (compute dtype),
-    their fp32 copy and fp32 gradient."""
+    and normed output, the hidden states (or, for a frozen head, their gradient) the loss keeps,
+    and one chunk's logits (compute dtype), their fp32 copy and fp32 gradient (an upper bound for
+    a frozen head, whose gradient takes the fp32 copy's place)."""
     itemsize = torch.empty((), dtype=compute_dtype).element_size()
     chunk = min(tokens, loss_chunk) if loss_chunk > 0 else tokens
     return tokens * dim * (4 + 2 * itemsize) + chunk * vocab * (itemsize + 8)

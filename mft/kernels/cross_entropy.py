@@ -11,8 +11,9 @@ the log-softmax) for backward. Two ways to avoid that, both pure torch:
   head matmul + cross-entropy runs under activation checkpointing, and backward recomputes one
   chunk's logits at a time.
 
-Peak extra memory of either: one chunk's logits and their gradient (chunk x vocab x ~10 bytes).
-Positions whose target is IGNORE_INDEX add nothing to the loss and get no gradient.
+Peak extra memory of either: one chunk's logits and their gradient (chunk x vocab x ~10 bytes),
+and d hidden (T, dim) in the compute dtype. Targets are class ids or IGNORE_INDEX; positions
+whose target is IGNORE_INDEX add nothing to the loss and get no gradient.
 """
 
 from typing import Callable
@@ -50,10 +51,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of hidden @ weight^T against targets, d hidden made in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_size: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                make_grad: bool) -> torch.Tensor:
+        ctx.chunk_size = chunk_size
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_hidden = torch.empty_like(hidden) if make_grad else None
         for start in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
             logits = F.linear(h, weight).float()
@@ -75,9 +77,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        # Scaled in fp32 and rounded once (the chain rule's order differs from autograd's here).
-        return (None if grad_hidden is None else (grad_hidden.float() * grad_loss).to(grad_hidden.dtype),
-                None, None, None)
+        if grad_hidden is None:
+            return None, None, None, None, None
+        # Scaled in fp32 and rounded once (the chain rule's order differs from autograd's here), a
+        # chunk at a time, so no (tokens x dim) fp32 copy exists at once.
+        scaled = torch.empty_like(grad_hidden)
+        for g, out in zip(grad_hidden.split(ctx.chunk_size), scaled.split(ctx.chunk_size)):
+            out.copy_(g.float() * grad_loss)
+        return scaled, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -91,4 +98,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if weight.requires_grad and torch.is_grad_enabled():
         raise ValueError("linear_cross_entropy takes a frozen head weight; use chunked_cross_entropy for one "
                          "that trains")
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size,
+                                     torch.is_grad_enabled() and hidden.requires_grad)
