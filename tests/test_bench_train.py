@@ -65,3 +65,19 @@ def test_breakdown_sorts_kernels_by_kind_and_bounds_the_step():
     assert cells[3:] == ["250.0", "170.0", "35.0", "30.0", "15.0", "19,980"]
     unnamed = {"step_s": 0.1, "kernels_s": {"matmul": 0.0, "attention": 0.0, "other": 0.09}}  # GEMMs it cannot name
     assert bench_train.breakdown_table([(row, unnamed)])[2].rstrip(" |").endswith("| -")
+
+
+def test_top_kernels_and_the_idle_each_kernel_is_followed_by():
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_train
+
+    # (name, start us, end us) over 2 steps, on two streams: "copy" overlaps "gemm" and hides no gap.
+    kernels = [("gemm", 0, 100), ("copy", 50, 120), ("norm", 121, 131), ("gemm", 200, 300), ("norm", 304, 314),
+               ("gemm", 400, 500)]
+    assert bench_train.top_kernels(kernels, steps=2, top=2) == [("gemm", 0.15, 1.5), ("copy", 0.035, 0.5)]
+    # 69 us after norm (131 -> 200), 86 after the second norm; 4 us after gemm is under the 5 us floor
+    # and copy's end, not gemm's, is where the first norm starts.
+    assert bench_train.idle_after(kernels, steps=2, top=3) == [("norm", 0.0775, 1.0)]
+    row = bench_train.Row("seq4096", "mft", compile=True)
+    lines = bench_train.kernel_lines([(row, {"top": [("gemm", 0.15, 1.5)], "idle_after": [("norm", 0.0775, 1.0)]})])
+    assert lines[1].split() == ["0.15", "ms", "x1.5", "gemm"] and lines[3].split() == ["0.08", "idle", "ms", "x1", "norm"]

@@ -52,6 +52,7 @@ of the issue follow the table as PASS / FAIL lines. Exit status 1 when a row fai
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -62,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -183,7 +185,9 @@ def measure(step: Callable[[], torch.Tensor], opts, device: torch.device) -> dic
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
     result = {"step_s": statistics.median(times), "peak_gib": peak, "loss": float(loss)}
     if getattr(opts, "breakdown", False) and device.type == "cuda":  # bench_moe.py measures without it
-        result["kernels_s"] = kernel_breakdown(step)
+        profile = kernel_breakdown(step, top=getattr(opts, "top_kernels", 0))
+        result["kernels_s"] = profile.pop("kinds")
+        result.update(profile)
     return result
 
 
@@ -198,9 +202,10 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, marks in KERNEL_KINDS if any(m in lowered for m in marks)), "other")
 
 
-def kernel_breakdown(step: Callable[[], torch.Tensor], steps: int = 2) -> dict:
+def kernel_breakdown(step: Callable[[], torch.Tensor], steps: int = 2, top: int = 0) -> dict:
     """GPU time per step by kernel kind (seconds), from torch.profiler over `steps` more steps; the
-    profiler's own annotations of compiled graphs ("## Call CompiledFxGraph ...") are not kernels."""
+    profiler's own annotations of compiled graphs ("## Call CompiledFxGraph ...") are not kernels.
+    With `top`, also the `top` kernels by time and the kernels most often followed by GPU idle."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -208,11 +213,37 @@ def kernel_breakdown(step: Callable[[], torch.Tensor], steps: int = 2) -> dict:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == DeviceType.CUDA and not e.name.startswith("## ")]
     totals = {kind: 0.0 for kind in ("matmul", "attention", "other")}
-    for event in prof.events():
-        if event.device_type == DeviceType.CUDA and not event.name.startswith("## "):
-            totals[kernel_kind(event.name)] += event.time_range.elapsed_us() / 1e6 / steps
-    return totals
+    for name, start, end in kernels:
+        totals[kernel_kind(name)] += (end - start) / 1e6 / steps
+    if not top:
+        return {"kinds": totals}
+    return {"kinds": totals, "top": top_kernels(kernels, steps, top), "idle_after": idle_after(kernels, steps, top)}
+
+
+def top_kernels(kernels: list[tuple[str, float, float]], steps: int, top: int) -> list[tuple[str, float, float]]:
+    """The `top` kernel names by GPU time: (name, ms per step, launches per step)."""
+    time_us, calls = Counter(), Counter()
+    for name, start, end in kernels:
+        time_us[name] += end - start
+        calls[name] += 1
+    return [(name, us / 1e3 / steps, calls[name] / steps) for name, us in time_us.most_common(top)]
+
+
+def idle_after(kernels: list[tuple[str, float, float]], steps: int, top: int) -> list[tuple[str, float, float]]:
+    """GPU idle attributed to the kernel that ran before it (gaps over 5 us between one kernel's end and
+    the next one's start, on any stream): (name, idle ms per step, gaps per step), the `top` largest."""
+    ordered = sorted(kernels, key=lambda k: k[1])
+    idle_us, gaps = Counter(), Counter()
+    end_so_far = ordered[0][2] if ordered else 0.0
+    for (name, _, _), (_, start, end) in itertools.pairwise(ordered):
+        if start - end_so_far > 5:
+            idle_us[name] += start - end_so_far
+            gaps[name] += 1
+        end_so_far = max(end_so_far, end)
+    return [(name, us / 1e3 / steps, gaps[name] / steps) for name, us in idle_us.most_common(top)]
 
 
 def run_mft(row: Row, args: ModelArgs, opts, device: torch.device) -> dict:
@@ -381,6 +412,7 @@ def child_command(row: Row, opts) -> list[str]:
     """This script, run for `row` alone with the parent's settings."""
     passed = ["--shape", opts.shape, "--steps", str(opts.steps), "--warmup", str(opts.warmup),
               "--device", opts.device, "--ce-chunk", str(opts.ce_chunk)] + (["--breakdown"] if opts.breakdown else [])
+    passed += ["--top-kernels", str(opts.top_kernels)] if opts.top_kernels else []
     passed += ["--layers", str(opts.layers)] if opts.layers else []
     passed += ["--tmp-dir", opts.tmp_dir] if opts.tmp_dir else []
     return [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(asdict(row))] + passed
@@ -464,6 +496,18 @@ def breakdown_table(results: list[tuple[Row, dict]]) -> list[str]:
                      f"{1e3 * kernels['matmul']:.1f} | {1e3 * kernels['attention']:.1f} | {1e3 * kernels['other']:.1f} | "
                      f"{1e3 * idle:.1f} | {fmt(bound, ',.0f')} |")
     return lines if len(lines) > 2 else []
+
+
+def kernel_lines(results: list[tuple[Row, dict]]) -> list[str]:
+    """Each row's top kernels and the kernels idle follows (--top-kernels), as indented lists."""
+    lines = []
+    for row, r in results:
+        for key, what in (("top", "ms"), ("idle_after", "idle ms")):
+            if r.get(key):
+                lines.append(f"\n{row.group} | {row.name} | {row.checkpointing_label}: "
+                             f"{'kernels by GPU time' if key == 'top' else 'idle after'} (per step)")
+                lines += [f"  {ms:8.2f} {what}  x{count:<6g} {name[:140]}" for name, ms, count in r[key]]
+    return lines
 
 
 def verdict(ok: Optional[bool]) -> str:
@@ -572,6 +616,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="echo each row's subprocess output")
     parser.add_argument("--breakdown", action="store_true", help="also profile 2 steps per row (CUDA): GPU time "
                         "by kernel kind and GPU idle time, in a second table")
+    parser.add_argument("--top-kernels", type=int, default=0, help="with --breakdown: list each row's N kernels "
+                        "with the most GPU time and the N most often followed by GPU idle")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.steps < 1 or opts.warmup < 0:
@@ -625,6 +671,7 @@ def main() -> int:
         print("\n".join(goal_lines(results)))
         if opts.breakdown:
             print("\n" + "\n".join(breakdown_table(results)))
+            print("\n".join(kernel_lines(results)))
     print("\n".join(load_lines(results)))
     return 1 if any("error" in r for _, r in results) else 0
 
