@@ -370,3 +370,49 @@ def test_step_copies_and_shared_a_on_cuda(per_layer, compiled, qlora):
         for ours, ref in zip(path[0], separate[0]):
             torch.testing.assert_close(ours, ref, rtol=1e-2, atol=0)
         assert_grads_close(path[1], separate[1], rel=3e-2)
+
+
+def projection_and_reference(outs, input_grad: bool, dtype, device, dim: int = 12, tokens: int = 10):
+    """(outputs and gradients of LoRALinear's dense path, the same from autograd over
+    x W_i^T + (x A_i^T)(s B_i)^T written out op by op in float64), for layers of `outs` outputs."""
+    torch.manual_seed(0)
+    layers = [LoRALinear(nn.Parameter(torch.randn(out, dim, dtype=dtype, device=device) / dim**0.5),
+                         LoRASettings(r=3, alpha=6), lora_dtype=dtype) for out in outs]
+    for layer in layers:
+        nn.init.normal_(layer.lora_b)
+    x = torch.randn(2, tokens // 2, dim, dtype=dtype, device=device, requires_grad=input_grad)
+    probes = [torch.randn(2, tokens // 2, out, dtype=dtype, device=device) for out in outs]
+    ours = LoRALinear.project_together(x, layers) if len(layers) > 1 else [layers[0](x)]
+    assert all(out.grad_fn.name().endswith("_DenseLoRAProjectionBackward") for out in ours)
+    sum((o * p).sum() for o, p in zip(ours, probes)).backward()
+    factors = [f for layer in layers for f in (layer.lora_a, layer.lora_b)]
+    got = ([x.grad] if input_grad else []) + [f.grad for f in factors]
+    wide = [t.detach().double().requires_grad_() for t in (x, *factors)]
+    x64, factors64 = wide[0], wide[1:]
+    reference = [x64 @ layer.weight.double().t() + (x64 @ a.t()) @ (layer.scale * b).t()
+                 for layer, a, b in zip(layers, factors64[::2], factors64[1::2])]
+    sum((o * p.double()).sum() for o, p in zip(reference, probes)).backward()
+    expected = ([x64.grad] if input_grad else []) + [f.grad for f in factors64]
+    return ours + got, reference + expected
+
+
+@pytest.mark.parametrize("outs", [(16, 8, 8), (24,)], ids=["shared-a", "one-layer"])
+@pytest.mark.parametrize("input_grad", [True, False], ids=["x-grad", "x-frozen"])
+def test_dense_projection_has_the_gradients_of_its_formula(outs, input_grad):
+    """LoRALinear's dense path (one autograd node whose backward folds the A product's input
+    gradient into the base's) gives the outputs and gradients autograd gives for its formula
+    (float64: no rounding to hide behind)."""
+    ours, reference = projection_and_reference(outs, input_grad, torch.float64, "cpu")
+    for got, expected in zip(ours, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dense_projection_on_cuda_in_bf16_is_within_bf16_rounding_of_float64():
+    """The same in bf16 on CUDA, where both the forward's and the backward's low-rank adds run
+    mft's Triton kernel: every output and gradient within a few bf16 steps of float64."""
+    ours, reference = projection_and_reference((1024, 256, 256), True, torch.bfloat16, "cuda", dim=512, tokens=256)
+    for got, expected in zip(ours, reference):
+        err = (got.double() - expected).abs().max() / expected.abs().max()
+        assert err < 2e-2, float(err)

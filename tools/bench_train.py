@@ -604,6 +604,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "groups; none: no training group")
     parser.add_argument("--load-7b", action="store_true", help="also run the load-7b group")
     parser.add_argument("--rows", help="comma list of row names to keep (e.g. 'mft compiled,tf+peft')")
+    parser.add_argument("--policies", help="comma list: keep only mft rows with these activation checkpointing "
+                        "policies (none, full, selective, auto)")
     parser.add_argument("--seq", type=int, help="tokens per step in every group (default: each group's own)")
     parser.add_argument("--seq-list", help="comma list of token counts for the seq4096 groups")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per row")
@@ -647,6 +649,9 @@ def selected_rows(opts) -> list[Row]:
         if wanted - known:
             raise SystemExit(f"--rows: unknown {', '.join(sorted(wanted - known))}; rows are {', '.join(sorted(known))}")
         rows = [row for row in rows if row.name in wanted]
+    if opts.policies:
+        policies = {p.strip() for p in opts.policies.split(",") if p.strip()}
+        rows = [row for row in rows if row.stack != "mft" or row.checkpointing in policies]
     return rows
 
 
