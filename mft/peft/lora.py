@@ -13,7 +13,8 @@ router (`gate`) is an ordinary linear layer: an opt-in target that gets a LoRALi
 
 The update runs in the input's dtype: A, and B with the scale folded in, are cast from their
 fp32 masters, and one kernel adds x A^T (sB)^T into the base output (`add_lora_update`: mft's
-memory-bound Triton kernel on CUDA, torch.addmm elsewhere). The
+memory-bound Triton kernel on CUDA, torch.addmm elsewhere); over a dense base, backward adds
+the A product's share of the input gradient the same way (`_DenseLoRAProjection`). The
 training loop makes those casts once per optimizer step (`lora_step_copies`) rather than once
 per forward, and layers that read the same input share one product with their concatenated A
 (`LoRALinear.project_together`, called through mft.model.transformer.project).
