@@ -302,7 +302,7 @@ def _project(x: torch.Tensor, layers: Sequence[LoRALinear]) -> List[torch.Tensor
         a = torch.cat([layer.lora_a for layer in layers]).to(x.dtype)
         bs = [scaled_cast(layer.lora_b, layer.scale, x.dtype) for layer in layers]
     ranks = tuple(layer.r for layer in layers)
-    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    autocast = not x.is_meta and torch.is_autocast_enabled(x.device.type)  # meta has no autocast state
     if not autocast and all(
             layer.quant_spec is None and layer.weight.dtype == x.dtype and not layer.weight.requires_grad
             for layer in layers):
