@@ -74,15 +74,15 @@ def test_selective_and_full_give_the_loss_and_gradients_of_none_and_recompute_wh
         for name, grad in grads.items():
             torch.testing.assert_close(results[policy][1][name], grad, atol=1e-6, rtol=1e-5)
     # What backward runs again: nothing (none), the cheap ops and LoRA's rank-r B products
-    # (selective: SwiGLU's silu once per block; B products are addmm into the base output), the whole
-    # forward (full). Each dense LoRA projection is one autograd node whose forward runs again whole,
-    # so w2's B product is recomputed too, though its output feeds only additions.
+    # (selective: SwiGLU's silu once per block; B products are addmm into the base output), the whole forward (full). Recomputation stops
+    # once backward has what it needs, so w2's B product (its output feeds only additions,
+    # which keep nothing) is never recomputed.
     silu, mm, addmm = torch.ops.aten.silu.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.default
     counts = {p: (results[p][2].get(silu, 0), results[p][2].get(mm, 0) + results[p][2].get(addmm, 0)) for p in results}
     assert counts["none"][0] == 0 and counts["selective"][0] == counts["full"][0] == ARGS.n_layers
-    assert counts["selective"][1] == counts["none"][1] + ARGS.n_layers * 7  # the B products
-    # full: the 7 base products, 4 A products (one shared by wq/wk/wv, one by w1/w3) and 7 B products.
-    assert counts["full"][1] == counts["none"][1] + ARGS.n_layers * (7 + 4 + 7)
+    assert counts["selective"][1] == counts["none"][1] + ARGS.n_layers * 6  # the B products
+    # full: the 7 base products, 4 A products (one shared by wq/wk/wv, one by w1/w3) and 6 B products.
+    assert counts["full"][1] == counts["none"][1] + ARGS.n_layers * (7 + 4 + 6)
 
 
 def batch_inputs():

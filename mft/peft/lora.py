@@ -13,8 +13,7 @@ router (`gate`) is an ordinary linear layer: an opt-in target that gets a LoRALi
 
 The update runs in the input's dtype: A, and B with the scale folded in, are cast from their
 fp32 masters, and one kernel adds x A^T (sB)^T into the base output (`add_lora_update`: mft's
-memory-bound Triton kernel on CUDA, torch.addmm elsewhere); over a dense base, backward adds
-the A product's share of the input gradient the same way (`_DenseLoRAProjection`). The
+memory-bound Triton kernel on CUDA, torch.addmm elsewhere). The
 training loop makes those casts once per optimizer step (`lora_step_copies`) rather than once
 per forward, and layers that read the same input share one product with their concatenated A
 (`LoRALinear.project_together`, called through mft.model.transformer.project).
@@ -115,43 +114,6 @@ def add_lora_update(base_out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -
     else:
         out2d = torch.addmm(base2d, xa2d, b.t())
     return out2d.view(base_out.shape)
-
-
-class _DenseLoRAProjection(torch.autograd.Function):
-    """out_i = x @ W_i^T + (x @ A^T)_i @ B_i^T for layers with frozen dense weights W_i that read one
-    x (A: their A factors concatenated, B_i with the scale folded in), as autograd would compute it,
-    but with the input gradient formed as g_1 @ W_1 + g_xa @ A in one pass (`add_lora_update`)
-    before the other bases' products are added. Autograd alone makes g_xa @ A a separate GEMM with
-    K = r, which cuBLAS runs at a third of the memory bandwidth (an H200: ~150 us for a 4096 x 14336
-    bf16 result, where the fused add takes ~60), and then adds it to the base gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, a: torch.Tensor, ranks: Tuple[int, ...], *weights_and_bs: torch.Tensor):
-        weights, bs = weights_and_bs[:len(ranks)], weights_and_bs[len(ranks):]
-        xa = F.linear(x, a)
-        outs = tuple(add_lora_update(F.linear(x, w), part, b) for w, part, b in zip(weights, xa.split(ranks, -1), bs))
-        ctx.ranks = ranks
-        ctx.save_for_backward(x, a, xa, *weights_and_bs)
-        return outs
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        x, a, xa, *weights_and_bs = ctx.saved_tensors
-        ranks = ctx.ranks
-        weights, bs = weights_and_bs[:len(ranks)], weights_and_bs[len(ranks):]
-        need_x, need_a = ctx.needs_input_grad[:2]
-        need_bs = ctx.needs_input_grad[3 + len(ranks):]
-        grad_xa = torch.cat([g @ b for g, b in zip(grads, bs)], dim=-1)
-        x2d, xa2d, grad_xa2d = (t.reshape(-1, t.shape[-1]) for t in (x, xa, grad_xa))
-        grad_bs = [g.reshape(-1, g.shape[-1]).t() @ part if need else None
-                   for g, part, need in zip(grads, xa2d.split(ranks, -1), need_bs)]
-        grad_a = grad_xa2d.t() @ x2d if need_a else None
-        grad_x = None
-        if need_x:
-            grad_x = add_lora_update(grads[0] @ weights[0], grad_xa, a.t())
-            for g, w in zip(grads[1:], weights[1:]):
-                grad_x = grad_x + g @ w
-        return (grad_x, grad_a, None, *(None for _ in weights), *grad_bs)
 
 
 class LoRALayer(nn.Module):
@@ -260,12 +222,11 @@ class LoRALinear(LoRALayer):
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_linear(x)
         if self.merged:
-            return self.base_linear(x)
-        if self.training and isinstance(self.dropout, nn.Dropout):
-            a, b = self.lora_factors(x.dtype)
-            return add_lora_update(self.base_linear(x), F.linear(self.dropout(x), a), b)
-        return _project(x, [self])[0]
+            return out
+        a, b = self.lora_factors(x.dtype)
+        return add_lora_update(out, F.linear(self.dropout(x), a), b)
 
     @staticmethod
     def project_together(x: torch.Tensor, layers: Sequence["LoRALinear"]) -> List[torch.Tensor]:
@@ -275,7 +236,16 @@ class LoRALinear(LoRALayer):
         mask per layer, so their A products do not read the same input. Merged layers also."""
         if any(layer.merged or (layer.training and isinstance(layer.dropout, nn.Dropout)) for layer in layers):
             return [layer(x) for layer in layers]
-        return _project(x, layers)
+        outs = [layer.base_linear(x) for layer in layers]
+        factors = [layer.step_copies for layer in layers]
+        if all(f is not None and f[0].dtype == x.dtype for f in factors):
+            a = torch.cat([f[0] for f in factors])
+            bs = [f[1] for f in factors]
+        else:  # one cast of the concatenated masters instead of one per layer
+            a = torch.cat([layer.lora_a for layer in layers]).to(x.dtype)
+            bs = [scaled_cast(layer.lora_b, layer.scale, x.dtype) for layer in layers]
+        parts = F.linear(x, a).split([layer.r for layer in layers], dim=-1)
+        return [add_lora_update(out, xa, b) for out, xa, b in zip(outs, parts, bs)]
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A in fp32."""
@@ -284,31 +254,6 @@ class LoRALinear(LoRALayer):
     def extra_repr(self) -> str:
         quant = f", base={self.quant_spec.describe()}" if self.quant_spec is not None else ""
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}, merged={self.merged}{quant}"
-
-
-def _project(x: torch.Tensor, layers: Sequence[LoRALinear]) -> List[torch.Tensor]:
-    """The outputs of unmerged LoRALinear `layers` without dropout that all read `x`: one A product
-    for all (their A factors concatenated), then each layer's B. Dense bases in x's dtype go through
-    `_DenseLoRAProjection` (its backward folds the A product's input gradient into the base's);
-    quantised ones add each update to their dequantise-and-multiply output."""
-    factors = [layer.step_copies for layer in layers]
-    if len(layers) == 1:
-        a, b = layers[0].lora_factors(x.dtype)
-        bs = [b]
-    elif all(f is not None and f[0].dtype == x.dtype for f in factors):
-        a = torch.cat([f[0] for f in factors])
-        bs = [f[1] for f in factors]
-    else:  # one cast of the concatenated masters instead of one per layer
-        a = torch.cat([layer.lora_a for layer in layers]).to(x.dtype)
-        bs = [scaled_cast(layer.lora_b, layer.scale, x.dtype) for layer in layers]
-    ranks = tuple(layer.r for layer in layers)
-    autocast = not x.is_meta and torch.is_autocast_enabled(x.device.type)  # meta has no autocast state
-    if not autocast and all(
-            layer.quant_spec is None and layer.weight.dtype == x.dtype and not layer.weight.requires_grad
-            for layer in layers):
-        return list(_DenseLoRAProjection.apply(x, a, ranks, *(layer.weight for layer in layers), *bs))
-    parts = F.linear(x, a).split(ranks, dim=-1)
-    return [add_lora_update(layer.base_linear(x), xa, b) for layer, xa, b in zip(layers, parts, bs)]
 
 
 class GroupedLoRALinear(LoRALayer):
