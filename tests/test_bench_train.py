@@ -81,3 +81,13 @@ def test_top_kernels_and_the_idle_each_kernel_is_followed_by():
     row = bench_train.Row("seq4096", "mft", compile=True)
     lines = bench_train.kernel_lines([(row, {"top": [("gemm", 0.15, 1.5)], "idle_after": [("norm", 0.0775, 1.0)]})])
     assert lines[1].split() == ["0.15", "ms", "x1.5", "gemm"] and lines[3].split() == ["0.08", "idle", "ms", "x1", "norm"]
+
+
+def test_policies_keep_the_mft_rows_they_name_and_refuse_a_misspelt_one():
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_train
+
+    opts = bench_train.parse_args(["--groups", "seq4096-ac", "--rows", "mft compiled,tf+peft", "--policies", "auto"])
+    assert [(r.stack, r.checkpointing) for r in bench_train.selected_rows(opts)] == [("mft", "auto"), ("hf", "on")]
+    with pytest.raises(SystemExit, match="unknown ful; expected"):
+        bench_train.selected_rows(bench_train.parse_args(["--groups", "seq4096-ac", "--policies", "ful"]))

@@ -205,7 +205,7 @@ def kernel_kind(name: str) -> str:
 def kernel_breakdown(step: Callable[[], torch.Tensor], steps: int = 2, top: int = 0) -> dict:
     """GPU time per step by kernel kind (seconds), from torch.profiler over `steps` more steps; the
     profiler's own annotations of compiled graphs ("## Call CompiledFxGraph ...") are not kernels.
-    With `top`, also the `top` kernels by time and the kernels most often followed by GPU idle."""
+    With `top`, also the `top` kernels by time and the `top` kernels followed by the most GPU idle."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -502,11 +502,10 @@ def kernel_lines(results: list[tuple[Row, dict]]) -> list[str]:
     """Each row's top kernels and the kernels idle follows (--top-kernels), as indented lists."""
     lines = []
     for row, r in results:
-        for key, what in (("top", "ms"), ("idle_after", "idle ms")):
+        for key, title, unit in (("top", "kernels by GPU time", "ms"), ("idle_after", "idle after", "idle ms")):
             if r.get(key):
-                lines.append(f"\n{row.group} | {row.name} | {row.checkpointing_label}: "
-                             f"{'kernels by GPU time' if key == 'top' else 'idle after'} (per step)")
-                lines += [f"  {ms:8.2f} {what}  x{count:<6g} {name[:140]}" for name, ms, count in r[key]]
+                lines.append(f"\n{row.group} | {row.name} | {row.checkpointing_label}: {title} (per step)")
+                lines += [f"  {ms:8.2f} {unit}  x{count:<6g} {name[:140]}" for name, ms, count in r[key]]
     return lines
 
 
@@ -650,7 +649,13 @@ def selected_rows(opts) -> list[Row]:
             raise SystemExit(f"--rows: unknown {', '.join(sorted(wanted - known))}; rows are {', '.join(sorted(known))}")
         rows = [row for row in rows if row.name in wanted]
     if opts.policies:
+        from mft.build.memory import POLICIES
+
         policies = {p.strip() for p in opts.policies.split(",") if p.strip()}
+        unknown = policies - {*POLICIES, "auto"}
+        if unknown:
+            raise SystemExit(f"--policies: unknown {', '.join(sorted(unknown))}; expected a comma list of "
+                             f"{', '.join(POLICIES)} or auto")
         rows = [row for row in rows if row.stack != "mft" or row.checkpointing in policies]
     return rows
 
