@@ -4,8 +4,11 @@ A 2-layer model of Mistral 7B's shapes in bf16 with LoRA, built through the pipe
 compile on (inductor, fullgraph) and off: the loss and the LoRA gradients agree within bf16's
 rounding, for attn_backend auto on a batch where every document fits in the window (torch's
 varlen_attn, or batched SDPA) and on one where a document does not (mft's Triton kernel, as a
-custom op), and for an NF4 QLoRA base (the dequantise kernels as custom ops).
+custom op), and for an NF4 QLoRA base (the dequantise kernels as custom ops); with the LoRA
+factors cast per forward (evaluation) and through lora_step_copies (the training loop).
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from mft.model import attention
 from mft.model.args import ModelArgs
 from mft.model.attention import PackedDocs
 from mft.model.names import canonical_name
-from mft.peft.lora import LoRASettings
+from mft.peft.lora import LoRASettings, lora_step_copies
 from mft.quant.formats import QuantSpec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -46,9 +49,10 @@ def batch(lengths, seed=0):
     return tokens, positions, cu, max(lengths)
 
 
-def loss_and_grads(m, inputs):
-    loss = m(*inputs).float().logsumexp(-1).mean()
-    loss.backward()
+def loss_and_grads(m, inputs, copies=False):
+    with lora_step_copies(m) if copies else contextlib.nullcontext():
+        loss = m(*inputs).float().logsumexp(-1).mean()
+        loss.backward()
     grads = {canonical_name(n): p.grad.float().clone() for n, p in m.named_parameters() if p.requires_grad}
     m.zero_grad(set_to_none=True)
     return loss.item(), grads
@@ -58,8 +62,9 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-8)).item()
 
 
-def assert_close(compiled, eager, inputs):
-    (loss, grads), (ref_loss, ref_grads) = loss_and_grads(compiled, inputs), loss_and_grads(eager, inputs)
+def assert_close(compiled, eager, inputs, copies=False):
+    loss, grads = loss_and_grads(compiled, inputs, copies)
+    ref_loss, ref_grads = loss_and_grads(eager, inputs, copies)
     assert abs(loss - ref_loss) / abs(ref_loss) < 5e-3, (loss, ref_loss)
     assert grads.keys() == ref_grads.keys() and grads
     errors = {n: rel_err(grads[n], ref_grads[n]) for n in grads}
@@ -73,10 +78,11 @@ def test_auto_chooses_as_expected_on_the_test_batches():
     assert fit.backend == "batched_sdpa" and longer.backend == "triton"
 
 
-def test_compiled_lora_model_equals_eager_for_both_auto_choices():
+@pytest.mark.parametrize("copies", [False, True], ids=["cast_per_forward", "step_copies"])
+def test_compiled_lora_model_equals_eager_for_both_auto_choices(copies):
     compiled, eager = model(True), model(False)
     for seed, lengths in enumerate((FITS, LONGER, FITS)):  # back to the first choice: no new failure
-        assert_close(compiled, eager, batch(lengths, seed))
+        assert_close(compiled, eager, batch(lengths, seed), copies)
 
 
 def test_compiled_qlora_model_equals_eager():

@@ -101,8 +101,12 @@ class _ScaledCasts(torch.autograd.Function):
 
 
 def scaled_cast(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """`t * scale` in `dtype`, multiplied in t's own (master) precision before the cast."""
-    return _ScaledCasts.apply([scale], dtype, t)[0]
+    """`t * scale` in `dtype`, multiplied in t's own (master) precision before the cast: the cast
+    a forward makes when there are no step copies (evaluation, or a loop without
+    lora_step_copies). Plain ops, not _ScaledCasts: that node's backward, traced inside a
+    compiled block by torch 2.11's inductor on an H200, gave B gradients of zero; a per-forward
+    cast is backpropagated once, so autograd's own nodes serve."""
+    return (t * scale).to(dtype)
 
 
 def add_lora_update(base_out: torch.Tensor, xa: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
