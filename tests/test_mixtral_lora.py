@@ -19,6 +19,7 @@ from mft.checkpoint.consolidated import file_shapes
 from mft.checkpoint.export import export_consolidated, export_hf, export_peft, mistral_lora_tensors
 from mft.checkpoint.load import read_model_args
 from mft.cli.export import main as mft_export
+from mft.kernels.grouped import uses_grouped_gemm
 from mft.model.moe import GroupedLinear, grouped_linear, project_grouped
 from mft.peft.lora import (
     GroupedLoRALinear,
@@ -376,24 +377,35 @@ def test_mft_train_config_accepts_the_router_target():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("r", [4, 8])
-def test_grouped_lora_on_cuda_bf16_equals_the_loop(r):
-    """On CUDA in bf16 the base and update run torch's grouped GEMM where the rank's rows allow it
-    (r = 8), else the loop (r = 4); either way forward and gradients match the loop's."""
+def test_grouped_lora_on_cuda_bf16_matches_the_fp32_loop(r):
+    """On CUDA in bf16 the base and update run torch's grouped GEMM (a rank of 4 padded to 8 by
+    grouped_factors); forward and gradients match the per-group loop in fp32 on the same bf16
+    inputs, by relative norm: these gradients are sums with heavy cancellation (entries up to
+    ~1e4), where any two bf16 computations with different accumulation orders, the bf16 loop
+    among them, differ elementwise by far more than a fixed tolerance."""
     layer = random_layer(LoRASettings(r=r, alpha=2.0 * r), groups=8, in_features=64, out_features=96).cuda()
     layer.weight.data = layer.weight.data.bfloat16()
     offsets = torch.tensor([5, 5, 40, 41, 90, 90, 120, 128], dtype=torch.int32, device="cuda")
     x = torch.randn(128, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0)).bfloat16()
-    out = layer(x, offsets)
-    out.float().square().sum().backward()
-    grads = layer.lora_a.grad.clone(), layer.lora_b.grad.clone()
-    layer.lora_a.grad = layer.lora_b.grad = None
-    a, b = layer.lora_factors(x.dtype)
-    loop = (grouped_linear(x, layer.weight, offsets, grouped=False)
-            + grouped_linear(grouped_linear(x, a, offsets, grouped=False), b, offsets, grouped=False))
-    loop.float().square().sum().backward()
-    torch.testing.assert_close(out, loop, atol=3e-2, rtol=3e-2)
-    for ours, reference in zip(grads, (layer.lora_a.grad, layer.lora_b.grad)):
-        torch.testing.assert_close(ours, reference, atol=5e-2, rtol=5e-2)
+    assert uses_grouped_gemm(x, layer.grouped_factors(x.dtype)[0])
+
+    def output_and_grads(forward):
+        out = forward()
+        out.float().square().sum().backward()
+        grads = layer.lora_a.grad.clone(), layer.lora_b.grad.clone()
+        layer.lora_a.grad = layer.lora_b.grad = None
+        return out.float(), grads
+
+    def fp32_loop():
+        a, b = layer.lora_factors(torch.float32)
+        x32 = x.float()
+        return (grouped_linear(x32, layer.weight.float(), offsets, grouped=False)
+                + grouped_linear(grouped_linear(x32, a, offsets, grouped=False), b, offsets, grouped=False))
+
+    out, grads = output_and_grads(lambda: layer(x, offsets))
+    ref_out, ref_grads = output_and_grads(fp32_loop)
+    for ours, reference in zip((out, *grads), (ref_out, *ref_grads)):
+        assert ((ours - reference).norm() / reference.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("quantised", [False, True])
