@@ -72,6 +72,7 @@ from typing import Callable, Optional
 import torch
 
 from bench_common import GIB, PEAK_TFLOPS, SPECS, commit, flops_per_token, package_version, preset_args, preset_names
+from mft.build.memory import POLICIES
 from mft.model.args import ModelArgs
 
 TRAINING_GROUPS = ("seq4096", "seq4096-ac", "seq16k", "packed32k", "qlora")
@@ -631,6 +632,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return opts
 
 
+def comma_set(text: str) -> set[str]:
+    """The names of a comma list, stripped, empty ones left out."""
+    return {name.strip() for name in text.split(",") if name.strip()}
+
+
 def selected_rows(opts) -> list[Row]:
     """The rows of the chosen groups, filtered by --rows."""
     names = {"all": list(TRAINING_GROUPS), "none": []}
@@ -643,15 +649,13 @@ def selected_rows(opts) -> list[Row]:
     seq_list = [int(s) for s in opts.seq_list.split(",") if s] if opts.seq_list else []
     rows = [row for g in groups for row in group_rows(g, opts.seq, seq_list)]
     if opts.rows:
-        wanted = {name.strip() for name in opts.rows.split(",") if name.strip()}
+        wanted = comma_set(opts.rows)
         known = {row.name for g in GROUPS for row in group_rows(g, opts.seq, seq_list)}
         if wanted - known:
             raise SystemExit(f"--rows: unknown {', '.join(sorted(wanted - known))}; rows are {', '.join(sorted(known))}")
         rows = [row for row in rows if row.name in wanted]
     if opts.policies:
-        from mft.build.memory import POLICIES
-
-        policies = {p.strip() for p in opts.policies.split(",") if p.strip()}
+        policies = comma_set(opts.policies)
         unknown = policies - {*POLICIES, "auto"}
         if unknown:
             raise SystemExit(f"--policies: unknown {', '.join(sorted(unknown))}; expected a comma list of "
